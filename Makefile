@@ -1,0 +1,41 @@
+# keybus: `make demo` runs the main job on the in-memory backend; `make test` installs
+# everything and runs lint, type checks and the whole suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+
+.PHONY: demo test check lint typecheck bench clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base pyproject.toml
+	$(PIP) install -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(VENV)/bin/keybus demo
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: $(VENV)/.test
+	$(VENV)/bin/mypy
+
+# The whole suite (slow fault-injection tests included).
+test: lint typecheck
+	$(VENV)/bin/pytest -q -ra
+
+# The quick subset while coding: no slow tests, no lint.
+check: $(VENV)/.test
+	$(VENV)/bin/pytest -q -x -m "not slow"
+
+bench: $(VENV)/.test
+	$(PY) benchmarks/memory_throughput.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,181 @@
+"""One scenario run: aggregates publish versions in order, the bus delivers, we measure.
+
+What the Go SDK got wrong, and how this avoids it:
+- throughput is messages / (last delivery - first publish), from real timestamps, not
+  N / (a fixed sleep);
+- latency is end to end: envelope timestamp -> handler start, as percentiles;
+- resources are counted after ``close()`` returned, by identity, polling to a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import keybus
+from keybus.testing.leaks import LeakChecker, LeakError
+
+__all__ = ["LEVELS", "ScenarioResult", "aggregates_for", "percentile", "run_scenario"]
+
+# The Go SDK's comparison levels, kept as our compatibility levels: name -> messages.
+LEVELS = {"low": 500, "medium": 2000, "high": 5000, "extreme": 10000}
+
+
+def aggregates_for(messages: int) -> int:
+    """Aggregates = messages / 10, clamped to 50..1000 (the Go SDK's rule)."""
+    return max(50, min(1000, messages // 10))
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+@dataclass
+class ScenarioResult:
+    url: str
+    messages: int
+    topics: int
+    aggregates: int
+    delivered: int = 0  # distinct (aggregate, version) handled
+    handled: int = 0  # handler calls, duplicates included
+    duplicates: int = 0
+    order_violations: int = 0
+    lost: int = 0
+    seconds: float = 0.0  # first publish -> last delivery
+    publish_seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    resources_before: dict[str, int] = field(default_factory=dict)
+    resources_peak: dict[str, int] = field(default_factory=dict)
+    resources_after: dict[str, int] = field(default_factory=dict)
+    leftovers: str = ""
+
+    @property
+    def throughput(self) -> float:
+        return self.delivered / self.seconds if self.seconds > 0 else 0.0
+
+    def latency(self, q: float) -> float:
+        return percentile(self.latencies_ms, q)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.delivered == self.messages
+            and self.order_violations == 0
+            and self.lost == 0
+            and not self.leftovers
+        )
+
+
+async def run_scenario(
+    url: str,
+    messages: int,
+    *,
+    topics: int = 5,
+    aggregates: int | None = None,
+    max_delay: float = 0.0,
+    timeout: float = 120.0,
+    progress: Callable[[int], None] | None = None,
+    seed: int = 1,
+) -> ScenarioResult:
+    """Publish ``messages`` envelopes from ``aggregates`` concurrent publishers (each in
+    version order, aggregate i to topic i % topics), consume with per-aggregate order and
+    handlers sleeping up to ``max_delay`` s, and measure."""
+    aggregates = aggregates or aggregates_for(messages)
+    result = ScenarioResult(url, messages, topics, aggregates)
+    run = uuid.uuid4().hex[:8]
+    topic_names = [f"kb-scenario-{run}-{i}" for i in range(topics)]
+    per_aggregate = [
+        messages // aggregates + (1 if i < messages % aggregates else 0) for i in range(aggregates)
+    ]
+    last_version: dict[str, int] = {}
+    seen: set[tuple[str, int]] = set()
+    rng = random.Random(seed)
+    first_publish = 0.0
+    last_delivery = 0.0
+    all_delivered = asyncio.Event()
+
+    async def handler(envelope: keybus.Envelope) -> None:
+        nonlocal last_delivery
+        now = time.time()
+        result.latencies_ms.append((now - envelope.timestamp.timestamp()) * 1000)
+        result.handled += 1
+        aggregate, version = envelope.aggregate_id, envelope.event_version
+        if (aggregate, version) in seen:
+            result.duplicates += 1
+        else:
+            seen.add((aggregate, version))
+            if version < last_version.get(aggregate, 0):
+                result.order_violations += 1
+            last_version[aggregate] = version
+            result.delivered += 1
+            if progress is not None:
+                progress(result.delivered)
+            if result.delivered == messages:
+                all_delivered.set()
+        if max_delay:
+            await asyncio.sleep(rng.random() * max_delay)
+        last_delivery = time.perf_counter()
+
+    checker = LeakChecker(timeout=10)
+    result.resources_before = checker.start().counts()
+    sampler_stop = asyncio.Event()
+
+    async def sample() -> None:
+        while not sampler_stop.is_set():
+            checker.sample()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sampler_stop.wait(), 0.05)
+
+    sampler = asyncio.create_task(sample(), name="keybus-scenario-sampler")
+    try:
+        async with (
+            keybus.connect(url, group=f"scenario-{run}") as consumer,
+            keybus.connect(url) as producer,
+        ):
+            for name in topic_names:
+                await consumer.subscribe_envelope(name, handler)
+
+            async def publish(i: int) -> None:
+                aggregate = f"agg-{i}"
+                topic = topic_names[i % topics]
+                for version in range(1, per_aggregate[i] + 1):
+                    await producer.publish_envelope(
+                        topic,
+                        keybus.Envelope(
+                            aggregate_id=aggregate,
+                            event_type="ScenarioEvent",
+                            event_version=version,
+                            payload={"n": version},
+                        ),
+                    )
+
+            first_publish = time.perf_counter()
+            await asyncio.gather(*(publish(i) for i in range(aggregates)))
+            result.publish_seconds = time.perf_counter() - first_publish
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_delivered.wait(), timeout)
+            result.seconds = last_delivery - first_publish
+            checker.sample()
+            for name in topic_names:
+                await consumer.delete_topic(name)
+                await consumer.delete_topic(f"{name}.dlq")
+    finally:
+        sampler_stop.set()
+        await sampler
+    result.lost = messages - result.delivered
+    result.resources_peak = dict(checker.peak)
+    try:
+        result.resources_after = (await checker.check()).counts()
+    except LeakError as exc:
+        result.leftovers = str(exc)
+        result.resources_after = checker.after.counts() if checker.after else {}
+    result.latencies_ms.sort()
+    return result

@@ -1,0 +1,224 @@
+"""EventBus: the public publish/subscribe/close surface, wiring the core to a transport."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from keybus.envelope import Envelope, envelope_headers
+from keybus.errors import BusClosedError
+from keybus.subscription import Handler, SubscribeOptions, Subscription
+from keybus.transports.base import TopicConfig, Transport
+
+__all__ = ["EventBus"]
+
+log = logging.getLogger("keybus")
+
+# Kafka's topic rule, the strictest of our backends: one name works everywhere.
+_TOPIC = re.compile(r"[A-Za-z0-9._\-]{1,249}")
+
+
+def check_topic(topic: str) -> str:
+    if type(topic) is not str or not _TOPIC.fullmatch(topic):
+        raise ValueError(f"invalid topic {topic!r}: use 1 to 249 characters of A-Z a-z 0-9 . _ -")
+    return topic
+
+
+class EventBus:
+    """A connected bus. Create it with :func:`keybus.connect`."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        group: str | None = None,
+        topic_config: TopicConfig | None = None,
+        create_topics: bool = True,
+    ) -> None:
+        self._transport = transport
+        # Without a group each bus is its own group: it sees every message (fan-out).
+        self.group = group or f"keybus-anon-{uuid.uuid4().hex[:12]}"
+        self.topic_config = topic_config or TopicConfig()
+        self.create_topics = create_topics
+        self._subscriptions: set[Subscription] = set()
+        self._ensured: set[str] = set()
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return self._transport.url
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    @property
+    def subscriptions(self) -> frozenset[Subscription]:
+        return frozenset(self._subscriptions)
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
+    ) -> None:
+        """Send raw bytes; returns once the broker acknowledged them."""
+        if self._closing:
+            raise BusClosedError("the bus is closed")
+        if type(value) is not bytes:
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(f"value must be bytes, got {type(value).__name__}")
+            value = bytes(value)
+        if key is not None and type(key) is not str:
+            raise TypeError(f"key must be a str or None, got {type(key).__name__}")
+        check_topic(topic)
+        await self._transport.publish(topic, value, key, _header_bytes(headers))
+
+    async def publish_envelope(self, topic: str, envelope: Envelope) -> None:
+        """Send an envelope (validated at construction): key = aggregate id, headers
+        X-Event-ID, X-Aggregate-ID, X-Event-Type, X-Event-Version (+ trace/correlation)."""
+        if self._closing:
+            raise BusClosedError("the bus is closed")
+        if not isinstance(envelope, Envelope):
+            raise TypeError(f"expected an Envelope, got {type(envelope).__name__}")
+        check_topic(topic)
+        await self._transport.publish(
+            topic, envelope.to_bytes(), envelope.aggregate_id, envelope_headers(envelope)
+        )
+
+    async def _send_internal(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> None:
+        # Dead letters are still sent while the bus drains during close().
+        await self._transport.publish(topic, value, key, headers)
+
+    # -- subscribing -----------------------------------------------------------------
+
+    async def subscribe(self, topic: str, handler: Handler, **options: Any) -> Subscription:
+        """Call ``handler(message)`` for each :class:`~keybus.Message` of ``topic``.
+
+        Options: ``max_concurrency`` (256), ``max_attempts`` (3), ``retry_backoff`` (0.1 s,
+        doubled per attempt), ``dead_letter_topic`` (``f"{topic}.dlq"``),
+        ``max_in_flight``, ``revoke_timeout``."""
+        return await self._subscribe(topic, handler, options, envelopes=False)
+
+    async def subscribe_envelope(
+        self, topic: str, handler: Handler, **options: Any
+    ) -> Subscription:
+        """Call ``handler(envelope)`` for each envelope of ``topic``; undecodable messages
+        go to the dead-letter topic with the reason. Same options as :meth:`subscribe`."""
+        return await self._subscribe(topic, handler, options, envelopes=True)
+
+    async def _subscribe(
+        self, topic: str, handler: Handler, options: dict[str, Any], *, envelopes: bool
+    ) -> Subscription:
+        if self._closing:
+            raise BusClosedError("the bus is closed")
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        check_topic(topic)
+        try:
+            settings = SubscribeOptions(**options)
+        except TypeError as exc:
+            raise TypeError(f"unknown subscribe option: {exc}") from None
+        sub = Subscription(
+            topic,
+            self.group,
+            handler,
+            settings,
+            envelopes=envelopes,
+            publish=self._send_internal,
+            on_closed=self._subscriptions.discard,
+        )
+        check_topic(sub.dead_letter_topic)
+        if self.create_topics:
+            await self.ensure_topic(topic)
+            await self.ensure_topic(sub.dead_letter_topic)
+        self._subscriptions.add(sub)
+        try:
+            await sub._start(self._transport.consumer(topic, self.group, sub))
+        except BaseException:
+            await sub.unsubscribe(timeout=0)
+            raise
+        return sub
+
+    # -- topics ----------------------------------------------------------------------
+
+    async def ensure_topic(self, topic: str, config: TopicConfig | None = None) -> None:
+        """Create ``topic`` if missing, with ``config`` or the bus's default."""
+        check_topic(topic)
+        if topic in self._ensured and config is None:
+            return
+        await self._transport.ensure_topic(topic, config or self.topic_config)
+        self._ensured.add(topic)
+
+    async def delete_topic(self, topic: str) -> None:
+        check_topic(topic)
+        self._ensured.discard(topic)
+        await self._transport.delete_topic(topic)
+
+    # -- closing ---------------------------------------------------------------------
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop fetching, let in-flight handlers finish until ``timeout``, cancel those
+        still running, commit what completed, flush publishes and disconnect.
+
+        Returns within ``timeout`` plus a small constant even if a handler never returns.
+        Idempotent; afterwards the bus owns no task, thread, socket or fd."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            deadline = time.monotonic() + max(0.0, timeout)
+            subs = list(self._subscriptions)
+            if subs:
+                await asyncio.gather(*(s._shutdown(deadline) for s in subs))
+            try:
+                await asyncio.wait_for(self._transport.close(), 5.0)
+            except TimeoutError:
+                log.error("keybus: transport %s did not close in time", self.url)
+        finally:
+            self._closed.set()
+
+    async def __aenter__(self) -> EventBus:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else "open"
+        return f"<EventBus {self.url} group={self.group!r} {state}>"
+
+
+def _header_bytes(headers: Mapping[str, str | bytes] | None) -> dict[str, bytes]:
+    if not headers:
+        return {}
+    out: dict[str, bytes] = {}
+    for name, value in headers.items():
+        if type(name) is not str:
+            raise TypeError(f"header names must be str, got {type(name).__name__}")
+        if type(value) is str:
+            out[name] = value.encode()
+        elif isinstance(value, bytes | bytearray | memoryview):
+            out[name] = bytes(value)
+        else:
+            raise TypeError(f"header {name!r} must be str or bytes, got {type(value).__name__}")
+    return out

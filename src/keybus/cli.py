@@ -1,0 +1,83 @@
+"""The ``keybus`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from keybus.bench.report import results_table
+from keybus.bench.scenario import aggregates_for, run_scenario
+
+app = typer.Typer(add_completion=False, help="keybus: an asyncio event bus.")
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """keybus: an asyncio event bus over Kafka, NATS JetStream and memory."""
+
+
+@app.command()
+def version() -> None:
+    """Print the keybus version."""
+    from keybus import __version__
+
+    console.print(__version__)
+
+
+@app.command()
+def demo(
+    url: str = typer.Option("memory://demo", help="Backend URL (memory://, kafka://, nats://)."),
+    messages: int = typer.Option(20_000, min=1, help="Envelopes to publish."),
+    topics: int = typer.Option(5, min=1, help="Topics the aggregates spread over."),
+    aggregates: int = typer.Option(0, min=0, help="Aggregates (0: messages/10 in 50..1000)."),
+    max_delay_ms: float = typer.Option(2.0, min=0, help="Random handler delay, up to (ms)."),
+) -> None:
+    """Many aggregates publish versions concurrently; handlers sleep at random; the bus keeps
+    each aggregate in order. Prints what was delivered, order, latency and resources."""
+    count = aggregates or aggregates_for(messages)
+    console.print(
+        f"[bold]keybus demo[/bold] on {url}: {messages} envelopes, {count} aggregates, "
+        f"{topics} topics, handlers sleeping 0-{max_delay_ms:g} ms"
+    )
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("delivered", total=messages)
+
+        def advance(done: int) -> None:
+            if done % 100 == 0 or done == messages:
+                bar.update(task, completed=done)
+
+        result = asyncio.run(
+            run_scenario(
+                url,
+                messages,
+                topics=topics,
+                aggregates=count,
+                max_delay=max_delay_ms / 1000,
+                progress=advance,
+            )
+        )
+    console.print(results_table([result], "result (resources counted after close returned)"))
+    if result.leftovers:
+        console.print(f"[red]{result.leftovers}[/red]")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""One subscription's core: intake with backpressure, keyed dispatch, retries in place,
+dead letters, done-tracking and a bounded stop. Written once for every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from keybus.dispatch import KeyedDispatcher
+from keybus.envelope import Envelope
+from keybus.errors import BusClosedError, EnvelopeError, KeybusError
+from keybus.message import Message
+from keybus.positions import DoneTracker
+from keybus.transports.base import Consumer, Partition
+from keybus.work import RUNNING, Work
+
+__all__ = ["Handler", "SubscribeOptions", "Subscription", "SubscriptionStats"]
+
+log = logging.getLogger("keybus")
+
+Handler = Callable[[Any], Awaitable[None] | None]
+Publish = Callable[[str, bytes, str | None, Mapping[str, bytes]], Awaitable[None]]
+
+_MAX_ERROR_TEXT = 2000  # header values stay small: brokers cap record size
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeOptions:
+    """Per-subscription settings (the keyword options of ``subscribe``)."""
+
+    max_concurrency: int = 256
+    max_attempts: int = 3
+    retry_backoff: float = 0.1
+    max_retry_backoff: float = 30.0
+    dead_letter_topic: str | None = None  # default: f"{topic}.dlq"
+    max_in_flight: int | None = None  # default: max(1024, 4 * max_concurrency)
+    revoke_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.retry_backoff < 0 or self.max_retry_backoff < 0:
+            raise ValueError("retry_backoff must be >= 0")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+
+    def in_flight_limit(self) -> int:
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        return max(1024, 4 * self.max_concurrency)
+
+    def backoff(self, attempt: int) -> float:
+        return float(min(self.retry_backoff * 2 ** (attempt - 1), self.max_retry_backoff))
+
+
+@dataclass(slots=True)
+class SubscriptionStats:
+    """Counters of one subscription (cheap ints, read them any time)."""
+
+    delivered: int = 0  # messages taken from the broker
+    handled: int = 0  # handler succeeded
+    retries: int = 0  # failed attempts that were retried
+    dead_lettered: int = 0
+    dropped: int = 0  # queued messages released on revoke/close (redelivered later)
+    committed: int = 0  # commit points reported to the transport
+    peak_concurrency: int = 0
+    errors: list[str] = field(default_factory=list)  # last few dead-letter reasons
+
+    def note_error(self, text: str) -> None:
+        self.errors.append(text)
+        del self.errors[:-20]
+
+
+class Subscription:
+    """A live subscription. ``await sub.unsubscribe()`` stops it (bounded, idempotent)."""
+
+    def __init__(
+        self,
+        topic: str,
+        group: str,
+        handler: Handler,
+        options: SubscribeOptions,
+        *,
+        envelopes: bool,
+        publish: Publish,
+        on_closed: Callable[[Subscription], None],
+    ) -> None:
+        self.topic = topic
+        self.group = group
+        self.options = options
+        self.dead_letter_topic = options.dead_letter_topic or f"{topic}.dlq"
+        self.stats = SubscriptionStats()
+        self._handler = handler
+        self._envelopes = envelopes
+        self._publish = publish
+        self._on_closed = on_closed
+        self._consumer: Consumer | None = None
+        self._dispatcher = KeyedDispatcher(self._process, options.max_concurrency, topic)
+        self._tracker = DoneTracker(self._commit)
+        self._assigned: set[Partition] = set()
+        self._in_flight = 0
+        self._limit = options.in_flight_limit()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._progress = asyncio.Event()  # pulsed whenever work finishes
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    # -- lifecycle (called by the bus) -----------------------------------------------
+
+    async def _start(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+        await consumer.start()
+
+    async def unsubscribe(self, timeout: float = 5.0) -> None:
+        """Stop fetching, let running handlers finish until ``timeout``, cancel the rest,
+        commit what completed and leave the group. Idempotent."""
+        await self._shutdown(time.monotonic() + max(0.0, timeout))
+
+    async def _shutdown(self, deadline: float) -> None:
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            await self._stop(deadline)
+        finally:
+            self._closed.set()
+            self._on_closed(self)
+
+    async def _stop(self, deadline: float) -> None:
+        consumer = self._consumer
+        if consumer is not None:
+            await _bounded(consumer.stop(), deadline + 1.0, "consumer stop")
+        # Drain what was already fetched until the deadline.
+        while self._in_flight and time.monotonic() < deadline:
+            self._progress.clear()
+            remaining = deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except TimeoutError:
+                break
+        stuck = await self._dispatcher.cancel(grace=0.5)
+        for task in stuck:
+            log.error("keybus: handler of %s ignored cancellation: %r", self.topic, task)
+        left = self._tracker.forget(list(self._assigned))
+        self.stats.dropped += len(left)
+        self._assigned.clear()
+        if consumer is not None:
+            await _bounded(consumer.flush(), time.monotonic() + 2.0, "commit flush")
+            await _bounded(consumer.close(), time.monotonic() + 2.0, "consumer close")
+
+    # -- Sink: called by the consumer ------------------------------------------------
+
+    def assign(self, partitions: Collection[Partition]) -> None:
+        if not self._closing:
+            self._assigned.update(partitions)
+
+    async def deliver(self, messages: Sequence[Message]) -> None:
+        assigned = self._assigned
+        for message in messages:
+            while self._in_flight >= self._limit:
+                self._space.clear()
+                await self._space.wait()
+            if (message.topic, message.partition) not in assigned or self._closing:
+                continue
+            self.stats.delivered += 1
+            if self._envelopes:
+                try:
+                    envelope = Envelope.from_bytes(message.value)
+                except EnvelopeError as exc:
+                    work = Work(message, None, exc)
+                    key: str | None = None
+                else:
+                    work = Work(message, envelope, None)
+                    key = message.key or envelope.aggregate_id
+            else:
+                work = Work(message, message, None)
+                key = message.key
+            self._in_flight += 1
+            self._tracker.add(work)
+            self._dispatcher.submit(work, key)
+
+    async def revoke(self, partitions: Collection[Partition]) -> None:
+        revoked = set(partitions)
+        self._assigned.difference_update(revoked)
+        dropped = self._dispatcher.drop(lambda w: w.partition in revoked)
+        self.stats.dropped += len(dropped)
+        self._release(len(dropped))
+        deadline = time.monotonic() + self.options.revoke_timeout
+        while any(w.state == RUNNING and w.partition in revoked for w in self._tracker.open_work()):
+            self._progress.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("keybus: revoke of %s timed out with handlers running", revoked)
+                break
+            try:
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except TimeoutError:
+                continue
+        self._tracker.forget(revoked)
+
+    # -- processing ------------------------------------------------------------------
+
+    async def _process(self, work: Work) -> None:
+        if work.error is not None:
+            await self._dead_letter(work, work.error)
+        else:
+            options = self.options
+            while True:
+                work.attempts += 1
+                try:
+                    result = self._handler(work.payload)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:
+                    if work.attempts >= options.max_attempts:
+                        await self._dead_letter(work, exc)
+                        break
+                    self.stats.retries += 1
+                    # Retry in place: this key's lane stays busy, so order survives.
+                    await asyncio.sleep(options.backoff(work.attempts))
+                else:
+                    self.stats.handled += 1
+                    break
+        self._tracker.done(work)
+        self._release(1)
+
+    def _release(self, count: int) -> None:
+        if not count:
+            return
+        self._in_flight -= count
+        if self._in_flight < self._limit:
+            self._space.set()
+        self._progress.set()
+        self.stats.peak_concurrency = self._dispatcher.peak_concurrency
+
+    def _commit(self, message: Message) -> None:
+        self.stats.committed += 1
+        if self._consumer is not None:
+            self._consumer.commit(message)
+
+    async def _dead_letter(self, work: Work, error: Exception) -> None:
+        message = work.message
+        reason = f"{type(error).__name__}: {error}"[:_MAX_ERROR_TEXT]
+        headers = dict(message.headers)
+        headers["X-Error"] = reason.encode()
+        headers["X-Original-Topic"] = message.topic.encode()
+        headers["X-Original-Partition"] = str(message.partition).encode()
+        headers["X-Original-Offset"] = str(message.offset).encode()
+        headers["X-Attempts"] = str(work.attempts).encode()
+        attempt = 0
+        while True:
+            # Nothing is dropped: until the dead letter is acknowledged the message stays
+            # undone (uncommitted), so a close or crash redelivers it instead of losing it.
+            try:
+                await self._publish(self.dead_letter_topic, message.value, message.key, headers)
+            except BusClosedError:
+                raise
+            except KeybusError as exc:
+                attempt += 1
+                log.warning("keybus: dead-lettering to %s failed: %s", self.dead_letter_topic, exc)
+                await asyncio.sleep(self.options.backoff(attempt))
+            else:
+                break
+        self.stats.dead_lettered += 1
+        self.stats.note_error(reason)
+
+
+async def _bounded(step: Awaitable[None], deadline: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        log.error("keybus: %s did not finish in time", what)

@@ -1,0 +1,186 @@
+"""The leak checker: what a bus leaves behind after ``close()`` has returned.
+
+The Go SDK's "4446 leaked goroutines" came from counting before the deferred Close ran.
+So this compares *identities* (which task, which thread, which fd) taken before and after,
+and on exit polls until a deadline for the difference to vanish (threads and sockets can
+take a moment to be reaped), instead of sleeping a guessed time or comparing counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+
+__all__ = ["LeakChecker", "LeakError", "Resources", "snapshot"]
+
+
+class LeakError(AssertionError):
+    """Resources outlived the code under check; the message lists each one."""
+
+
+def _native_threads() -> dict[int, str]:
+    threads: dict[int, str] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:  # not Linux: native threads cannot be seen
+        return threads
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                threads[int(tid)] = f.read().strip()
+        except OSError:
+            continue  # exited while we looked
+    return threads
+
+
+def _fds() -> dict[int, str]:
+    fds: dict[int, str] = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return fds
+    for name in names:
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the fd listdir itself used, now closed
+    return fds
+
+
+@dataclass
+class Resources:
+    """A snapshot of what the process holds, by identity."""
+
+    tasks: dict[int, asyncio.Task[object]] = field(default_factory=dict)
+    threads: dict[int, threading.Thread] = field(default_factory=dict)
+    native_threads: dict[int, str] = field(default_factory=dict)
+    fds: dict[int, str] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "tasks": len(self.tasks),
+            "threads": len(self.threads),
+            "native_threads": len(self.native_threads),
+            "fds": len(self.fds),
+        }
+
+    def minus(self, before: Resources) -> Resources:
+        """What this snapshot holds that ``before`` did not (fds: same number, new target
+        counts as new)."""
+        return Resources(
+            tasks={k: v for k, v in self.tasks.items() if k not in before.tasks},
+            threads={k: v for k, v in self.threads.items() if k not in before.threads},
+            native_threads={
+                k: v for k, v in self.native_threads.items() if k not in before.native_threads
+            },
+            fds={k: v for k, v in self.fds.items() if before.fds.get(k) != v},
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.threads or self.native_threads or self.fds)
+
+    def report(self) -> str:
+        lines: list[str] = []
+        for task in self.tasks.values():
+            lines.append(f"task {task.get_name()!r}: {task.get_coro()!r}")
+            for frame in task.get_stack(limit=8):
+                code = frame.f_code
+                lines.append(f"    at {code.co_filename}:{frame.f_lineno} in {code.co_name}")
+        for thread in self.threads.values():
+            lines.append(f"thread {thread.name!r} (ident {thread.ident}, daemon={thread.daemon})")
+        for tid, name in self.native_threads.items():
+            lines.append(f"native thread {tid} {name!r}")
+        for fd, target in self.fds.items():
+            lines.append(f"fd {fd} -> {target}")
+        return "\n".join(lines)
+
+
+def snapshot(*, exclude_task: asyncio.Task[object] | None = None) -> Resources:
+    """Take a snapshot now (tasks only when called inside a running loop)."""
+    try:
+        tasks = {id(t): t for t in asyncio.all_tasks() if t is not exclude_task and not t.done()}
+    except RuntimeError:
+        tasks = {}
+    return Resources(
+        tasks=tasks,
+        threads={t.ident or 0: t for t in threading.enumerate() if t.is_alive()},
+        native_threads=_native_threads(),
+        fds=_fds(),
+    )
+
+
+class LeakChecker:
+    """``async with LeakChecker(): ...`` fails with :class:`LeakError` if, ``timeout``
+    seconds after the block ends, the process still holds tasks, threads, native threads
+    or fds that it did not hold when the block began.
+
+    Also usable step by step: ``start()``, then ``await check()``; ``peak`` records the
+    largest counts seen by :meth:`sample` in between."""
+
+    def __init__(self, timeout: float = 10.0, *, check_fds: bool = True) -> None:
+        self.timeout = timeout
+        self.check_fds = check_fds
+        self.before = Resources()
+        self.after: Resources | None = None
+        self.peak: dict[str, int] = {}
+
+    def start(self) -> Resources:
+        self.before = snapshot(exclude_task=_current_task())
+        self.peak = self.before.counts()
+        return self.before
+
+    def sample(self) -> Resources:
+        """Take a snapshot now and fold it into ``peak``."""
+        now = snapshot(exclude_task=_current_task())
+        for name, value in now.counts().items():
+            self.peak[name] = max(self.peak.get(name, 0), value)
+        return now
+
+    def leftovers(self) -> Resources:
+        now = snapshot(exclude_task=_current_task())
+        self.after = now
+        left = now.minus(self.before)
+        if not self.check_fds:
+            left.fds = {}
+        return left
+
+    async def check(self) -> Resources:
+        """Poll until nothing new is held or the deadline passes; raise LeakError then."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        while True:
+            left = self.leftovers()
+            if not left:
+                return self.after or Resources()
+            if time.monotonic() >= deadline:
+                raise LeakError(
+                    f"resources still held {self.timeout:g} s after close:\n{left.report()}"
+                )
+            gc.collect()  # sockets and fds owned by unreachable objects are closed now
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def __aenter__(self) -> LeakChecker:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.check()
+
+
+def _current_task() -> asyncio.Task[object] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None

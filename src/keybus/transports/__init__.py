@@ -1,0 +1,1 @@
+"""Backends. Each is a thin :class:`~keybus.transports.base.Transport`."""

@@ -1,0 +1,121 @@
+"""The transport interface: what a backend must do, and nothing more.
+
+A transport only moves bytes and positions. Ordering, concurrency, retries, dead letters,
+done-tracking and bounded close live in the core (``keybus.subscription`` and friends),
+written once and shared by every backend.
+
+Positions: every delivered :class:`~keybus.message.Message` carries ``(topic, partition)``
+and a monotonically increasing ``offset`` within it. The core tells the consumer, per
+partition, the last message of the contiguous prefix that is done (handled or
+dead-lettered); the transport makes that durable (Kafka: commit ``offset + 1``; NATS:
+ack-all up to that message; memory: the group's committed offset).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from keybus.message import Message
+
+__all__ = ["Consumer", "Partition", "Sink", "TopicConfig", "Transport"]
+
+Partition = tuple[str, int]
+"""A stream of strictly ordered positions: ``(topic, partition)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopicConfig:
+    """How a topic (Kafka topic, JetStream stream, memory log) is created.
+
+    ``ephemeral`` topics trade durability for speed: short retention on Kafka, memory
+    storage on NATS. ``retention_seconds=None`` keeps the backend's default.
+    """
+
+    partitions: int = 3
+    replication_factor: int = 1
+    retention_seconds: float | None = None
+    compression: str | None = None
+    ephemeral: bool = False
+
+
+class Sink(Protocol):
+    """The core side of one subscription, called by its consumer."""
+
+    def assign(self, partitions: Collection[Partition]) -> None:
+        """The consumer now owns these partitions; their messages may be delivered."""
+
+    async def deliver(self, messages: Sequence[Message]) -> None:
+        """Take messages in broker order; returns when accepted (waits under backpressure).
+
+        Messages of partitions not currently assigned are dropped.
+        """
+
+    async def revoke(self, partitions: Collection[Partition]) -> None:
+        """The consumer is losing these partitions: drop their queued messages, wait
+        (bounded) for their running handlers, and report their done prefix via
+        :meth:`Consumer.commit` before returning. The consumer flushes commits after."""
+
+
+class Consumer(abc.ABC):
+    """One subscription's feed of messages from one topic for one group."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Join the group and begin fetching. Returns once partitions are assigned, so a
+        message published after ``start`` returns is delivered to this consumer or to
+        another member of its group."""
+
+    @abc.abstractmethod
+    def commit(self, message: Message) -> None:
+        """``message`` ends the contiguous done prefix of its partition. Must not block;
+        the transport may batch and make it durable later (at the latest in ``flush``)."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Make every commit reported so far durable."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop fetching (idempotent). Messages already delivered stay with the core."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Leave the group and release everything this consumer started (idempotent).
+        Called after :meth:`stop` and after the core reported its last commits."""
+
+
+class Transport(abc.ABC):
+    """A connection to one backend."""
+
+    url: str
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect within a bounded time or raise :class:`~keybus.errors.ConnectError`."""
+
+    @abc.abstractmethod
+    async def publish(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> None:
+        """Send one record; return once the broker acknowledged it. Concurrent calls are
+        batched underneath. Failure: :class:`~keybus.errors.PublishError`."""
+
+    @abc.abstractmethod
+    async def ensure_topic(self, topic: str, config: TopicConfig) -> None:
+        """Create the topic if it does not exist (idempotent)."""
+
+    @abc.abstractmethod
+    async def delete_topic(self, topic: str) -> None:
+        """Delete the topic and its data if it exists (idempotent)."""
+
+    @abc.abstractmethod
+    def consumer(self, topic: str, group: str, sink: Sink) -> Consumer:
+        """A consumer of ``topic`` in ``group`` that feeds ``sink`` (not yet started)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush publishes and release every task, thread, socket and fd (idempotent).
+        Consumers have been closed before this is called."""

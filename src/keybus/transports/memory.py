@@ -1,0 +1,249 @@
+"""The in-memory backend: a small partitioned log with consumer groups, in one process.
+
+It behaves like a tiny Kafka, on purpose: topics have partitions (a record's partition is
+a hash of its key), groups keep committed offsets, members of a group split the
+partitions and rebalance when one joins or leaves — revoking through the core exactly as
+the Kafka transport does. So the core's ordering, commit and revoke logic is exercised
+here first, with no broker.
+
+``memory://NAME`` buses with the same NAME in one process share one broker, which lives
+as long as some bus uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+import zlib
+from collections.abc import Mapping
+from itertools import count
+
+from keybus.errors import ConnectError
+from keybus.message import Message
+from keybus.transports.base import Consumer, Partition, Sink, TopicConfig, Transport
+
+__all__ = ["MemoryBroker", "MemoryTransport"]
+
+_FETCH_BATCH = 256
+_TRIM_EVERY = 4096  # drop a partition's committed prefix once this much has piled up
+_YIELD_EVERY = 64  # a publish loop lets consumers run this often (brokers ack async)
+
+
+class _Log:
+    __slots__ = ("base", "records")
+
+    def __init__(self) -> None:
+        self.records: list[Message] = []
+        self.base = 0  # offset of records[0]; grows as committed records are trimmed
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.records)
+
+
+class _Group:
+    def __init__(self, topic: _Topic) -> None:
+        self.topic = topic
+        # A new group starts at the earliest retained record, so nothing published
+        # before its first member joined is missed.
+        self.committed = [log.base for log in topic.logs]
+        self.members: list[MemoryConsumer] = []
+        self.owner: dict[int, MemoryConsumer] = {}
+        self.lock = asyncio.Lock()
+
+    async def rebalance(self) -> None:
+        """Give each partition to one member (round-robin in join order). Partitions that
+        move are revoked from the old owner (through its core) before the new one gets
+        them, so no partition is ever processed by two members at once."""
+        members = self.members
+        partitions = range(len(self.topic.logs))
+        desired = {p: members[p % len(members)] for p in partitions} if members else {}
+        for member in list({id(m): m for m in self.owner.values()}.values()):
+            lost = {p for p, m in self.owner.items() if m is member and desired.get(p) is not m}
+            if lost and member in members:
+                await member._revoke(lost)
+            for p in lost:
+                del self.owner[p]
+        for p, member in desired.items():
+            if p not in self.owner:
+                self.owner[p] = member
+                member._assign(p, self.committed[p])
+
+
+class _Topic:
+    def __init__(self, name: str, config: TopicConfig) -> None:
+        self.name = name
+        self.config = config
+        self.logs = [_Log() for _ in range(max(1, config.partitions))]
+        self.groups: dict[str, _Group] = {}
+        self._round_robin = count()
+
+    def append(self, value: bytes, key: str | None, headers: Mapping[str, bytes]) -> None:
+        n = len(self.logs)
+        if key is None:
+            p = next(self._round_robin) % n
+        else:
+            p = zlib.crc32(key.encode()) % n if n > 1 else 0
+        log = self.logs[p]
+        log.records.append(Message(self.name, value, key, headers, p, log.end, time.time()))
+        for group in self.groups.values():
+            owner = group.owner.get(p)
+            if owner is not None:
+                owner._wake.set()
+
+    def committed(self, partition: int, offset: int) -> None:
+        log = self.logs[partition]
+        if offset - log.base < _TRIM_EVERY:
+            return
+        floor = min(g.committed[partition] for g in self.groups.values())
+        if floor > log.base:
+            del log.records[: floor - log.base]
+            log.base = floor
+
+
+class MemoryBroker:
+    """The shared state of one ``memory://NAME``."""
+
+    _registry: weakref.WeakValueDictionary[str, MemoryBroker] = weakref.WeakValueDictionary()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.topics: dict[str, _Topic] = {}
+
+    @classmethod
+    def named(cls, name: str) -> MemoryBroker:
+        broker = cls._registry.get(name)
+        if broker is None:
+            broker = cls._registry[name] = cls(name)
+        return broker
+
+    def topic(self, name: str, config: TopicConfig | None = None) -> _Topic:
+        topic = self.topics.get(name)
+        if topic is None:
+            topic = self.topics[name] = _Topic(name, config or TopicConfig())
+        return topic
+
+
+class MemoryTransport(Transport):
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self._name = name
+        self._broker: MemoryBroker | None = None
+        self._published = 0
+
+    async def connect(self) -> None:
+        if self._name.strip() != self._name:
+            raise ConnectError(self.url, "memory broker names cannot have surrounding spaces")
+        self._broker = MemoryBroker.named(self._name)
+
+    def _live(self) -> MemoryBroker:
+        if self._broker is None:
+            raise ConnectError(self.url, "transport is not connected")
+        return self._broker
+
+    async def publish(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> None:
+        self._live().topic(topic).append(value, key, headers)
+        self._published += 1
+        if self._published % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+
+    async def ensure_topic(self, topic: str, config: TopicConfig) -> None:
+        self._live().topic(topic, config)
+
+    async def delete_topic(self, topic: str) -> None:
+        self._live().topics.pop(topic, None)
+
+    def consumer(self, topic: str, group: str, sink: Sink) -> Consumer:
+        return MemoryConsumer(self._live().topic(topic), group, sink)
+
+    async def close(self) -> None:
+        self._broker = None  # the broker lives on while another bus uses it
+
+
+class MemoryConsumer(Consumer):
+    def __init__(self, topic: _Topic, group: str, sink: Sink) -> None:
+        self._topic = topic
+        self._group_name = group
+        self._group: _Group | None = None
+        self._sink = sink
+        self._positions: dict[int, int] = {}  # owned partition -> next offset to fetch
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._left = False
+
+    async def start(self) -> None:
+        group = self._topic.groups.get(self._group_name)
+        if group is None:
+            group = self._topic.groups[self._group_name] = _Group(self._topic)
+        self._group = group
+        async with group.lock:
+            group.members.append(self)
+            await group.rebalance()
+        self._task = asyncio.get_running_loop().create_task(
+            self._fetch(), name=f"keybus-memory-fetch:{self._topic.name}"
+        )
+
+    def _assign(self, partition: int, offset: int) -> None:
+        self._positions[partition] = offset
+        self._sink.assign([(self._topic.name, partition)])
+        self._wake.set()
+
+    async def _revoke(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self._positions.pop(p, None)
+        await self._sink.revoke([(self._topic.name, p) for p in partitions])
+
+    async def _fetch(self) -> None:
+        logs = self._topic.logs
+        while True:
+            batch: list[Message] = []
+            for p, position in list(self._positions.items()):
+                log = logs[p]
+                start = max(position, log.base)
+                if start < log.end:
+                    chunk = log.records[start - log.base : start - log.base + _FETCH_BATCH]
+                    self._positions[p] = start + len(chunk)
+                    batch.extend(chunk)
+            if batch:
+                await self._sink.deliver(batch)
+            else:
+                self._wake.clear()
+                await self._wake.wait()
+
+    def commit(self, message: Message) -> None:
+        group = self._group
+        if group is None or group.owner.get(message.partition) is not self:
+            return  # no longer ours: the new owner redoes it (at-least-once)
+        offset = message.offset + 1
+        if offset > group.committed[message.partition]:
+            group.committed[message.partition] = offset
+            self._topic.committed(message.partition, offset)
+
+    async def flush(self) -> None:
+        return None  # commits are applied at once
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def close(self) -> None:
+        await self.stop()
+        group = self._group
+        if group is None or self._left:
+            return
+        self._left = True
+        async with group.lock:
+            group.members.remove(self)
+            self._positions.clear()
+            await group.rebalance()
+
+    @property
+    def assigned(self) -> list[Partition]:
+        return [(self._topic.name, p) for p in sorted(self._positions)]

@@ -1,0 +1,28 @@
+"""One delivered message on its way through the core, from intake to done."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keybus.message import Message
+from keybus.transports.base import Partition
+
+QUEUED = 0
+RUNNING = 1
+DONE = 2  # handled, or dead-lettered: its position may be committed
+DROPPED = 3  # its partition was revoked or the subscription closed before it ran
+
+
+class Work:
+    """A message plus what the core knows about it. ``payload`` is what the handler gets
+    (the message, or its decoded envelope); ``error`` is why it could not be decoded."""
+
+    __slots__ = ("attempts", "error", "message", "partition", "payload", "state")
+
+    def __init__(self, message: Message, payload: Any, error: Exception | None) -> None:
+        self.message = message
+        self.partition: Partition = (message.topic, message.partition)
+        self.payload = payload
+        self.error = error
+        self.state = QUEUED
+        self.attempts = 0

@@ -1,0 +1,278 @@
+"""Conformance: publish/subscribe, ordering and concurrency. Every backend passes these."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+
+import pytest
+
+import keybus
+from tests.conftest import Backend, BusFactory
+from tests.helpers import eventually, order_violations
+
+
+async def test_raw_message_arrives_with_key_and_headers(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    bus = await open_bus()
+    topic = backend.topic()
+    got: list[keybus.Message] = []
+
+    async def handler(message: keybus.Message) -> None:
+        got.append(message)
+
+    await bus.subscribe(topic, handler)
+    await bus.publish(topic, b"hello", key="k-1", headers={"a": "1", "b": b"\x00\xff"})
+    await eventually(lambda: len(got) == 1, what="one message")
+    message = got[0]
+    assert message.topic == topic
+    assert message.value == b"hello"
+    assert message.key == "k-1"
+    assert message.headers["a"] == b"1"
+    assert message.headers["b"] == b"\x00\xff"
+
+
+async def test_envelope_round_trips_and_carries_headers(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    bus = await open_bus()
+    topic = backend.topic()
+    envelopes: list[keybus.Envelope] = []
+    raw: list[keybus.Message] = []
+
+    async def on_envelope(envelope: keybus.Envelope) -> None:
+        envelopes.append(envelope)
+
+    async def on_raw(message: keybus.Message) -> None:
+        raw.append(message)
+
+    await bus.subscribe_envelope(topic, on_envelope)
+    other = await open_bus()  # a second group sees the same record raw
+    await other.subscribe(topic, on_raw)
+    sent = keybus.Envelope(
+        aggregate_id="order-42",
+        event_type="OrderCreated",
+        event_version=3,
+        payload={"amount": 12.5, "items": [1, 2]},
+        trace_id="trace-1",
+        correlation_id="corr-1",
+        tenant_id=7,
+    )
+    await bus.publish_envelope(topic, sent)
+    await eventually(lambda: len(envelopes) == 1 and len(raw) == 1, what="envelope twice")
+    assert envelopes[0] == sent
+    message = raw[0]
+    assert message.key == "order-42"
+    assert message.headers["X-Event-ID"] == sent.event_id.encode()
+    assert message.headers["X-Aggregate-ID"] == b"order-42"
+    assert message.headers["X-Event-Type"] == b"OrderCreated"
+    assert message.headers["X-Event-Version"] == b"3"
+    assert message.headers["X-Trace-ID"] == b"trace-1"
+    assert message.headers["X-Correlation-ID"] == b"corr-1"
+
+
+async def test_per_key_order_holds_under_random_handler_delays(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    bus = await open_bus()
+    topic = backend.topic()
+    keys, versions = 60, 15
+    seen: dict[str, list[int]] = defaultdict(list)
+    rng = random.Random(7)
+
+    async def handler(envelope: keybus.Envelope) -> None:
+        await asyncio.sleep(rng.random() * 0.003)
+        seen[envelope.aggregate_id].append(envelope.event_version)
+
+    sub = await bus.subscribe_envelope(topic, handler, max_concurrency=32)
+
+    async def publish_aggregate(i: int) -> None:
+        for v in range(1, versions + 1):
+            await bus.publish_envelope(
+                topic,
+                keybus.Envelope(
+                    aggregate_id=f"agg-{i}", event_type="E", event_version=v, payload={"v": v}
+                ),
+            )
+
+    await asyncio.gather(*(publish_aggregate(i) for i in range(keys)))
+    total = keys * versions
+    await eventually(lambda: sum(map(len, seen.values())) >= total, what=f"{total} envelopes")
+    assert order_violations(seen) == 0
+    assert all(seen[f"agg-{i}"] == list(range(1, versions + 1)) for i in range(keys))
+    assert sub.stats.peak_concurrency > 1, "different aggregates must run concurrently"
+
+
+async def test_max_concurrency_bounds_parallel_handlers(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    bus = await open_bus()
+    topic = backend.topic()
+    running = 0
+    peak = 0
+    done = 0
+
+    async def handler(message: keybus.Message) -> None:
+        nonlocal running, peak, done
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        done += 1
+
+    await bus.subscribe(topic, handler, max_concurrency=4)
+    for i in range(40):
+        await bus.publish(topic, b"x", key=f"k{i}")
+    await eventually(lambda: done == 40, what="40 handled")
+    assert peak == 4
+
+
+async def test_slow_aggregate_does_not_stall_others(open_bus: BusFactory, backend: Backend) -> None:
+    bus = await open_bus()
+    topic = backend.topic()
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(message: keybus.Message) -> None:
+        if message.key == "stuck":
+            await release.wait()
+        handled.append(message.key or "")
+
+    await bus.subscribe(topic, handler, max_concurrency=8)
+    await bus.publish(topic, b"first", key="stuck")
+    await bus.publish(topic, b"second", key="stuck")
+    for i in range(100):
+        await bus.publish(topic, b"x", key=f"other-{i}")
+    # Every other aggregate completes while "stuck" is still blocked.
+    await eventually(lambda: len(handled) == 100, what="the 100 other aggregates")
+    assert "stuck" not in handled
+    release.set()
+    await eventually(lambda: handled.count("stuck") == 2, what="the stuck aggregate")
+
+
+async def test_unkeyed_messages_are_handled_concurrently(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    bus = await open_bus()
+    topic = backend.topic()
+    gate = asyncio.Event()
+    entered = 0
+
+    async def handler(message: keybus.Message) -> None:
+        nonlocal entered
+        entered += 1
+        await gate.wait()
+
+    sub = await bus.subscribe(topic, handler, max_concurrency=16)
+    for _ in range(10):
+        await bus.publish(topic, b"no-key")
+    # All ten are inside the handler at once: none waits for another.
+    await eventually(lambda: entered == 10, what="10 concurrent handlers")
+    gate.set()
+    await eventually(lambda: sub.stats.handled == 10, what="10 handled")
+
+
+async def test_message_published_after_subscribe_returns_is_delivered(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    publisher = await open_bus()
+    topic = backend.topic()
+    await publisher.ensure_topic(topic)
+    for round_ in range(3):
+        consumer = await open_bus(group=f"fresh-{round_}")
+        got: list[bytes] = []
+
+        async def handler(message: keybus.Message, got: list[bytes] = got) -> None:
+            got.append(message.value)
+
+        await consumer.subscribe(topic, handler)
+        marker = f"after-{round_}".encode()
+        await publisher.publish(topic, marker)
+        await eventually(lambda got=got, m=marker: m in got, what=f"{marker!r}")
+
+
+async def test_unsubscribe_stops_delivery(open_bus: BusFactory, backend: Backend) -> None:
+    bus = await open_bus()
+    topic = backend.topic()
+    got: list[bytes] = []
+
+    async def handler(message: keybus.Message) -> None:
+        got.append(message.value)
+
+    sub = await bus.subscribe(topic, handler)
+    await bus.publish(topic, b"one")
+    await eventually(lambda: got == [b"one"], what="first message")
+    await sub.unsubscribe()
+    await sub.unsubscribe()  # idempotent
+    assert sub not in bus.subscriptions
+    # A witness subscription in another group proves the later message really went out.
+    witness: list[bytes] = []
+
+    async def witness_handler(message: keybus.Message) -> None:
+        witness.append(message.value)
+
+    observer = await open_bus()
+    await observer.subscribe(topic, witness_handler)
+    await bus.publish(topic, b"two")
+    await eventually(lambda: b"two" in witness, what="the witness to see 'two'")
+    assert got == [b"one"]
+
+
+async def test_consumer_groups_share_work_and_separate_groups_each_get_all(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    publisher = await open_bus()
+    topic = backend.topic()
+    await publisher.ensure_topic(topic, keybus.TopicConfig(partitions=4))
+    counts: dict[str, list[str]] = defaultdict(list)
+
+    def recorder(name: str):  # type: ignore[no-untyped-def]
+        async def handler(message: keybus.Message) -> None:
+            counts[name].append(message.key or "")
+
+        return handler
+
+    a1 = await open_bus(group="shared")
+    a2 = await open_bus(group="shared")
+    solo = await open_bus(group="solo")
+    await a1.subscribe(topic, recorder("a1"))
+    await a2.subscribe(topic, recorder("a2"))
+    await solo.subscribe(topic, recorder("solo"))
+    n = 200
+    await asyncio.gather(*(publisher.publish(topic, b"m", key=f"key-{i}") for i in range(n)))
+    await eventually(
+        lambda: len(counts["a1"]) + len(counts["a2"]) >= n and len(counts["solo"]) >= n,
+        what="both groups to receive everything",
+    )
+    shared = counts["a1"] + counts["a2"]
+    assert sorted(shared) == sorted(f"key-{i}" for i in range(n)), "each message once"
+    assert counts["a1"], "both members of the group took a share"
+    assert counts["a2"], "both members of the group took a share"
+    assert sorted(counts["solo"]) == sorted(f"key-{i}" for i in range(n))
+    assert not set(counts["a1"]) & set(counts["a2"]), "a key belongs to one member"
+
+
+@pytest.mark.parametrize("count", [1, 50])
+async def test_publish_after_close_raises_bus_closed(
+    open_bus: BusFactory, backend: Backend, count: int
+) -> None:
+    bus = await open_bus()
+    topic = backend.topic()
+    for _ in range(count):
+        await bus.publish(topic, b"x")
+    await bus.close()
+    await bus.close()  # idempotent
+    with pytest.raises(keybus.BusClosedError):
+        await bus.publish(topic, b"late")
+    with pytest.raises(keybus.BusClosedError):
+        await bus.publish_envelope(
+            topic, keybus.Envelope(aggregate_id="a", event_type="E", event_version=1, payload=1)
+        )
+
+    async def handler(message: keybus.Message) -> None:
+        return None
+
+    with pytest.raises(keybus.BusClosedError):
+        await bus.subscribe(topic, handler)

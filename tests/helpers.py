@@ -1,0 +1,26 @@
+"""Shared test helpers: polling with a deadline (never a guessed sleep)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+
+
+async def eventually(
+    predicate: Callable[[], bool], *, timeout: float = 20.0, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until it holds; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def order_violations(seen: dict[str, list[int]]) -> int:
+    """Count places where a key's handled versions went backwards."""
+    return sum(1 for versions in seen.values() for a, b in itertools.pairwise(versions) if b < a)
