@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -24,8 +25,9 @@ log = logging.getLogger("keybus")
 _TOPIC = re.compile(r"[A-Za-z0-9._\-]{1,249}")
 
 
+@functools.lru_cache(maxsize=4096)  # publish checks every call: keep it off the hot path
 def check_topic(topic: str) -> str:
-    if type(topic) is not str or not _TOPIC.fullmatch(topic):
+    if not _TOPIC.fullmatch(topic):
         raise ValueError(f"invalid topic {topic!r}: use 1 to 249 characters of A-Z a-z 0-9 . _ -")
     return topic
 
@@ -82,6 +84,8 @@ class EventBus:
             value = bytes(value)
         if key is not None and type(key) is not str:
             raise TypeError(f"key must be a str or None, got {type(key).__name__}")
+        if type(topic) is not str:
+            raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
         await self._transport.publish(topic, value, key, _header_bytes(headers))
 
@@ -92,6 +96,8 @@ class EventBus:
             raise BusClosedError("the bus is closed")
         if not isinstance(envelope, Envelope):
             raise TypeError(f"expected an Envelope, got {type(envelope).__name__}")
+        if type(topic) is not str:
+            raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
         await self._transport.publish(
             topic, envelope.to_bytes(), envelope.aggregate_id, envelope_headers(envelope)

@@ -6,8 +6,10 @@ own lane; a bounded set of worker tasks takes *ready lanes* round-robin, one mes
 turn. A lane is in the ready queue or being worked on, never both, which is what keeps a
 key's messages in order; a slow lane occupies one worker while the others keep moving.
 
-Workers are started on demand (up to ``max_concurrency``) and exit when no lane is ready,
-so an idle subscription owns no task.
+Workers are started on demand (up to ``max_concurrency``). A worker that finds no ready
+lane parks on a future instead of exiting, because waking a parked task costs a fraction
+of creating one and bursts of deliveries would otherwise create a task every few
+messages. ``cancel()`` ends parked and busy workers alike.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class KeyedDispatcher:
         self._lanes: dict[Hashable, _Lane] = {}
         self._ready: deque[_Lane] = deque()
         self._workers: set[asyncio.Task[None]] = set()
+        self._parked: deque[asyncio.Future[None]] = deque()
         self._running = 0  # work items inside process() right now
         self._peak = 0
 
@@ -70,6 +73,12 @@ class KeyedDispatcher:
         if not lane.active:
             lane.active = True
             self._ready.append(lane)
+            parked = self._parked
+            while parked:
+                waiter = parked.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
             if len(self._workers) < self._max:
                 task = asyncio.get_running_loop().create_task(
                     self._work(), name=f"keybus-worker:{self._name}"
@@ -92,8 +101,14 @@ class KeyedDispatcher:
 
     async def _work(self) -> None:
         ready = self._ready
+        loop = asyncio.get_running_loop()
         try:
-            while ready:
+            while True:
+                if not ready:
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    self._parked.append(waiter)
+                    await waiter
+                    continue
                 lane = ready.popleft()
                 if lane.items:
                     work = lane.items.popleft()

@@ -1,18 +1,17 @@
 """The domain-event envelope: fields, validation and the Go-compatible JSON wire format.
 
 The codec sits on the hot path (every publish encodes, every envelope delivery decodes),
-so it uses orjson directly and keeps the per-envelope work to one dict and one call.
+so the envelope is a msgspec Struct: encoding and typed decoding run in C, and the only
+Python on the way is ``__post_init__`` with the rules msgspec cannot express.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-import orjson
+import msgspec
 import uuid_utils
 
 from keybus.errors import EnvelopeError
@@ -21,12 +20,9 @@ __all__ = ["Envelope", "envelope_headers"]
 
 # The Go SDK's rule for aggregate ids: 1..256 characters of A-Za-z0-9:_-./
 _AGGREGATE_ID = re.compile(r"[A-Za-z0-9:_\-./]{1,256}")
-# RFC 3339 date-time: fractions up to nanoseconds, Z or any numeric offset.
-_RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
-)
-_ENCODE_OPTIONS = orjson.OPT_UTC_Z
 _INT64_MAX = 2**63 - 1  # the Go services decode these fields as int64
+_FIELD_IN_ERROR = re.compile(r"at `\$\.([a-z_]+)")
+_force_setattr = msgspec.structs.force_setattr
 
 
 def _new_event_id() -> str:
@@ -37,27 +33,35 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One domain event. Immutable and valid by construction: invalid fields raise
     :class:`EnvelopeError` naming the field, so a constructed envelope can always be sent.
 
-    ``payload`` is any JSON value; ``bytes`` are taken as raw JSON text and embedded as is.
+    ``payload`` is any JSON value; ``bytes`` are taken as raw JSON text and embedded as is
+    (kept as :class:`msgspec.Raw`). ``event_id`` defaults to a new UUIDv7, ``timestamp`` to
+    now in UTC. On the wire: one JSON object with these snake_case keys, unset optional
+    keys omitted, ``timestamp`` in RFC 3339 (nanosecond fractions and any offset accepted).
     """
 
+    event_id: str = msgspec.field(default_factory=_new_event_id)
     aggregate_id: str
     event_type: str
     event_version: int
+    timestamp: Annotated[datetime, msgspec.Meta(tz=True)] = msgspec.field(default_factory=_utc_now)
     payload: Any
-    event_id: str = field(default_factory=_new_event_id)
-    timestamp: datetime = field(default_factory=_utc_now)
     trace_id: str | None = None
     correlation_id: str | None = None
     tenant_id: int | None = None
 
     def __post_init__(self) -> None:
-        _check_text("event_id", self.event_id)
-        _check_text("event_type", self.event_type)
+        # Runs after __init__ and after decoding; msgspec has already checked JSON types
+        # when decoding, but __init__ checks nothing, so types are checked here too.
+        event_id = self.event_id
+        if type(event_id) is not str or not event_id.strip():
+            raise EnvelopeError("event_id", "must be a non-blank string")
+        event_type = self.event_type
+        if type(event_type) is not str or not event_type.strip():
+            raise EnvelopeError("event_type", "must be a non-blank string")
         aggregate_id = self.aggregate_id
         if type(aggregate_id) is not str or not _AGGREGATE_ID.fullmatch(aggregate_id):
             if type(aggregate_id) is str and not aggregate_id.strip():
@@ -69,7 +73,9 @@ class Envelope:
         if type(version) is not int or not 0 < version <= _INT64_MAX:
             raise EnvelopeError("event_version", f"must be an integer > 0, got {version!r}")
         timestamp = self.timestamp
-        if not isinstance(timestamp, datetime) or timestamp.utcoffset() is None:
+        if (type(timestamp) is not datetime or timestamp.tzinfo is None) and (
+            not isinstance(timestamp, datetime) or timestamp.utcoffset() is None
+        ):
             raise EnvelopeError("timestamp", "must be a timezone-aware datetime")
         payload = self.payload
         if payload is None:
@@ -79,14 +85,14 @@ class Envelope:
             if not raw.strip():
                 raise EnvelopeError("payload", "must not be empty")
             try:
-                orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
+                msgspec.json.decode(raw)
+            except (msgspec.MsgspecError, ValueError) as exc:
                 raise EnvelopeError("payload", f"raw bytes are not valid JSON: {exc}") from None
-            object.__setattr__(self, "payload", raw)
-        for name in ("trace_id", "correlation_id"):
-            value = getattr(self, name)
-            if value is not None and type(value) is not str:
-                raise EnvelopeError(name, "must be a string or None")
+            _force_setattr(self, "payload", msgspec.Raw(raw))
+        if self.trace_id is not None:
+            _optional_text(self, "trace_id", self.trace_id)
+        if self.correlation_id is not None:
+            _optional_text(self, "correlation_id", self.correlation_id)
         tenant = self.tenant_id
         if tenant is not None and (type(tenant) is not int or abs(tenant) > _INT64_MAX):
             raise EnvelopeError("tenant_id", "must be a 64-bit integer or None")
@@ -95,52 +101,47 @@ class Envelope:
 
     def to_bytes(self) -> bytes:
         """Encode as one JSON object with snake_case keys; unset optional keys are omitted."""
-        payload = self.payload
-        doc: dict[str, Any] = {
-            "event_id": self.event_id,
-            "aggregate_id": self.aggregate_id,
-            "event_type": self.event_type,
-            "event_version": self.event_version,
-            "timestamp": self.timestamp,
-            "payload": orjson.Fragment(payload) if type(payload) is bytes else payload,
-        }
-        if self.trace_id is not None:
-            doc["trace_id"] = self.trace_id
-        if self.correlation_id is not None:
-            doc["correlation_id"] = self.correlation_id
-        if self.tenant_id is not None:
-            doc["tenant_id"] = self.tenant_id
         try:
-            return orjson.dumps(doc, option=_ENCODE_OPTIONS)
-        except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+            return _encode(self)
+        except (TypeError, ValueError, OverflowError) as exc:
             raise EnvelopeError("payload", f"not JSON-serialisable: {exc}") from None
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview | str) -> Envelope:
         """Decode an envelope; any malformed input raises :class:`EnvelopeError`."""
         try:
-            doc = orjson.loads(data)
-        except (orjson.JSONDecodeError, TypeError) as exc:
+            return _decode(data)
+        except msgspec.ValidationError as exc:
+            if isinstance(exc.__cause__, EnvelopeError):
+                raise exc.__cause__ from None
+            text = str(exc)
+            match = _FIELD_IN_ERROR.search(text)
+            field = match.group(1) if match else "envelope"
+            if text.startswith("Object missing required field"):
+                field = text.split("`")[1]
+                raise EnvelopeError(field, "is required") from None
+            raise EnvelopeError(field, text) from None
+        except (msgspec.MsgspecError, ValueError, TypeError) as exc:
             raise EnvelopeError("envelope", f"not valid JSON: {exc}") from None
-        if type(doc) is not dict:
-            raise EnvelopeError("envelope", f"expected a JSON object, got {type(doc).__name__}")
-        return cls(
-            aggregate_id=_required(doc, "aggregate_id"),
-            event_type=_required(doc, "event_type"),
-            event_version=_required(doc, "event_version"),
-            payload=_required(doc, "payload"),
-            event_id=_required(doc, "event_id"),
-            timestamp=_parse_timestamp(_required(doc, "timestamp")),
-            trace_id=_optional_text(doc, "trace_id"),
-            correlation_id=_optional_text(doc, "correlation_id"),
-            tenant_id=doc.get("tenant_id"),
-        )
 
     def payload_json(self) -> bytes:
-        """The payload as JSON text (raw bytes as given, or the encoded value)."""
-        if type(self.payload) is bytes:
-            return self.payload
-        return orjson.dumps(self.payload)
+        """The payload as JSON text."""
+        payload = self.payload
+        if type(payload) is msgspec.Raw:
+            return bytes(payload)
+        return _encode(payload)
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(Envelope).decode
+
+
+def _optional_text(envelope: Envelope, name: str, value: object) -> None:
+    if type(value) is not str:
+        raise EnvelopeError(name, "must be a string or None")
+    if not value:
+        # Go's encoding/json writes "" for an unset string without omitempty: unset it.
+        _force_setattr(envelope, name, None)
 
 
 def envelope_headers(envelope: Envelope) -> dict[str, bytes]:
@@ -156,37 +157,3 @@ def envelope_headers(envelope: Envelope) -> dict[str, bytes]:
     if envelope.correlation_id is not None:
         headers["X-Correlation-ID"] = envelope.correlation_id.encode()
     return headers
-
-
-def _check_text(name: str, value: object) -> None:
-    if type(value) is not str:
-        raise EnvelopeError(name, f"must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise EnvelopeError(name, "must not be blank")
-
-
-def _required(doc: Mapping[str, Any], name: str) -> Any:
-    value = doc.get(name)
-    if value is None:
-        raise EnvelopeError(name, "is required")
-    return value
-
-
-def _optional_text(doc: Mapping[str, Any], name: str) -> str | None:
-    value = doc.get(name)
-    # Go's encoding/json writes "" for an unset string without omitempty: treat it as unset.
-    if value is None or value == "":
-        return None
-    if type(value) is not str:
-        raise EnvelopeError(name, "must be a string")
-    return value
-
-
-def _parse_timestamp(value: object) -> datetime:
-    if type(value) is not str or not _RFC3339.fullmatch(value):
-        raise EnvelopeError("timestamp", f"must be an RFC 3339 date-time, got {value!r}")
-    try:
-        # fromisoformat keeps microseconds of a nanosecond fraction; upper() folds t/z.
-        return datetime.fromisoformat(value.upper())
-    except ValueError as exc:
-        raise EnvelopeError("timestamp", f"invalid date-time {value!r}: {exc}") from None

@@ -70,7 +70,6 @@ class SubscriptionStats:
     dead_lettered: int = 0
     dropped: int = 0  # queued messages released on revoke/close (redelivered later)
     committed: int = 0  # commit points reported to the transport
-    peak_concurrency: int = 0
     errors: list[str] = field(default_factory=list)  # last few dead-letter reasons
 
     def note_error(self, text: str) -> None:
@@ -112,6 +111,16 @@ class Subscription:
         self._progress = asyncio.Event()  # pulsed whenever work finishes
         self._closing = False
         self._closed = asyncio.Event()
+
+    @property
+    def peak_concurrency(self) -> int:
+        """The most handlers that ran at once so far."""
+        return self._dispatcher.peak_concurrency
+
+    @property
+    def in_flight(self) -> int:
+        """Messages taken from the broker and not yet done."""
+        return self._in_flight
 
     # -- lifecycle (called by the bus) -----------------------------------------------
 
@@ -165,14 +174,18 @@ class Subscription:
 
     async def deliver(self, messages: Sequence[Message]) -> None:
         assigned = self._assigned
+        tracker = self._tracker
+        submit = self._dispatcher.submit
+        envelopes = self._envelopes
+        stats = self.stats
         for message in messages:
             while self._in_flight >= self._limit:
                 self._space.clear()
                 await self._space.wait()
             if (message.topic, message.partition) not in assigned or self._closing:
                 continue
-            self.stats.delivered += 1
-            if self._envelopes:
+            stats.delivered += 1
+            if envelopes:
                 try:
                     envelope = Envelope.from_bytes(message.value)
                 except EnvelopeError as exc:
@@ -185,8 +198,8 @@ class Subscription:
                 work = Work(message, message, None)
                 key = message.key
             self._in_flight += 1
-            self._tracker.add(work)
-            self._dispatcher.submit(work, key)
+            tracker.add(work)
+            submit(work, key)
 
     async def revoke(self, partitions: Collection[Partition]) -> None:
         revoked = set(partitions)
@@ -237,10 +250,11 @@ class Subscription:
         if not count:
             return
         self._in_flight -= count
-        if self._in_flight < self._limit:
+        # Event.set() is cheap when already set; the checks keep it off the common path.
+        if not self._space.is_set() and self._in_flight < self._limit:
             self._space.set()
-        self._progress.set()
-        self.stats.peak_concurrency = self._dispatcher.peak_concurrency
+        if not self._progress.is_set():
+            self._progress.set()
 
     def _commit(self, message: Message) -> None:
         self.stats.committed += 1

@@ -1,0 +1,180 @@
+"""In-memory end-to-end envelope throughput with ordering on, and where the time goes.
+
+    .venv/bin/python benchmarks/memory_throughput.py [--envelopes 100000] [--aggregates 1000]
+                                                     [--runs 5]
+
+Every figure is a median over ``--runs`` runs made in this one process, side by side:
+- end to end: 1000 aggregates publish versions 1..n concurrently (each in order), one
+  ordered envelope subscription handles them; messages / (last handled - first publish);
+- consume only: the same envelopes already in the topic, a new group handles them all;
+- dispatcher only: the keyed lanes with a no-op step, no codec, no transport;
+- codec: Envelope construction, encoding and decoding per envelope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+import keybus
+from keybus.bench.scenario import percentile
+from keybus.dispatch import KeyedDispatcher
+from keybus.message import Message
+from keybus.work import Work
+
+
+def _envelope(aggregate: int, version: int) -> keybus.Envelope:
+    return keybus.Envelope(
+        aggregate_id=f"agg-{aggregate}",
+        event_type="OrderChanged",
+        event_version=version,
+        payload={"amount": 12.5, "n": version},
+    )
+
+
+async def end_to_end(envelopes: int, aggregates: int) -> tuple[float, float, bool]:
+    """Returns (envelopes/s, p99 latency ms, order kept)."""
+    per = envelopes // aggregates
+    total = per * aggregates
+    done = asyncio.Event()
+    handled = 0
+    last: dict[str, int] = {}
+    ordered = True
+    latencies: list[float] = []
+    finished = 0.0
+
+    async def handler(envelope: keybus.Envelope) -> None:
+        nonlocal handled, ordered, finished
+        latencies.append(time.time() - envelope.timestamp.timestamp())
+        if envelope.event_version != last.get(envelope.aggregate_id, 0) + 1:
+            ordered = False
+        last[envelope.aggregate_id] = envelope.event_version
+        handled += 1
+        if handled == total:
+            finished = time.perf_counter()
+            done.set()
+
+    async with keybus.connect("memory://bench-e2e", group="bench") as bus:
+        await bus.subscribe_envelope("orders", handler)
+
+        async def publish(aggregate: int) -> None:
+            for version in range(1, per + 1):
+                await bus.publish_envelope("orders", _envelope(aggregate, version))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(publish(a) for a in range(aggregates)))
+        await asyncio.wait_for(done.wait(), 300)
+        await bus.delete_topic("orders")
+    latencies.sort()
+    return total / (finished - started), percentile(latencies, 0.99) * 1000, ordered
+
+
+async def consume_only(envelopes: int, aggregates: int) -> float:
+    """Seconds per envelope for the consumer path alone (decode, lanes, handler, commit)."""
+    done = asyncio.Event()
+    handled = 0
+
+    async def handler(envelope: keybus.Envelope) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == envelopes:
+            done.set()
+
+    async with keybus.connect("memory://bench-consume", group="bench") as bus:
+        await bus.ensure_topic("orders")
+        for i in range(envelopes):
+            await bus.publish_envelope("orders", _envelope(i % aggregates, i // aggregates + 1))
+        started = time.perf_counter()
+        await bus.subscribe_envelope("orders", handler)
+        await asyncio.wait_for(done.wait(), 300)
+        elapsed = time.perf_counter() - started
+        await bus.delete_topic("orders")
+    return elapsed / envelopes
+
+
+async def dispatcher_only(messages: int, aggregates: int) -> float:
+    """Seconds per message through the keyed lanes with a no-op step."""
+    done = asyncio.Event()
+    count = 0
+
+    async def process(work: Work) -> None:
+        nonlocal count
+        count += 1
+        if count == messages:
+            done.set()
+
+    dispatcher = KeyedDispatcher(process, 256, "bench")
+    works = [
+        (Work(Message("t", b"", None, {}, 0, i), None, None), f"agg-{i % aggregates}")
+        for i in range(messages)
+    ]
+    started = time.perf_counter()
+    for work, key in works:
+        dispatcher.submit(work, key)
+    await asyncio.wait_for(done.wait(), 300)
+    return (time.perf_counter() - started) / messages
+
+
+def per_call(fn: Callable[[], object], n: int = 100_000) -> float:
+    started = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - started) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--envelopes", type=int, default=100_000)
+    parser.add_argument("--aggregates", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+
+    sample = _envelope(1, 1)
+    data = sample.to_bytes()
+    rows: dict[str, list[float]] = {k: [] for k in ("e2e", "p99", "consume", "dispatch")}
+    rows.update({"construct": [], "encode": [], "decode": []})
+    ordered = True
+    for _ in range(args.runs):
+        gc.collect()
+        rate, p99, ok = asyncio.run(end_to_end(args.envelopes, args.aggregates))
+        ordered &= ok
+        rows["e2e"].append(rate)
+        rows["p99"].append(p99)
+        rows["consume"].append(asyncio.run(consume_only(args.envelopes, args.aggregates)))
+        rows["dispatch"].append(asyncio.run(dispatcher_only(args.envelopes, args.aggregates)))
+        rows["construct"].append(per_call(lambda: _envelope(1, 1)))
+        rows["encode"].append(per_call(sample.to_bytes))
+        rows["decode"].append(per_call(lambda: keybus.Envelope.from_bytes(data)))
+
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    print(
+        f"keybus memory benchmark: {args.envelopes} envelopes, {args.aggregates} aggregates, "
+        f"median of {args.runs} runs (order kept in every run: {ordered})"
+    )
+    print(
+        f"  end to end (publish -> ordered handler -> commit): {med['e2e']:>10,.0f} envelopes/s"
+        f"   (runs: {', '.join(f'{r:,.0f}' for r in rows['e2e'])})"
+    )
+    print(f"  end-to-end latency p99:                          {med['p99']:>10.1f} ms")
+    consume = med["consume"] * 1e6
+    dispatch = med["dispatch"] * 1e6
+    print(
+        f"  consume path per envelope:                       {consume:>10.2f} us"
+        f"   ({1 / med['consume']:,.0f}/s)"
+    )
+    print(
+        f"  dispatcher (keyed lanes) per message:            {dispatch:>10.2f} us"
+        f"   ({dispatch / consume:.0%} of the consume path)"
+    )
+    for name in ("construct", "encode", "decode"):
+        print(f"  envelope {name:<10} per envelope:               {med[name] * 1e6:>10.2f} us")
+    if not ordered:
+        raise SystemExit("order violated")
+
+
+if __name__ == "__main__":
+    main()
