@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 async def eventually(
@@ -24,3 +25,15 @@ async def eventually(
 def order_violations(seen: dict[str, list[int]]) -> int:
     """Count places where a key's handled versions went backwards."""
     return sum(1 for versions in seen.values() for a, b in itertools.pairwise(versions) if b < a)
+
+
+class Collected(list[Any]):
+    """A list that is also an async handler: it appends every message or envelope it gets.
+
+    ``got = Collected(); await bus.subscribe(topic, got)``, then poll ``got``."""
+
+    async def __call__(self, item: Any) -> None:
+        self.append(item)
+
+    def values(self) -> list[bytes]:
+        return [item.value for item in self]

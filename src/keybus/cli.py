@@ -36,13 +36,17 @@ def demo(
     topics: int = typer.Option(5, min=1, help="Topics the aggregates spread over."),
     aggregates: int = typer.Option(0, min=0, help="Aggregates (0: messages/10 in 50..1000)."),
     max_delay_ms: float = typer.Option(2.0, min=0, help="Random handler delay, up to (ms)."),
+    fail_rate: float = typer.Option(
+        0.02, min=0, max=1, help="Share of first attempts that fail (retried in place)."
+    ),
 ) -> None:
     """Many aggregates publish versions concurrently; handlers sleep at random; the bus keeps
     each aggregate in order. Prints what was delivered, order, latency and resources."""
     count = aggregates or aggregates_for(messages)
     console.print(
         f"[bold]keybus demo[/bold] on {url}: {messages} envelopes, {count} aggregates, "
-        f"{topics} topics, handlers sleeping 0-{max_delay_ms:g} ms"
+        f"{topics} topics, handlers sleeping 0-{max_delay_ms:g} ms, "
+        f"{fail_rate:.0%} of first attempts failing"
     )
     with Progress(
         "[progress.description]{task.description}",
@@ -65,6 +69,7 @@ def demo(
                 topics=topics,
                 aggregates=count,
                 max_delay=max_delay_ms / 1000,
+                fail_rate=fail_rate,
                 progress=advance,
             )
         )

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import keybus
 from tests.conftest import Backend, BusFactory
-from tests.helpers import eventually
+from tests.helpers import Collected, eventually
 
 
 def _envelope(aggregate: str, version: int) -> keybus.Envelope:
@@ -16,13 +16,9 @@ def _envelope(aggregate: str, version: int) -> keybus.Envelope:
 
 
 async def _collect_dead_letters(open_bus: BusFactory, topic: str) -> list[keybus.Message]:
-    letters: list[keybus.Message] = []
-
-    async def handler(message: keybus.Message) -> None:
-        letters.append(message)
-
+    letters = Collected()
     watcher = await open_bus()
-    await watcher.subscribe(f"{topic}.dlq", handler)
+    await watcher.subscribe(f"{topic}.dlq", letters)
     return letters
 
 
@@ -113,13 +109,9 @@ async def test_sync_handler_and_custom_dead_letter_topic(
     bus = await open_bus()
     topic = backend.topic()
     dlq = backend.topic("custom-dlq")
-    letters: list[keybus.Message] = []
-
-    async def on_letter(message: keybus.Message) -> None:
-        letters.append(message)
-
+    letters = Collected()
     watcher = await open_bus()
-    await watcher.subscribe(dlq, on_letter)
+    await watcher.subscribe(dlq, letters)
 
     def handler(message: keybus.Message) -> None:  # plain functions are handlers too
         raise ValueError(f"bad {message.value!r}")

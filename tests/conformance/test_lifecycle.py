@@ -11,7 +11,7 @@ import pytest
 import keybus
 from keybus.testing import LeakChecker, LeakError
 from tests.conftest import Backend, BusFactory
-from tests.helpers import eventually
+from tests.helpers import Collected, eventually
 
 # close() may take its timeout plus this much (cancelling, committing, disconnecting).
 CLOSE_SLACK = 4.0
@@ -57,13 +57,11 @@ async def test_stuck_message_is_redelivered_to_the_next_member_after_close(
     await first.close(timeout=0.2)
 
     second = await open_bus(group="g")
-    got: list[bytes] = []
-
-    async def handler(message: keybus.Message) -> None:
-        got.append(message.value)
-
-    await second.subscribe(topic, handler)
-    await eventually(lambda: got == [b"important"], what="redelivery of the unfinished message")
+    got = Collected()
+    await second.subscribe(topic, got)
+    await eventually(
+        lambda: got.values() == [b"important"], what="redelivery of the unfinished message"
+    )
 
 
 async def test_close_while_publishing_and_consuming_loses_nothing_acknowledged(
@@ -149,12 +147,8 @@ async def test_no_tasks_threads_or_fds_remain_after_close(backend: Backend) -> N
     async with checker:
         bus = await keybus.connect(backend.url, group="leaks")
         topic = backend.topic()
-        got: list[bytes] = []
-
-        async def handler(message: keybus.Message) -> None:
-            got.append(message.value)
-
-        await bus.subscribe(topic, handler, max_concurrency=64)
+        got = Collected()
+        await bus.subscribe(topic, got, max_concurrency=64)
         for i in range(100):
             await bus.publish(topic, b"x", key=f"k{i}")
         await eventually(lambda: len(got) == 100, what="100 messages")
@@ -181,15 +175,12 @@ async def test_repeated_open_close_cycles_do_not_accumulate(backend: Backend) ->
     async with LeakChecker(timeout=10):
         for cycle in range(20):
             async with keybus.connect(backend.url, group="cycles") as bus:
-                got: list[bytes] = []
-
-                async def handler(message: keybus.Message, got: list[bytes] = got) -> None:
-                    got.append(message.value)
-
-                await bus.subscribe(topic, handler)
+                got = Collected()
+                await bus.subscribe(topic, got)
                 await bus.publish(topic, f"cycle-{cycle}".encode())
                 await eventually(
-                    lambda got=got, c=cycle: f"cycle-{c}".encode() in got, what="delivery"
+                    lambda got=got, c=cycle: f"cycle-{c}".encode() in got.values(),
+                    what="delivery",
                 )
         async with keybus.connect(backend.url) as admin:
             await admin.delete_topic(topic)

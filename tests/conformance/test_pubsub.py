@@ -11,7 +11,7 @@ import pytest
 
 import keybus
 from tests.conftest import Backend, BusFactory
-from tests.helpers import eventually, order_violations
+from tests.helpers import Collected, eventually, order_violations
 
 
 async def test_raw_message_arrives_with_key_and_headers(
@@ -19,12 +19,8 @@ async def test_raw_message_arrives_with_key_and_headers(
 ) -> None:
     bus = await open_bus()
     topic = backend.topic()
-    got: list[keybus.Message] = []
-
-    async def handler(message: keybus.Message) -> None:
-        got.append(message)
-
-    await bus.subscribe(topic, handler)
+    got = Collected()
+    await bus.subscribe(topic, got)
     await bus.publish(topic, b"hello", key="k-1", headers={"a": "1", "b": b"\x00\xff"})
     await eventually(lambda: len(got) == 1, what="one message")
     message = got[0]
@@ -40,18 +36,10 @@ async def test_envelope_round_trips_and_carries_headers(
 ) -> None:
     bus = await open_bus()
     topic = backend.topic()
-    envelopes: list[keybus.Envelope] = []
-    raw: list[keybus.Message] = []
-
-    async def on_envelope(envelope: keybus.Envelope) -> None:
-        envelopes.append(envelope)
-
-    async def on_raw(message: keybus.Message) -> None:
-        raw.append(message)
-
-    await bus.subscribe_envelope(topic, on_envelope)
+    envelopes, raw = Collected(), Collected()
+    await bus.subscribe_envelope(topic, envelopes)
     other = await open_bus()  # a second group sees the same record raw
-    await other.subscribe(topic, on_raw)
+    await other.subscribe(topic, raw)
     sent = keybus.Envelope(
         aggregate_id="order-42",
         event_type="OrderCreated",
@@ -183,42 +171,30 @@ async def test_message_published_after_subscribe_returns_is_delivered(
     await publisher.ensure_topic(topic)
     for round_ in range(3):
         consumer = await open_bus(group=f"fresh-{round_}")
-        got: list[bytes] = []
-
-        async def handler(message: keybus.Message, got: list[bytes] = got) -> None:
-            got.append(message.value)
-
-        await consumer.subscribe(topic, handler)
+        got = Collected()
+        await consumer.subscribe(topic, got)
         marker = f"after-{round_}".encode()
         await publisher.publish(topic, marker)
-        await eventually(lambda got=got, m=marker: m in got, what=f"{marker!r}")
+        await eventually(lambda got=got, m=marker: m in got.values(), what=f"{marker!r}")
 
 
 async def test_unsubscribe_stops_delivery(open_bus: BusFactory, backend: Backend) -> None:
     bus = await open_bus()
     topic = backend.topic()
-    got: list[bytes] = []
-
-    async def handler(message: keybus.Message) -> None:
-        got.append(message.value)
-
-    sub = await bus.subscribe(topic, handler)
+    got = Collected()
+    sub = await bus.subscribe(topic, got)
     await bus.publish(topic, b"one")
-    await eventually(lambda: got == [b"one"], what="first message")
+    await eventually(lambda: got.values() == [b"one"], what="first message")
     await sub.unsubscribe()
     await sub.unsubscribe()  # idempotent
     assert sub not in bus.subscriptions
     # A witness subscription in another group proves the later message really went out.
-    witness: list[bytes] = []
-
-    async def witness_handler(message: keybus.Message) -> None:
-        witness.append(message.value)
-
+    witness = Collected()
     observer = await open_bus()
-    await observer.subscribe(topic, witness_handler)
+    await observer.subscribe(topic, witness)
     await bus.publish(topic, b"two")
-    await eventually(lambda: b"two" in witness, what="the witness to see 'two'")
-    assert got == [b"one"]
+    await eventually(lambda: b"two" in witness.values(), what="the witness to see 'two'")
+    assert got.values() == [b"one"]
 
 
 async def test_consumer_groups_share_work_and_separate_groups_each_get_all(

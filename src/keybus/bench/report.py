@@ -29,6 +29,7 @@ def results_table(results: Sequence[ScenarioResult], title: str) -> Table:
     row("order violations", *(str(r.order_violations) for r in results))
     row("duplicates", *(str(r.duplicates) for r in results))
     row("lost", *(str(r.lost) for r in results))
+    row("retried in place / dead-lettered", *(f"{r.retries} / {r.dead_lettered}" for r in results))
     row("topics x aggregates", *(f"{r.topics} x {r.aggregates}" for r in results))
     row("throughput (msg/s)", *(f"{r.throughput:,.0f}" for r in results))
     row("first publish → last delivery", *(f"{r.seconds:.3f} s" for r in results))

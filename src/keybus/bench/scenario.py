@@ -49,6 +49,8 @@ class ScenarioResult:
     duplicates: int = 0
     order_violations: int = 0
     lost: int = 0
+    retries: int = 0  # injected failures retried in place
+    dead_lettered: int = 0
     seconds: float = 0.0  # first publish -> last delivery
     publish_seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list, repr=False)
@@ -81,13 +83,15 @@ async def run_scenario(
     topics: int = 5,
     aggregates: int | None = None,
     max_delay: float = 0.0,
+    fail_rate: float = 0.0,
     timeout: float = 120.0,
     progress: Callable[[int], None] | None = None,
     seed: int = 1,
 ) -> ScenarioResult:
     """Publish ``messages`` envelopes from ``aggregates`` concurrent publishers (each in
     version order, aggregate i to topic i % topics), consume with per-aggregate order and
-    handlers sleeping up to ``max_delay`` s, and measure."""
+    handlers sleeping up to ``max_delay`` s, and measure. With ``fail_rate``, that share of
+    first attempts raises, to show retries in place keeping the order."""
     aggregates = aggregates or aggregates_for(messages)
     result = ScenarioResult(url, messages, topics, aggregates)
     run = uuid.uuid4().hex[:8]
@@ -97,6 +101,7 @@ async def run_scenario(
     ]
     last_version: dict[str, int] = {}
     seen: set[tuple[str, int]] = set()
+    failed_once: set[tuple[str, int]] = set()
     rng = random.Random(seed)
     first_publish = 0.0
     last_delivery = 0.0
@@ -104,10 +109,13 @@ async def run_scenario(
 
     async def handler(envelope: keybus.Envelope) -> None:
         nonlocal last_delivery
-        now = time.time()
-        result.latencies_ms.append((now - envelope.timestamp.timestamp()) * 1000)
-        result.handled += 1
         aggregate, version = envelope.aggregate_id, envelope.event_version
+        if (aggregate, version) not in failed_once:
+            result.latencies_ms.append((time.time() - envelope.timestamp.timestamp()) * 1000)
+            if fail_rate and rng.random() < fail_rate:
+                failed_once.add((aggregate, version))
+                raise RuntimeError("injected failure")
+        result.handled += 1
         if (aggregate, version) in seen:
             result.duplicates += 1
         else:
@@ -140,8 +148,10 @@ async def run_scenario(
             keybus.connect(url, group=f"scenario-{run}") as consumer,
             keybus.connect(url) as producer,
         ):
-            for name in topic_names:
-                await consumer.subscribe_envelope(name, handler)
+            subscriptions = [
+                await consumer.subscribe_envelope(name, handler, retry_backoff=0.005)
+                for name in topic_names
+            ]
 
             async def publish(i: int) -> None:
                 aggregate = f"agg-{i}"
@@ -163,6 +173,8 @@ async def run_scenario(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(all_delivered.wait(), timeout)
             result.seconds = last_delivery - first_publish
+            result.retries = sum(s.stats.retries for s in subscriptions)
+            result.dead_lettered = sum(s.stats.dead_lettered for s in subscriptions)
             checker.sample()
             for name in topic_names:
                 await consumer.delete_topic(name)
