@@ -5,7 +5,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: demo test check lint typecheck bench clean
+# Backends the suite runs on; the brokers they need are started (and stopped) around it.
+KEYBUS_BACKENDS ?= memory
+export KEYBUS_BACKENDS
+
+.PHONY: demo test check lint typecheck bench brokers brokers-down clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +30,18 @@ lint: $(VENV)/.test
 typecheck: $(VENV)/.test
 	$(VENV)/bin/mypy
 
-# The whole suite (slow fault-injection tests included).
+# The whole suite (slow fault-injection tests included), brokers started as needed.
 test: lint typecheck
-	$(VENV)/bin/pytest -q -ra
+	tools/run-tests.sh
+
+# Local brokers: Kafka (KRaft) on 127.0.0.1:9092 and nats-server (JetStream) on :4222.
+brokers:
+	@tools/kafka/kafka.sh up
+	@tools/nats/nats.sh up
+
+brokers-down:
+	-@tools/nats/nats.sh down
+	-@tools/kafka/kafka.sh down
 
 # The quick subset while coding: no slow tests, no lint.
 check: $(VENV)/.test

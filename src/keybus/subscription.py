@@ -4,11 +4,12 @@ dead letters, done-tracking and a bounded stop. Written once for every backend."
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from inspect import isawaitable
+from types import CoroutineType
 from typing import Any
 
 from keybus.dispatch import KeyedDispatcher
@@ -226,25 +227,37 @@ class Subscription:
         if work.error is not None:
             await self._dead_letter(work, work.error)
         else:
-            options = self.options
-            while True:
-                work.attempts += 1
-                try:
-                    result = self._handler(work.payload)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception as exc:
-                    if work.attempts >= options.max_attempts:
-                        await self._dead_letter(work, exc)
-                        break
-                    self.stats.retries += 1
-                    # Retry in place: this key's lane stays busy, so order survives.
-                    await asyncio.sleep(options.backoff(work.attempts))
-                else:
-                    self.stats.handled += 1
-                    break
+            # The first attempt is inlined: it is almost always the only one.
+            work.attempts = 1
+            try:
+                result = self._handler(work.payload)
+                if result is not None and (type(result) is CoroutineType or isawaitable(result)):
+                    await result
+            except Exception as exc:
+                await self._retry(work, exc)
+            else:
+                self.stats.handled += 1
         self._tracker.done(work)
         self._release(1)
+
+    async def _retry(self, work: Work, error: Exception) -> None:
+        """Retry in place — this key's lane stays busy, so order survives — with
+        exponential backoff, then dead-letter."""
+        options = self.options
+        while work.attempts < options.max_attempts:
+            self.stats.retries += 1
+            await asyncio.sleep(options.backoff(work.attempts))
+            work.attempts += 1
+            try:
+                result = self._handler(work.payload)
+                if isawaitable(result):
+                    await result
+            except Exception as exc:
+                error = exc
+            else:
+                self.stats.handled += 1
+                return
+        await self._dead_letter(work, error)
 
     def _release(self, count: int) -> None:
         if not count:

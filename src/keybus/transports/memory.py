@@ -87,10 +87,12 @@ class _Topic:
         else:
             p = zlib.crc32(key.encode()) % n if n > 1 else 0
         log = self.logs[p]
-        log.records.append(Message(self.name, value, key, headers, p, log.end, time.time()))
+        records = log.records
+        offset = log.base + len(records)
+        records.append(Message(self.name, value, key, headers, p, offset, time.time()))
         for group in self.groups.values():
             owner = group.owner.get(p)
-            if owner is not None:
+            if owner is not None and not owner._wake.is_set():
                 owner._wake.set()
 
     def committed(self, partition: int, offset: int) -> None:
@@ -146,9 +148,13 @@ class MemoryTransport(Transport):
     async def publish(
         self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
     ) -> None:
-        self._live().topic(topic).append(value, key, headers)
+        broker = self._broker
+        if broker is None:
+            raise ConnectError(self.url, "transport is not connected")
+        log = broker.topics.get(topic) or broker.topic(topic)
+        log.append(value, key, headers)
         self._published += 1
-        if self._published % _YIELD_EVERY == 0:
+        if not self._published % _YIELD_EVERY:
             await asyncio.sleep(0)
 
     async def ensure_topic(self, topic: str, config: TopicConfig) -> None:
