@@ -190,7 +190,14 @@ class EventBus:
             deadline = time.monotonic() + max(0.0, timeout)
             subs = list(self._subscriptions)
             if subs:
-                await asyncio.gather(*(s._shutdown(deadline) for s in subs))
+                results = await asyncio.gather(
+                    *(s._shutdown(deadline) for s in subs), return_exceptions=True
+                )
+                for sub, result in zip(subs, results, strict=True):
+                    if isinstance(result, BaseException):
+                        # Keep closing the rest: a failed subscription must not leak
+                        # the transport.
+                        log.error("keybus: closing %s failed: %r", sub.topic, result)
             try:
                 await asyncio.wait_for(self._transport.close(), 5.0)
             except TimeoutError:

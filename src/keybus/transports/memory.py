@@ -13,7 +13,6 @@ as long as some bus uses it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import weakref
 import zlib
@@ -236,8 +235,9 @@ class MemoryConsumer(Consumer):
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # wait() rather than awaiting the task: a cancellation of *our* caller must
+            # still propagate, only the fetch task's own CancelledError is expected.
+            await asyncio.wait([task])
 
     async def close(self) -> None:
         await self.stop()
