@@ -48,8 +48,8 @@ def test_any_valid_envelope_round_trips(envelope: Envelope) -> None:
     assert Envelope.from_bytes(envelope.to_bytes()) == envelope
 
 
-@given(st.binary(max_size=300))
-def test_junk_bytes_raise_envelope_error_only(data: bytes) -> None:
+@given(st.binary(max_size=300) | st.text(max_size=300))
+def test_junk_bytes_raise_envelope_error_only(data: bytes | str) -> None:
     with contextlib.suppress(EnvelopeError):
         Envelope.from_bytes(data)
 
