@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-backends=${KEYBUS_BACKENDS:-memory}
+backends=${KEYBUS_BACKENDS:-memory,nats}
 started=()
 
 cleanup() {
