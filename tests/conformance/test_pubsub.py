@@ -276,15 +276,27 @@ async def test_member_joining_mid_stream_loses_nothing_and_never_overlaps_a_key(
     first = await open_bus(group="rebalance")
     await first.subscribe_envelope(topic, member("first"))
     versions = 40
+    last: dict[int, int] = {}
+    stream_deadline = asyncio.get_running_loop().time() + 20
+
+    def second_took_over() -> bool:
+        return any(name == "second" for s in spans.values() for _, _, name in s)
 
     async def produce(i: int) -> None:
-        for v in range(1, versions + 1):
+        # At least `versions` envelopes, and on until the joining member has taken over
+        # (a broker's group rebalance can outlast a short stream).
+        v = 0
+        while v < versions or (
+            not second_took_over() and asyncio.get_running_loop().time() < stream_deadline
+        ):
+            v += 1
             await publisher.publish_envelope(
                 topic,
                 keybus.Envelope(
                     aggregate_id=f"agg-{i}", event_type="E", event_version=v, payload={}
                 ),
             )
+            last[i] = v
             await asyncio.sleep(0.001)
 
     producers = asyncio.gather(*(produce(i) for i in range(16)))
@@ -293,7 +305,7 @@ async def test_member_joining_mid_stream_loses_nothing_and_never_overlaps_a_key(
     await second.subscribe_envelope(topic, member("second"))  # rebalance mid-stream
     await producers
     await eventually(
-        lambda: all(handled[f"agg-{i}"] == set(range(1, versions + 1)) for i in range(16)),
+        lambda: all(handled[f"agg-{i}"] == set(range(1, last[i] + 1)) for i in range(16)),
         what="every envelope handled",
     )
     names = {name for key_spans in spans.values() for _, _, name in key_spans}

@@ -6,6 +6,8 @@
 #   tools/kafka/kafka.sh status   exit 0 (and print the URL) if a broker answers
 #   tools/kafka/kafka.sh logs [N] print the last N (default 100) lines of the broker log
 #   tools/kafka/kafka.sh fetch    only download the jars (Maven Central -> .cache/)
+#   tools/kafka/kafka.sh stop     stop the broker, keep its data (fault-injection tests)
+#   tools/kafka/kafka.sh start    start again on the data `stop` kept (like `up` otherwise)
 #
 # Jars come from Maven Central through tools/kafka/pom.xml; everything downloaded or
 # written lives under <repo>/.cache/ (Maven repo in .cache/m2, jars in
@@ -327,11 +329,13 @@ cmd_up() {
   tcp_open "$CPORT" && die "controller port $HOST:$CPORT is already in use (set KEYBUS_KAFKA_CONTROLLER_PORT)"
 
   fetch
-  local java t0=$SECONDS
+  local java t0=$SECONDS keep=0
   java="$(java_bin)"
-  rm -rf "$DATA"
+  # `start`: bring a stopped broker back on its existing data (fault-injection tests).
+  [[ "${KEEP_DATA:-0}" == 1 && -f "$DATA/meta.properties" ]] && keep=1
+  ((keep)) || rm -rf "$DATA"
   mkdir -p "$RUN" "$DATA"
-  [[ -f "$LOG" ]] && mv -f "$LOG" "$LOG.1"
+  [[ -f "$LOG" ]] && ((!keep)) && mv -f "$LOG" "$LOG.1"
   write_config
 
   local cds_use="" cds_dump="" jsa
@@ -349,7 +353,7 @@ cmd_up() {
   local cid
   cid="$(random_cluster_id)"
   # shellcheck disable=SC2086
-  if ! "$java" $TOOL_JVM_OPTS $cds_use -Dlog4j2.configurationFile="$LOG4J" -cp "$LIBS/*" \
+  if ((!keep)) && ! "$java" $TOOL_JVM_OPTS $cds_use -Dlog4j2.configurationFile="$LOG4J" -cp "$LIBS/*" \
         kafka.tools.StorageTool format --cluster-id "$cid" --config "$PROPS" \
         >>"$LOG" 2>&1 </dev/null 9>&-; then
     tail -n 40 "$LOG" >&2
@@ -395,6 +399,12 @@ cmd_down() {
   rm -rf "$DATA"
 }
 
+# `stop`: stop the broker but keep its data, so `start` resumes it (unlike `down`).
+cmd_stop() {
+  take_lock
+  stop_broker
+}
+
 cmd_status() {
   if probe; then echo "$URL"; return 0; fi
   return 1
@@ -407,12 +417,14 @@ cmd_logs() {
 }
 
 usage() {
-  sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
+  stop) cmd_stop ;;
+  start) KEEP_DATA=1 cmd_up ;;
   status) cmd_status ;;
   logs) shift; cmd_logs "$@" ;;
   fetch) fetch ;;
