@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 
 # Backends the suite runs on; the brokers they need are started (and stopped) around it.
-KEYBUS_BACKENDS ?= memory,nats
+KEYBUS_BACKENDS ?= memory,kafka,nats
 export KEYBUS_BACKENDS
 
 .PHONY: demo test check lint typecheck bench brokers brokers-down clean

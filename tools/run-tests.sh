@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-backends=${KEYBUS_BACKENDS:-memory,nats}
+backends=${KEYBUS_BACKENDS:-memory,kafka,nats}
 started=()
 
 cleanup() {

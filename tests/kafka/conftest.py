@@ -1,0 +1,111 @@
+"""Kafka-only tests: skipped unless ``kafka`` is in ``KEYBUS_BACKENDS``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from tests.conftest import backend_url, enabled_backends
+
+ROOT = Path(__file__).resolve().parents[2]
+KAFKA_SH = ROOT / "tools" / "kafka" / "kafka.sh"
+
+if "kafka" not in enabled_backends():
+    pytest.skip("kafka is not in KEYBUS_BACKENDS", allow_module_level=True)
+
+
+@pytest.fixture
+def kafka_url() -> str:
+    return backend_url("kafka")
+
+
+def unique(label: str) -> str:
+    return f"kb-{label}-{uuid.uuid4().hex[:10]}"
+
+
+class Worker:
+    """A consumer process (``tests/kafka/_worker.py``)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, name: str) -> None:
+        self.process = process
+        self.name = name
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+        assert line.strip() == b"ready", f"worker {self.name} said {line!r}"
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.finish()
+
+    async def terminate(self, timeout: float = 30.0) -> None:
+        if self.process.returncode is None:
+            self.process.terminate()
+        await self.finish(timeout)
+
+    async def finish(self, timeout: float = 30.0) -> None:
+        assert self.process.stdout is not None
+        try:
+            await asyncio.wait_for(self.process.stdout.read(), timeout)
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+            raise
+
+
+Spawn = Callable[..., Awaitable[Worker]]
+
+
+@pytest_asyncio.fixture
+async def spawn() -> AsyncIterator[Spawn]:
+    """``await spawn(url, topic, group, name, log_path, delay)``: a started worker;
+    every worker still running at the end is killed and reaped."""
+    workers: list[Worker] = []
+
+    async def start(
+        url: str, topic: str, group: str, name: str, log: Path, delay: float = 0.002
+    ) -> Worker:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.kafka._worker",
+            url,
+            topic,
+            group,
+            name,
+            str(log),
+            str(delay),
+            cwd=ROOT,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        worker = Worker(process, name)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        await worker.kill()
+
+
+async def kafka_sh(command: str, timeout: float = 120.0) -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(KAFKA_SH),
+        command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    code = await asyncio.wait_for(process.wait(), timeout)
+    assert code == 0, f"kafka.sh {command} exited with {code}"
