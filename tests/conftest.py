@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 import keybus
+from keybus.bench.scenario import backend_url
 from keybus.testing import LeakChecker
 
 ALL_BACKENDS = ("memory", "kafka", "nats")
@@ -40,14 +41,6 @@ class Backend:
         self.topics.append(name)
         self.topics.append(f"{name}.dlq")
         return name
-
-
-def backend_url(name: str) -> str:
-    if name == "memory":
-        return f"memory://test-{uuid.uuid4().hex[:8]}"
-    if name == "kafka":
-        return os.environ.get("KEYBUS_KAFKA_URL", "kafka://127.0.0.1:9092")
-    return os.environ.get("KEYBUS_NATS_URL", "nats://127.0.0.1:4222")
 
 
 @pytest.fixture(params=enabled_backends())

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from keybus.bench.report import results_table
-from keybus.bench.scenario import aggregates_for, run_scenario
+from keybus.bench.scenario import aggregates_for, backend_url, run_scenario
 
 app = typer.Typer(add_completion=False, help="keybus: an asyncio event bus.")
 console = Console()
@@ -31,7 +31,10 @@ def version() -> None:
 
 @app.command()
 def demo(
-    url: str = typer.Option("memory://demo", help="Backend URL (memory://, kafka://, nats://)."),
+    backend: str = typer.Option(
+        "memory", help="memory, kafka or nats (KEYBUS_KAFKA_URL / KEYBUS_NATS_URL apply)."
+    ),
+    url: str = typer.Option("", help="A backend URL instead (memory://, kafka://, nats://)."),
     messages: int = typer.Option(20_000, min=1, help="Envelopes to publish."),
     topics: int = typer.Option(5, min=1, help="Topics the aggregates spread over."),
     aggregates: int = typer.Option(0, min=0, help="Aggregates (0: messages/10 in 50..1000)."),
@@ -43,6 +46,7 @@ def demo(
     """Many aggregates publish versions concurrently; handlers sleep at random; the bus keeps
     each aggregate in order. Prints what was delivered, order, latency and resources."""
     count = aggregates or aggregates_for(messages)
+    url = url or backend_url(backend)
     console.print(
         f"[bold]keybus demo[/bold] on {url}: {messages} envelopes, {count} aggregates, "
         f"{topics} topics, handlers sleeping 0-{max_delay_ms:g} ms, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 import uuid
@@ -20,10 +21,29 @@ from dataclasses import dataclass, field
 import keybus
 from keybus.testing.leaks import LeakChecker, LeakError
 
-__all__ = ["LEVELS", "ScenarioResult", "aggregates_for", "percentile", "run_scenario"]
+__all__ = [
+    "LEVELS",
+    "ScenarioResult",
+    "aggregates_for",
+    "backend_url",
+    "percentile",
+    "run_scenario",
+]
 
 # The Go SDK's comparison levels, kept as our compatibility levels: name -> messages.
 LEVELS = {"low": 500, "medium": 2000, "high": 5000, "extreme": 10000}
+
+
+def backend_url(backend: str) -> str:
+    """The URL of a local backend: ``KEYBUS_KAFKA_URL`` / ``KEYBUS_NATS_URL`` override the
+    brokers ``make brokers`` starts; memory gets a fresh private name."""
+    if backend == "memory":
+        return f"memory://{uuid.uuid4().hex[:8]}"
+    if backend == "kafka":
+        return os.environ.get("KEYBUS_KAFKA_URL", "kafka://127.0.0.1:9092")
+    if backend == "nats":
+        return os.environ.get("KEYBUS_NATS_URL", "nats://127.0.0.1:4222")
+    raise ValueError(f"unknown backend {backend!r}: use memory, kafka or nats")
 
 
 def aggregates_for(messages: int) -> int:
