@@ -41,6 +41,7 @@ from keybus.transports.base import Consumer, Sink, TopicConfig, Transport
 from keybus.transports.nats_group import GroupMember
 from keybus.transports.nats_headers import decode_headers, encode_headers
 from keybus.transports.nats_names import stream_name, subject_base
+from keybus.transports.nats_publish import Publisher
 
 __all__ = ["NatsOptions", "NatsTransport", "decode_headers", "encode_headers"]
 
@@ -105,6 +106,7 @@ class NatsTransport(Transport):
             raise TypeError(f"unknown options for nats://: {exc}") from None
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
+        self._publisher: Publisher | None = None
         self._topics: dict[str, _TopicInfo] = {}
         self._round_robin = count()
         self._members: set[GroupMember] = set()
@@ -131,18 +133,23 @@ class NatsTransport(Transport):
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
                 name="keybus",
+                # Every subject keybus uses is built from escaped names: valid by
+                # construction, so nats-py need not re-check two subjects per publish.
+                skip_subject_validation=True,
             )
         except nats.errors.NoServersError as exc:
             raise ConnectError(self.url, f"no NATS server answers ({nc.last_error!r})") from exc
         nc.options["max_reconnect_attempts"] = -1
-        self._js = nc.jetstream(
-            timeout=self.options.api_timeout,
-            publish_async_max_pending=self.options.max_pending_publishes,
-        )
+        self._js = nc.jetstream(timeout=self.options.api_timeout)
         try:
             await self._js.account_info()
+            publisher = Publisher(
+                nc, self.options.publish_timeout, self.options.max_pending_publishes
+            )
+            await publisher.start()
         except NATS_ERRORS as exc:
             raise ConnectError(self.url, f"JetStream is not available: {exc}") from exc
+        self._publisher = publisher
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("keybus: NATS %s: %r", self.url, exc)
@@ -166,13 +173,13 @@ class NatsTransport(Transport):
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
-        js, self._js = self._js, None
+        self._js = None
+        publisher, self._publisher = self._publisher, None
         if nc is None:
             return
         self._closing = True
-        if js is not None and js.publish_async_pending():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(js.publish_async_completed(), 5.0)
+        if publisher is not None:
+            await publisher.close(5.0)
         with contextlib.suppress(*NATS_ERRORS):
             await asyncio.wait_for(nc.close(), 5.0)
 
@@ -241,8 +248,10 @@ class NatsTransport(Transport):
     async def publish(
         self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
     ) -> None:
+        publisher = self._publisher
         try:
-            _, js = self.live()
+            if publisher is None:
+                raise ConnectError(self.url, "transport is not connected")
             info = self._topics.get(topic) or await self.topic_info(topic)
         except ConnectError:
             raise
@@ -262,15 +271,9 @@ class NatsTransport(Transport):
             nats_headers["Nats-Msg-Id"] = event_id.decode(errors="replace")
         timeout = self.options.publish_timeout
         try:
-            # publish_async: many publishes in flight on one reply subscription, each
-            # resolved by its own PubAck — no round trip per message.
-            future = await js.publish_async(
-                f"{info.subject_base}.{partition}",
-                value,
-                wait_stall=timeout,
-                headers=nats_headers,
-            )
-            await asyncio.wait_for(future, timeout)
+            # Many publishes in flight on one reply subscription, each resolved by its
+            # own PubAck — no round trip per message.
+            await publisher.publish(f"{info.subject_base}.{partition}", value, nats_headers)
         except nats.js.errors.NoStreamResponseError as exc:
             self._topics.pop(topic, None)  # deleted meanwhile: the next publish recreates
             raise PublishError(topic, "no stream answered") from exc

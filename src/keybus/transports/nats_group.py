@@ -33,6 +33,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -67,6 +68,7 @@ _ROUND_ERRORS: tuple[type[BaseException], ...] = (*_ERRORS, KeyError, ValueError
 _ANON_PREFIX = "keybus-anon-"  # EventBus names a bus without group= like this
 _ACK = b"+ACK"
 _IN_PROGRESS = b"+WPI"
+_ACK_INTERVAL = 0.005  # seconds between two asynchronous acks of one partition
 
 State = dict[str, dict[str, list[Any]]]
 
@@ -84,7 +86,9 @@ class _Part:
         self.requested = 0  # messages asked for by pull requests still open
         self.activity = time.monotonic()  # last message, heartbeat or status
         self.last_seq = 0  # highest stream sequence delivered in this epoch
-        self.delivered: deque[tuple[int, str]] = deque()  # (seq, ack subject), uncommitted
+        # Delivered chunks (in stream order) not yet wholly committed, for in-progress
+        # acks: bookkeeping per chunk, not per message.
+        self.delivered: deque[list[Message]] = deque()
         self.committed = 0  # stream sequence ending the done prefix
         self.commit_reply = ""
         self.acked = 0  # sent (asynchronously)
@@ -173,7 +177,7 @@ class GroupMember(Consumer):
         part.committed = seq
         part.commit_reply = message.raw.reply
         delivered = part.delivered
-        while delivered and delivered[0][0] <= seq:
+        while delivered and delivered[0][-1].offset <= seq:
             delivered.popleft()
         if not self._ack_wake.is_set():
             self._ack_wake.set()
@@ -424,22 +428,25 @@ class GroupMember(Consumer):
         )
 
     def _on_message(self, part: _Part) -> Callable[[Msg], Any]:
+        wake = part.wake
+
         async def on_message(msg: Msg) -> None:
-            part.activity = time.monotonic()
-            if not msg.reply:  # a status: 100 heartbeat, 408 request expired, 409 ...
-                status = (msg.headers or {}).get("Status", "")
-                if status == "100":
-                    return
-                left = (msg.headers or {}).get("Nats-Pending-Messages")
-                if status == "408" and left:
-                    part.requested = max(0, part.requested - int(left))
-                else:
-                    part.requested = 0
-            else:
+            if msg.reply:  # the hot path: a message (activity is noted when pulled)
                 part.buffer.append(msg)
-                part.requested = max(0, part.requested - 1)
-            if not part.wake.is_set():
-                part.wake.set()
+                part.requested -= 1
+                wake.set()
+                return
+            # a status: 100 heartbeat, 408 request expired, 409 ...
+            part.activity = time.monotonic()
+            status = (msg.headers or {}).get("Status", "")
+            if status == "100":
+                return
+            left = (msg.headers or {}).get("Nats-Pending-Messages")
+            if status == "408" and left:
+                part.requested = max(0, part.requested - int(left))
+            else:
+                part.requested = 0
+            wake.set()
 
         return on_message
 
@@ -459,20 +466,20 @@ class GroupMember(Consumer):
         ).encode()
         assert part.sub is not None
         inbox = part.sub.subject
-        topic = self._topic
-        partition = part.partition
         silent_after = options.idle_heartbeat * 2.5
+        convert = self._convert
+        deliver = self._sink.deliver
         while True:
             if part.buffer:
                 received, part.buffer = part.buffer, []
-                messages = []
-                for msg in received:
-                    message = self._convert(part, msg, topic, partition)
-                    if message is not None:
-                        messages.append(message)
+                part.activity = time.monotonic()
+                messages = [m for m in map(convert, received, repeat(part)) if m is not None]
                 if messages:
-                    await self._sink.deliver(messages)
+                    part.delivered.append(messages)
+                    await deliver(messages)
                 continue
+            if part.requested < 0:
+                part.requested = 0
             if time.monotonic() - part.activity > silent_after:
                 part.requested = 0  # no heartbeat: the server lost our request
             if part.requested <= batch // 2:
@@ -486,10 +493,8 @@ class GroupMember(Consumer):
                 continue
             await _wait(part.wake, options.idle_heartbeat)
 
-    @staticmethod
-    def _convert(part: _Part, msg: Msg, topic: str, partition: int) -> Message | None:
-        reply = msg.reply
-        tokens = reply.split(".")
+    def _convert(self, msg: Msg, part: _Part) -> Message | None:
+        tokens = msg.reply.split(".")
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the v2
         # form with domain and account hash after "$JS.ACK".
         shift = 0 if len(tokens) == 9 else 2
@@ -497,10 +502,9 @@ class GroupMember(Consumer):
         if seq <= part.last_seq:
             return None  # redelivered within this epoch: the first delivery is with the core
         part.last_seq = seq
-        part.delivered.append((seq, reply))
         key, headers = decode_headers(msg)
         stamp = int(tokens[7 + shift]) / 1e9
-        return Message(topic, msg.data, key, headers, partition, seq, stamp, msg)
+        return Message(self._topic, msg.data, key, headers, part.partition, seq, stamp, msg)
 
     async def _stop_pulling(self, part: _Part) -> None:
         await _cancel(part.task)
@@ -523,6 +527,9 @@ class GroupMember(Consumer):
                     # AckPolicy.ALL: acking the end of the done prefix acks all before it.
                     with contextlib.suppress(*_ERRORS):
                         await nc.publish(part.commit_reply, _ACK)
+            # Coalesce: at most one ack per partition per interval, however many commits
+            # arrive meanwhile (flush and hand-overs ack synchronously, not through here).
+            await asyncio.sleep(_ACK_INTERVAL)
 
     async def _sync_acks(self, parts: Iterable[_Part]) -> None:
         nc, _ = self._transport.live()
@@ -545,7 +552,10 @@ class GroupMember(Consumer):
         self._last_keepalive = now
         nc, _ = self._transport.live()
         for part in list(self._parts.values()):
-            replies = [reply for _, reply in part.delivered] + [m.reply for m in part.buffer]
+            committed = part.committed
+            replies = [
+                m.raw.reply for chunk in part.delivered for m in chunk if m.offset > committed
+            ] + [m.reply for m in part.buffer]
             for reply in replies:
                 with contextlib.suppress(*_ERRORS):
                     await nc.publish(reply, _IN_PROGRESS)

@@ -15,9 +15,14 @@ _B64_HEADER = "Keybus-B64"  # JSON list of header names whose values travel base
 _OWN_HEADERS = frozenset({_KEY_HEADER, _B64_HEADER})
 
 
-def _safe(value: bytes) -> bool:
-    # NATS headers are text lines: values are stripped and CR/LF would end them.
-    return value.isascii() and value.decode().isprintable() and value.strip() == value
+def _plain(value: bytes) -> str | None:
+    """``value`` as text if NATS carries it unchanged: printable ASCII without a leading
+    or trailing space (header lines are stripped, and CR/LF would end them)."""
+    if value.isascii():
+        text = value.decode()
+        if text.isprintable() and text.strip() == text:
+            return text
+    return None
 
 
 def encode_headers(key: str | None, headers: Mapping[str, bytes]) -> dict[str, str]:
@@ -26,15 +31,16 @@ def encode_headers(key: str | None, headers: Mapping[str, bytes]) -> dict[str, s
     out: dict[str, str] = {}
     encoded: list[str] | None = None
     for name, value in headers.items():
-        if _safe(value):
-            out[name] = value.decode()
+        text = _plain(value)
+        if text is not None:
+            out[name] = text
         else:
             out[name] = base64.b64encode(value).decode()
             encoded = encoded or []
             encoded.append(name)
     if key is not None:
         raw = key.encode()
-        if _safe(raw):
+        if _plain(raw) is not None:
             out[_KEY_HEADER] = key
         else:
             out[_KEY_HEADER] = base64.b64encode(raw).decode()
@@ -51,6 +57,10 @@ def decode_headers(msg: Msg) -> tuple[str | None, dict[str, bytes]]:
     if not raw:
         return None, {}
     listed = raw.get(_B64_HEADER)
+    if listed is None:  # the common case: everything travelled as is
+        return raw.get(_KEY_HEADER), {
+            name: value.encode() for name, value in raw.items() if name != _KEY_HEADER
+        }
     encoded: frozenset[str] = frozenset(json.loads(listed)) if listed else frozenset()
     headers: dict[str, bytes] = {}
     key: str | None = None
