@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 import uuid
@@ -45,7 +46,7 @@ import nats
 from keybus.envelope import envelope_headers
 from keybus.transports.nats_headers import encode_headers
 
-URL = "nats://127.0.0.1:4222"
+URL = os.environ.get("KEYBUS_NATS_URL", "nats://127.0.0.1:4222")
 PARTITIONS = 4
 FETCH_BATCH = 512
 MAX_ACK_PENDING = 4096
