@@ -14,8 +14,8 @@ from typing import Any
 
 from keybus.envelope import Envelope, envelope_headers
 from keybus.errors import BusClosedError
-from keybus.subscription import Handler, SubscribeOptions, Subscription
-from keybus.transports.base import TopicConfig, Transport
+from keybus.subscription import Handler, SubscribeOptions, Subscription, _log_failure
+from keybus.transports.base import ANONYMOUS_GROUP_PREFIX, TopicConfig, Transport
 
 __all__ = ["EventBus"]
 
@@ -45,13 +45,13 @@ class EventBus:
     ) -> None:
         self._transport = transport
         # Without a group each bus is its own group: it sees every message (fan-out).
-        self.group = group or f"keybus-anon-{uuid.uuid4().hex[:12]}"
+        self.group = group or f"{ANONYMOUS_GROUP_PREFIX}{uuid.uuid4().hex[:12]}"
         self.topic_config = topic_config or TopicConfig()
         self.create_topics = create_topics
         self._subscriptions: set[Subscription] = set()
         self._ensured: set[str] = set()
         self._closing = False
-        self._closed = asyncio.Event()
+        self._close_task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -148,12 +148,18 @@ class EventBus:
             on_closed=self._subscriptions.discard,
         )
         check_topic(sub.dead_letter_topic)
-        if self.create_topics:
-            await self.ensure_topic(topic)
-            await self.ensure_topic(sub.dead_letter_topic)
+        # Registered before the first await, so a close() racing this subscribe sees it
+        # (and waits for its start) instead of leaving it running on a closed bus.
         self._subscriptions.add(sub)
         try:
+            if self.create_topics:
+                await self.ensure_topic(topic)
+                await self.ensure_topic(sub.dead_letter_topic)
+            if self._closing:
+                raise BusClosedError("the bus was closed while subscribing")
             await sub._start(self._transport.consumer(topic, self.group, sub))
+            if self._closing:
+                raise BusClosedError("the bus was closed while subscribing")
         except BaseException:
             await sub.unsubscribe(timeout=0)
             raise
@@ -181,29 +187,34 @@ class EventBus:
         still running, commit what completed, flush publishes and disconnect.
 
         Returns within ``timeout`` plus a small constant even if a handler never returns.
-        Idempotent; afterwards the bus owns no task, thread, socket or fd."""
-        if self._closing:
-            await self._closed.wait()
-            return
-        self._closing = True
+        Idempotent, and safe to call from inside a handler; afterwards the bus owns no
+        task, thread, socket or fd."""
+        if self._close_task is None:
+            self._closing = True
+            # Its own task, shielded: a handler calling close() gets cancelled by the
+            # close itself (it is a running handler) — the close must go on regardless.
+            self._close_task = asyncio.get_running_loop().create_task(
+                self._close(max(0.0, timeout)), name=f"keybus-close:{self.url}"
+            )
+            self._close_task.add_done_callback(_log_failure)
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        subs = list(self._subscriptions)
+        if subs:
+            results = await asyncio.gather(
+                *(s._shutdown(deadline) for s in subs), return_exceptions=True
+            )
+            for sub, result in zip(subs, results, strict=True):
+                if isinstance(result, BaseException):
+                    # Keep closing the rest: a failed subscription must not leak the
+                    # transport.
+                    log.error("keybus: closing %s failed: %r", sub.topic, result)
         try:
-            deadline = time.monotonic() + max(0.0, timeout)
-            subs = list(self._subscriptions)
-            if subs:
-                results = await asyncio.gather(
-                    *(s._shutdown(deadline) for s in subs), return_exceptions=True
-                )
-                for sub, result in zip(subs, results, strict=True):
-                    if isinstance(result, BaseException):
-                        # Keep closing the rest: a failed subscription must not leak
-                        # the transport.
-                        log.error("keybus: closing %s failed: %r", sub.topic, result)
-            try:
-                await asyncio.wait_for(self._transport.close(), 5.0)
-            except TimeoutError:
-                log.error("keybus: transport %s did not close in time", self.url)
-        finally:
-            self._closed.set()
+            await asyncio.wait_for(self._transport.close(), 5.0)
+        except TimeoutError:
+            log.error("keybus: transport %s did not close in time", self.url)
 
     async def __aenter__(self) -> EventBus:
         return self

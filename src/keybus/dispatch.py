@@ -52,6 +52,8 @@ class KeyedDispatcher:
         self._parked: deque[asyncio.Future[None]] = deque()
         self._running = 0  # work items inside process() right now
         self._peak = 0
+        self._closed = False
+        self.abandoned_settled = asyncio.Event()  # set when an abandoned work unwound
 
     @property
     def running(self) -> int:
@@ -63,6 +65,8 @@ class KeyedDispatcher:
         return self._peak
 
     def submit(self, work: Work, key: Hashable | None) -> None:
+        if self._closed:
+            return  # stopped: the work stays undone, so it is redelivered later
         if key is None:
             lane = _Lane(None)
         else:
@@ -102,8 +106,9 @@ class KeyedDispatcher:
     async def _work(self) -> None:
         ready = self._ready
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
         try:
-            while True:
+            while not self._closed:
                 if not ready:
                     waiter: asyncio.Future[None] = loop.create_future()
                     self._parked.append(waiter)
@@ -113,11 +118,18 @@ class KeyedDispatcher:
                 if lane.items:
                     work = lane.items.popleft()
                     work.state = RUNNING
+                    work.task = me
                     self._running += 1
                     if self._running > self._peak:
                         self._peak = self._running
                     try:
                         await self._process(work)
+                    except asyncio.CancelledError:
+                        if work.state != DROPPED or self._closed or me is None:
+                            raise
+                        # A revoke abandoned this one work (see abandon()); the worker
+                        # itself goes on with other lanes.
+                        me.uncancel()
                     except Exception:
                         # process() handles handler errors itself; reaching here is a bug
                         # or a closed bus. Keep the worker alive; the work stays undone
@@ -125,6 +137,9 @@ class KeyedDispatcher:
                         log.exception("keybus: processing failed in %s", self._name)
                     finally:
                         self._running -= 1
+                        work.task = None
+                        if work.state == DROPPED:
+                            self.abandoned_settled.set()
                 if lane.items:
                     ready.append(lane)  # back of the queue: fair across keys
                 else:
@@ -134,11 +149,27 @@ class KeyedDispatcher:
         finally:
             self._workers.discard(asyncio.current_task())
 
-    async def cancel(self, grace: float) -> list[asyncio.Task[None]]:
-        """Cancel every worker and wait up to ``grace`` seconds for them to end.
+    @staticmethod
+    def abandon(works: list[Work]) -> None:
+        """Cancel the handlers running these works (their partition was revoked and the
+        wait for them ran out); their workers carry on with other lanes."""
+        for work in works:
+            work.state = DROPPED
+            if work.task is not None:
+                work.task.cancel()
 
-        Returns the workers that did not end (a handler that swallows cancellation);
-        the caller reports them, since nothing more can be done from here."""
+    async def cancel(self, grace: float) -> list[asyncio.Task[None]]:
+        """Stop: cancel every worker and wait up to ``grace`` seconds for them to end.
+
+        Queued work is forgotten (it stays uncommitted). Returns the workers that did not
+        end — a handler that swallows cancellation; such a worker still stops taking work
+        once its handler returns, since the dispatcher is closed."""
+        self._closed = True
+        self._ready.clear()
+        self._lanes.clear()
+        for waiter in self._parked:
+            waiter.cancel()
+        self._parked.clear()
         workers = list(self._workers)
         for task in workers:
             task.cancel()

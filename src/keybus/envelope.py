@@ -123,6 +123,8 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
             raise EnvelopeError(field, text) from None
         except (msgspec.MsgspecError, ValueError, TypeError) as exc:
             raise EnvelopeError("envelope", f"not valid JSON: {exc}") from None
+        except RecursionError:  # e.g. thousands of nested arrays in the payload
+            raise EnvelopeError("envelope", "JSON nested too deeply") from None
 
     def payload_json(self) -> bytes:
         """The payload as JSON text."""

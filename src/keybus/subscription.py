@@ -4,6 +4,7 @@ dead letters, done-tracking and a bounded stop. Written once for every backend."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 
 from keybus.dispatch import KeyedDispatcher
 from keybus.envelope import Envelope
-from keybus.errors import BusClosedError, EnvelopeError, KeybusError
+from keybus.errors import BusClosedError, KeybusError
 from keybus.message import Message
 from keybus.positions import DoneTracker
 from keybus.transports.base import Consumer, Partition
@@ -104,14 +105,23 @@ class Subscription:
         self._consumer: Consumer | None = None
         self._dispatcher = KeyedDispatcher(self._process, options.max_concurrency, topic)
         self._tracker = DoneTracker(self._commit)
-        self._assigned: set[Partition] = set()
+        # Owned partitions -> the generation they were (last) assigned in. A deliver()
+        # that began before a partition's latest assignment carries records fetched
+        # under an older ownership: those are dropped, the new owner refetches them.
+        self._assigned: dict[Partition, int] = {}
+        self._generation = 0
         self._in_flight = 0
         self._limit = options.in_flight_limit()
+        # Intake resumes once a quarter of the window is free, not after every single
+        # message: waking the fetcher per finished message costs a task switch each.
+        self._resume_at = self._limit - max(1, self._limit // 4)
         self._space = asyncio.Event()
         self._space.set()
         self._progress = asyncio.Event()  # pulsed whenever work finishes
         self._closing = False
         self._closed = asyncio.Event()
+        self._started = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
 
     @property
     def peak_concurrency(self) -> int:
@@ -126,19 +136,33 @@ class Subscription:
     # -- lifecycle (called by the bus) -----------------------------------------------
 
     async def _start(self, consumer: Consumer) -> None:
+        if self._closing:
+            raise BusClosedError("the subscription was closed while it started")
         self._consumer = consumer
-        await consumer.start()
+        try:
+            await consumer.start()
+        finally:
+            self._started.set()
 
     async def unsubscribe(self, timeout: float = 5.0) -> None:
         """Stop fetching, let running handlers finish until ``timeout``, cancel the rest,
-        commit what completed and leave the group. Idempotent."""
+        commit what completed and leave the group. Idempotent; safe to call from inside
+        this subscription's own handler."""
         await self._shutdown(time.monotonic() + max(0.0, timeout))
 
     async def _shutdown(self, deadline: float) -> None:
-        if self._closing:
-            await self._closed.wait()
-            return
-        self._closing = True
+        if self._shutdown_task is None:
+            self._closing = True
+            # The stop runs in a task of its own and is shielded: when a handler closes
+            # its own subscription (or bus), the stop cancels that handler's worker —
+            # which must not cancel the stop itself half-way.
+            self._shutdown_task = asyncio.get_running_loop().create_task(
+                self._run_shutdown(deadline), name=f"keybus-unsubscribe:{self.topic}"
+            )
+            self._shutdown_task.add_done_callback(_log_failure)
+        await asyncio.shield(self._shutdown_task)
+
+    async def _run_shutdown(self, deadline: float) -> None:
         try:
             await self._stop(deadline)
         finally:
@@ -148,6 +172,8 @@ class Subscription:
     async def _stop(self, deadline: float) -> None:
         consumer = self._consumer
         if consumer is not None:
+            if not self._started.is_set():  # closed while subscribe() was starting it
+                await _bounded(self._started.wait(), deadline, "consumer start")
             await _bounded(consumer.stop(), deadline + 1.0, "consumer stop")
         # Drain what was already fetched until the deadline.
         while self._in_flight and time.monotonic() < deadline:
@@ -171,7 +197,9 @@ class Subscription:
 
     def assign(self, partitions: Collection[Partition]) -> None:
         if not self._closing:
-            self._assigned.update(partitions)
+            self._generation += 1
+            for partition in partitions:
+                self._assigned[partition] = self._generation
 
     async def deliver(self, messages: Sequence[Message]) -> None:
         assigned = self._assigned
@@ -179,17 +207,21 @@ class Subscription:
         submit = self._dispatcher.submit
         envelopes = self._envelopes
         stats = self.stats
+        begun = self._generation
         for message in messages:
             while self._in_flight >= self._limit:
                 self._space.clear()
                 await self._space.wait()
-            if (message.topic, message.partition) not in assigned or self._closing:
+            # Checked after any wait: the partition may have been revoked (and even
+            # re-assigned) meanwhile.
+            generation = assigned.get((message.topic, message.partition))
+            if generation is None or generation > begun or self._closing:
                 continue
             stats.delivered += 1
             if envelopes:
                 try:
                     envelope = Envelope.from_bytes(message.value)
-                except EnvelopeError as exc:
+                except Exception as exc:  # EnvelopeError, or anything a bug lets through
                     work = Work(message, None, exc)
                     key: str | None = None
                 else:
@@ -204,22 +236,51 @@ class Subscription:
 
     async def revoke(self, partitions: Collection[Partition]) -> None:
         revoked = set(partitions)
-        self._assigned.difference_update(revoked)
+        for partition in revoked:
+            self._assigned.pop(partition, None)
         dropped = self._dispatcher.drop(lambda w: w.partition in revoked)
         self.stats.dropped += len(dropped)
         self._release(len(dropped))
+        running = [
+            w for w in self._tracker.open_work() if w.state == RUNNING and w.partition in revoked
+        ]
         deadline = time.monotonic() + self.options.revoke_timeout
-        while any(w.state == RUNNING and w.partition in revoked for w in self._tracker.open_work()):
-            self._progress.clear()
+        while running:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                log.warning("keybus: revoke of %s timed out with handlers running", revoked)
+                await self._abandon(running, revoked)
                 break
-            try:
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), remaining)
-            except TimeoutError:
-                continue
+            running = [w for w in running if w.state == RUNNING]
         self._tracker.forget(revoked)
+
+    async def _abandon(self, running: list[Work], revoked: set[Partition]) -> None:
+        """The wait for a revoked partition's handlers ran out: cancel them, so the next
+        owner never runs an aggregate while this member still does. Their messages stay
+        uncommitted (the next owner redoes them)."""
+        log.warning(
+            "keybus: revoke of %s timed out; cancelling %d running handler(s)",
+            sorted(revoked),
+            len(running),
+        )
+        self._dispatcher.abandon(running)
+        self.stats.dropped += len(running)
+        self._release(len(running))
+        # Cancellation lands on each handler's next step; give them a moment to unwind.
+        settled = self._dispatcher.abandoned_settled
+        deadline = time.monotonic() + 1.0
+        while any(w.task is not None for w in running):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settled.wait(), remaining)
+        for work in running:
+            if work.task is not None:
+                log.error("keybus: a handler of %s ignored cancellation", self.topic)
 
     # -- processing ------------------------------------------------------------------
 
@@ -235,12 +296,19 @@ class Subscription:
                     await result
             except Exception as exc:
                 await self._retry(work, exc)
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                # The handler *raised* CancelledError (e.g. it awaited a future someone
+                # else cancelled) while nobody cancelled us: that is a failure like any.
+                await self._retry(work, exc)
             else:
                 self.stats.handled += 1
-        self._tracker.done(work)
-        self._release(1)
+        if work.state == RUNNING:  # not abandoned by a revoke meanwhile
+            self._tracker.done(work)
+            self._release(1)
 
-    async def _retry(self, work: Work, error: Exception) -> None:
+    async def _retry(self, work: Work, error: BaseException) -> None:
         """Retry in place — this key's lane stays busy, so order survives — with
         exponential backoff, then dead-letter."""
         options = self.options
@@ -254,6 +322,10 @@ class Subscription:
                     await result
             except Exception as exc:
                 error = exc
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                error = exc
             else:
                 self.stats.handled += 1
                 return
@@ -264,7 +336,7 @@ class Subscription:
             return
         self._in_flight -= count
         # Event.set() is cheap when already set; the checks keep it off the common path.
-        if not self._space.is_set() and self._in_flight < self._limit:
+        if not self._space.is_set() and self._in_flight <= self._resume_at:
             self._space.set()
         if not self._progress.is_set():
             self._progress.set()
@@ -274,7 +346,7 @@ class Subscription:
         if self._consumer is not None:
             self._consumer.commit(message)
 
-    async def _dead_letter(self, work: Work, error: Exception) -> None:
+    async def _dead_letter(self, work: Work, error: BaseException) -> None:
         message = work.message
         reason = f"{type(error).__name__}: {error}"[:_MAX_ERROR_TEXT]
         headers = dict(message.headers)
@@ -301,7 +373,17 @@ class Subscription:
         self.stats.note_error(reason)
 
 
-async def _bounded(step: Awaitable[None], deadline: float, what: str) -> None:
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("keybus: %s failed", task.get_name(), exc_info=task.exception())
+
+
+async def _bounded(step: Awaitable[object], deadline: float, what: str) -> None:
     try:
         await asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
     except TimeoutError:

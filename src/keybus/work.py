@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from keybus.message import Message
@@ -10,14 +11,14 @@ from keybus.transports.base import Partition
 QUEUED = 0
 RUNNING = 1
 DONE = 2  # handled, or dead-lettered: its position may be committed
-DROPPED = 3  # its partition was revoked or the subscription closed before it ran
+DROPPED = 3  # its partition was revoked (before it ran, or abandoned while running)
 
 
 class Work:
     """A message plus what the core knows about it. ``payload`` is what the handler gets
     (the message, or its decoded envelope); ``error`` is why it could not be decoded."""
 
-    __slots__ = ("attempts", "error", "message", "partition", "payload", "state")
+    __slots__ = ("attempts", "error", "message", "partition", "payload", "state", "task")
 
     def __init__(self, message: Message, payload: Any, error: Exception | None) -> None:
         self.message = message
@@ -26,3 +27,5 @@ class Work:
         self.error = error
         self.state = QUEUED
         self.attempts = 0
+        # The worker running it (while RUNNING), so a revoke can cancel just this one.
+        self.task: asyncio.Task[None] | None = None

@@ -23,18 +23,24 @@ class LeakError(AssertionError):
     """Resources outlived the code under check; the message lists each one."""
 
 
-def _native_threads() -> dict[int, str]:
-    threads: dict[int, str] = {}
+def _native_threads() -> dict[tuple[int, int], str]:
+    """Native threads by (tid, start time): tids are reused as soon as a thread exits,
+    so the start time is what tells a new thread from an old one with the same tid."""
+    threads: dict[tuple[int, int], str] = {}
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:  # not Linux: native threads cannot be seen
         return threads
     for tid in tids:
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                threads[int(tid)] = f.read().strip()
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
         except OSError:
             continue  # exited while we looked
+        # "tid (comm) state ppid ... starttime(22nd field)"; comm may contain spaces.
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2 :].split()
+        threads[(int(tid), int(fields[19]))] = name
     return threads
 
 
@@ -58,7 +64,7 @@ class Resources:
 
     tasks: dict[int, asyncio.Task[object]] = field(default_factory=dict)
     threads: dict[int, threading.Thread] = field(default_factory=dict)
-    native_threads: dict[int, str] = field(default_factory=dict)
+    native_threads: dict[tuple[int, int], str] = field(default_factory=dict)
     fds: dict[int, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
@@ -74,7 +80,8 @@ class Resources:
         counts as new)."""
         return Resources(
             tasks={k: v for k, v in self.tasks.items() if k not in before.tasks},
-            threads={k: v for k, v in self.threads.items() if k not in before.threads},
+            # Thread idents are reused at once: compare the Thread objects themselves.
+            threads={k: v for k, v in self.threads.items() if before.threads.get(k) is not v},
             native_threads={
                 k: v for k, v in self.native_threads.items() if k not in before.native_threads
             },
@@ -93,7 +100,7 @@ class Resources:
                 lines.append(f"    at {code.co_filename}:{frame.f_lineno} in {code.co_name}")
         for thread in self.threads.values():
             lines.append(f"thread {thread.name!r} (ident {thread.ident}, daemon={thread.daemon})")
-        for tid, name in self.native_threads.items():
+        for (tid, _), name in self.native_threads.items():
             lines.append(f"native thread {tid} {name!r}")
         for fd, target in self.fds.items():
             lines.append(f"fd {fd} -> {target}")

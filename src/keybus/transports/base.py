@@ -20,10 +20,14 @@ from typing import Protocol
 
 from keybus.message import Message
 
-__all__ = ["Consumer", "Partition", "Sink", "TopicConfig", "Transport"]
+__all__ = ["ANONYMOUS_GROUP_PREFIX", "Consumer", "Partition", "Sink", "TopicConfig", "Transport"]
 
 Partition = tuple[str, int]
 """A stream of strictly ordered positions: ``(topic, partition)``."""
+
+ANONYMOUS_GROUP_PREFIX = "keybus-anon-"
+"""Groups of buses made without ``group=``: private to one bus, so a transport may drop
+their state (offsets, durables) once their last member leaves."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,14 @@
 """The Kafka transport, on confluent-kafka (librdkafka).
 
-Threads. librdkafka's ``poll``/``consume`` block, and its callbacks (delivery reports,
-rebalances, commit results) run inside them on the calling thread. So each librdkafka
-handle that needs serving gets exactly one owned Python thread, joined in ``close()``:
+Threads. librdkafka's consumer ``consume`` blocks, and its callbacks (rebalances, commit
+results) run inside it on the calling thread. So each consumer gets exactly one owned
+Python thread, joined in ``close()``: one consumer thread per (bus, group) owns the shared
+consumer of all topics the bus subscribes to in that group: it applies subscription
+changes, consumes in batches, runs the rebalance callbacks and commits.
 
-- the producer thread serves delivery reports (``poll`` with a short timeout) and hands
-  them to the event loop in one ``call_soon_threadsafe`` per poll, not one per message;
-- one consumer thread per (bus, group) owns the shared consumer of all topics the bus
-  subscribes to in that group: it applies subscription changes, consumes in batches,
-  runs the rebalance callbacks and commits.
+The producer has no thread: ``produce`` and ``poll(0)`` never block, so both run on the
+event loop, where delivery reports resolve publish futures directly
+(``keybus.transports.kafka_producer``).
 
 The admin client needs no thread of ours: its futures are completed by librdkafka's own
 background thread and bridged with ``asyncio.wrap_future``. Every handle is destroyed in
@@ -22,9 +22,11 @@ so a burst of subscribes costs one rebalance. With cooperative-sticky assignment
 rebalance is incremental: partitions of the other topics keep being consumed.
 
 The consumer thread never waits for the core. It hands each fetched batch to the
-facade's feeder task, which awaits ``sink.deliver``; when a facade's backlog grows, its
-partitions are paused (and resumed once drained), so a slow subscription holds neither
-the other topics nor the group's poll loop.
+facade's feeder task, which awaits ``sink.deliver``. When every subscription is
+backlogged the thread holds (stops fetching, wakes when the backlog drained); when only
+some are, or the backlog does not drain within half a second, their partitions are
+paused (and resumed once drained), so a slow subscription holds neither the other topics
+nor the group's poll loop.
 
 Rebalances. ``on_revoke`` runs on the consumer thread inside ``consume``. It runs the
 facade's revoke on the event loop (``sink.revoke``: drop queued records, wait bounded for
@@ -45,23 +47,22 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import functools
 import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer as _RdConsumer
 from confluent_kafka import KafkaError, KafkaException, TopicCollection, TopicPartition
-from confluent_kafka import Producer as _RdProducer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from keybus.errors import ConnectError, KeybusError, PublishError
 from keybus.message import Message
 from keybus.transports.base import Consumer, Partition, Sink, TopicConfig, Transport
+from keybus.transports.kafka_producer import KafkaProducer
 
 __all__ = ["KafkaTransport"]
 
@@ -70,8 +71,15 @@ _librdkafka_log = logging.getLogger("keybus.kafka.librdkafka")
 
 _EPHEMERAL_RETENTION_MS = 15 * 60 * 1000  # "short retention" for TopicConfig(ephemeral=True)
 _POLL_TIMEOUT = 0.05  # how long a thread may sit in librdkafka before it sees a stop/request
-_BACKLOG_HIGH = 4096  # a facade's undelivered records above which its partitions pause
-_BACKLOG_LOW = 1024  # ... and below which they resume
+_BACKLOG_HIGH = 4096  # a facade's undelivered records above which fetching stops
+_BACKLOG_DRAINED = 2048  # ... and at or below which a holding consumer thread fetches again
+_BACKLOG_LOW = 1024  # a paused facade's partitions resume below this
+# When every subscription of the group is backlogged the thread holds (does not fetch)
+# instead of pausing: pausing makes librdkafka drop the records it prefetched for those
+# partitions and fetch them again after resume, which cost 2/3 of the consume throughput.
+# Holding also delays rebalance callbacks, so a backlog that does not drain within this
+# long (a stuck handler) is paused after all.
+_HOLD_BEFORE_PAUSE = 0.5
 
 _PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,  # no duplicates or reordering from the producer's retries
@@ -178,7 +186,7 @@ class KafkaTransport(Transport):
         self._join_settle = max(0.0, float(join_settle))
         self._probe_timeout = float(probe_timeout)
         self._admin: AdminClient | None = None
-        self._producer: _ProducerThread | None = None
+        self._producer: KafkaProducer | None = None
         self._groups: dict[str, list[_GroupConsumer]] = {}
         self._closed = False
 
@@ -286,10 +294,14 @@ class KafkaTransport(Transport):
         if producer is None:
             if self._closed:
                 raise PublishError(topic, "the Kafka transport is closed")
-            producer = self._producer = _ProducerThread(
-                self._producer_config, asyncio.get_running_loop(), self.url
+            producer = self._producer = KafkaProducer(
+                self._producer_config, asyncio.get_running_loop()
             )
-        await producer.publish(topic, value, key, headers)
+        try:
+            future = producer.send(topic, value, key, headers)
+        except BufferError:
+            future = await producer.send_when_room(topic, value, key, headers)
+        await future
 
     # -- consume ---------------------------------------------------------------------
 
@@ -333,110 +345,7 @@ class KafkaTransport(Transport):
             gc.collect()
 
 
-# -- producing -----------------------------------------------------------------------
-
-
-def _report(
-    reports: list[tuple[asyncio.Future[None], Any, str]], future: Any, err: Any, msg: Any
-) -> None:
-    # Runs on the producer thread inside poll(); the batch goes to the loop afterwards.
-    reports.append((future, err, msg.topic() if msg is not None else ""))
-
-
-class _ProducerThread:
-    """The idempotent producer and the one thread that serves its delivery reports."""
-
-    def __init__(
-        self, config: Mapping[str, Any], loop: asyncio.AbstractEventLoop, url: str
-    ) -> None:
-        self._loop = loop
-        self._url = url
-        self._producer: _RdProducer | None = _RdProducer(dict(config))
-        self._reports: list[tuple[asyncio.Future[None], Any, str]] = []
-        self._stop = threading.Event()
-        self._done: asyncio.Future[None] = loop.create_future()
-        self._thread = threading.Thread(target=self._run, name="keybus-kafka-producer", daemon=True)
-        self._thread.start()
-
-    async def publish(
-        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
-    ) -> None:
-        producer = self._producer
-        if producer is None:
-            raise PublishError(topic, "the Kafka transport is closed")
-        future: asyncio.Future[None] = self._loop.create_future()
-        callback = functools.partial(_report, self._reports, future)
-        header_list: list[tuple[str, str | bytes | None]] | None = (
-            list(headers.items()) if headers else None
-        )
-        deadline = 0.0
-        while True:
-            try:
-                producer.produce(topic, value, key, headers=header_list, on_delivery=callback)
-                break
-            except BufferError:
-                # librdkafka's local queue is full: this is flow control, not a retry of
-                # a failed send. Give the I/O threads time to drain it, boundedly.
-                now = time.monotonic()
-                if not deadline:
-                    deadline = now + 30.0
-                elif now > deadline:
-                    raise PublishError(topic, "local producer queue stayed full") from None
-                await asyncio.sleep(0.005)
-            except KafkaException as exc:
-                raise PublishError(topic, _reason(exc)) from exc
-            except (TypeError, ValueError) as exc:
-                raise PublishError(topic, str(exc)) from exc
-        await future
-
-    def _deliver_reports(self, reports: list[tuple[asyncio.Future[None], Any, str]]) -> None:
-        for future, err, topic in reports:
-            if future.done():
-                continue
-            if err is None:
-                future.set_result(None)
-            else:
-                error = PublishError(topic, _reason(err))
-                error.__cause__ = KafkaException(err)
-                future.set_exception(error)
-
-    def _flush_reports(self) -> None:
-        if self._reports:
-            # Swap on this thread: only this thread's poll() appends to the list.
-            batch = self._reports[:]
-            del self._reports[:]
-            self._call(self._deliver_reports, batch)
-
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _run(self) -> None:
-        producer = self._producer
-        assert producer is not None
-        try:
-            while not self._stop.is_set():
-                producer.poll(_POLL_TIMEOUT)
-                self._flush_reports()
-            # Publishes still in flight get their ack (or error) before the handle goes.
-            producer.flush(5.0)
-            self._flush_reports()
-            producer.purge()
-            producer.poll(0)
-            self._flush_reports()
-            producer.close()
-        except Exception:  # pragma: no cover - librdkafka failure: never leave the loop waiting
-            log.exception("keybus: Kafka producer thread failed")
-        finally:
-            del producer
-            self._call(_set_done, self._done)
-
-    async def close(self) -> None:
-        self._stop.set()
-        self._producer = None  # the thread holds the last reference and destroys the handle
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._done), 10.0)
-        self._thread.join(1.0)
+# -- consuming helpers ------------------------------------------------------------
 
 
 def _set_done(future: asyncio.Future[None]) -> None:
@@ -445,6 +354,52 @@ def _set_done(future: asyncio.Future[None]) -> None:
 
 
 # -- consuming -----------------------------------------------------------------------
+
+
+class _RecordHeaders(Mapping[str, bytes]):
+    """A consumed record's headers as a read-only mapping, converted on first use.
+
+    Building a dict of every record's headers on the consumer thread cost ~1.5 µs a record
+    with the GIL held, and most subscriptions (every envelope subscription) never read
+    them. A header without a value reads as ``b""``; a repeated name keeps the last value.
+    """
+
+    __slots__ = ("_dict", "_record")
+
+    def __init__(self, record: Any) -> None:
+        self._record: Any = record
+        self._dict: dict[str, bytes] | None = None
+
+    def _headers(self) -> dict[str, bytes]:
+        headers = self._dict
+        if headers is None:
+            raw = self._record.headers()
+            headers = {k: (v if v is not None else b"") for k, v in raw} if raw else {}
+            self._dict = headers
+            self._record = None
+        return headers
+
+    def __getitem__(self, name: str) -> bytes:
+        return self._headers()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers())
+
+    def __len__(self) -> int:
+        return len(self._headers())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._headers()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _RecordHeaders):
+            other = other._headers()
+        return self._headers() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._headers())
 
 
 class _GroupConsumer:
@@ -470,6 +425,10 @@ class _GroupConsumer:
         self._assigned: dict[str, set[int]] = {}  # thread side
         self._paused: set[str] = set()  # topics whose partitions are paused (thread side)
         self._stop = threading.Event()
+        # Set by the loop when a backlog drained (or anything else needs the thread) while
+        # the thread holds; ``holding`` tells the loop it should bother.
+        self.drained = threading.Event()
+        self.holding = False
         self._consumer: _RdConsumer | None = None
         self._thread: threading.Thread | None = None
         self._done: asyncio.Future[None] = self.loop.create_future()
@@ -482,6 +441,7 @@ class _GroupConsumer:
             self._sub_seq += 1
             self._subscription_dirty = True
             seq = self._sub_seq
+        self.drained.set()
         if self._thread is None:
             config = {
                 **self.transport._consumer_config,
@@ -505,16 +465,20 @@ class _GroupConsumer:
                 self._sub_seq += 1
                 self._subscription_dirty = True
             last = not self.facades
+        self.drained.set()
         if last:
             await self.shutdown()
         elif facade.owned:
             await facade.released.wait()
 
     def record_commit(self, topic: str, partition: int, offset: int) -> None:
-        with self._lock:
-            tp = (topic, partition)
-            if offset > self._wanted.get(tp, -1):
-                self._wanted[tp] = offset
+        # Loop side, once per done message: no lock. The thread only copies the dict
+        # (one C call, atomic under the GIL) and pops revoked partitions, which happens
+        # after the facade stopped committing them (``owned`` was updated on the loop).
+        tp = (topic, partition)
+        wanted = self._wanted
+        if offset > wanted.get(tp, -1):
+            wanted[tp] = offset
 
     async def flush(self) -> None:
         if self._thread is None or self._stop.is_set():
@@ -522,6 +486,7 @@ class _GroupConsumer:
         request: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
             self._flush_requests.append(request)
+        self.drained.set()
         await asyncio.wrap_future(request)
 
     async def shutdown(self) -> None:
@@ -535,6 +500,7 @@ class _GroupConsumer:
         if thread is None:
             return
         self._stop.set()
+        self.drained.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._done), 15.0)
         except TimeoutError:
@@ -568,15 +534,24 @@ class _GroupConsumer:
         batch = self.transport._fetch_batch
         interval = self.transport._commit_interval
         next_commit = time.monotonic() + interval
+        held_since: float | None = None
         try:
             while not self._stop.is_set():
                 self._apply_subscription(consumer)
-                self._apply_backpressure(consumer)
                 self._serve_flushes(consumer)
                 now = time.monotonic()
                 if now >= next_commit:
                     self._commit(consumer, None, asynchronous=True)
                     next_commit = now + interval
+                if self._all_backlogged():
+                    if held_since is None:
+                        held_since = now
+                    if now - held_since < _HOLD_BEFORE_PAUSE:
+                        self._hold()
+                        continue
+                else:
+                    held_since = None
+                self._apply_backpressure(consumer)
                 records = consumer.consume(batch, _POLL_TIMEOUT)
                 if records:
                     self._dispatch(records)
@@ -614,6 +589,30 @@ class _GroupConsumer:
             consumer.unsubscribe()
         self._applied_seq = seq
 
+    def _all_backlogged(self) -> bool:
+        """True if every facade with partitions to fetch from is over its backlog limit:
+        fetching more helps nobody, and the thread can just wait for the core."""
+        backlogged = False
+        for topic in self._assigned:
+            if topic in self._paused:
+                continue
+            facade = self.facades.get(topic)
+            if facade is None or facade.stopped:
+                continue
+            if facade.backlog <= _BACKLOG_HIGH:
+                return False
+            backlogged = True
+        return backlogged
+
+    def _hold(self) -> None:
+        self.drained.clear()
+        self.holding = True
+        try:
+            if self._all_backlogged() and not self._flush_requests:
+                self.drained.wait(_POLL_TIMEOUT)
+        finally:
+            self.holding = False
+
     def _apply_backpressure(self, consumer: _RdConsumer) -> None:
         for topic, partitions in self._assigned.items():
             facade = self.facades.get(topic)
@@ -627,41 +626,42 @@ class _GroupConsumer:
                 self._paused.add(topic)
 
     def _dispatch(self, records: list[Any]) -> None:
+        # Per-record work here holds the GIL the event loop needs: keep it to the fields
+        # the core uses, and leave the headers to whoever reads them (_RecordHeaders).
         by_topic: dict[str, list[Message]] = {}
+        last_topic: str | None = None
+        chunk: list[Message] = []
         for record in records:
-            error = record.error()
-            if error is not None:
+            if record.error() is not None:
+                error = record.error()
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("keybus: Kafka consumer of %s: %s", self.group, _reason(error))
                 continue
             topic = record.topic()
+            if topic != last_topic:
+                last_topic = topic
+                chunk = by_topic.setdefault(topic, [])
             raw_key = record.key()
             key: str | None
-            if raw_key is None:
-                key = None
-            elif isinstance(raw_key, bytes):
+            if type(raw_key) is bytes:
                 key = raw_key.decode("utf-8", "replace")
+            elif raw_key is None:
+                key = None
             else:
                 key = str(raw_key)
-            raw_headers = record.headers()
-            headers = (
-                {k: (v if v is not None else b"") for k, v in raw_headers} if raw_headers else {}
-            )
             kind, stamp = record.timestamp()
-            message = Message(
-                topic,
-                record.value() or b"",
-                key,
-                headers,
-                record.partition(),
-                record.offset(),
-                stamp / 1000.0 if kind else None,
-                record,
+            chunk.append(
+                Message(
+                    topic,
+                    record.value() or b"",
+                    key,
+                    _RecordHeaders(record),
+                    record.partition(),
+                    record.offset(),
+                    stamp / 1000.0 if kind else None,
+                    record,
+                )
             )
-            chunk = by_topic.get(topic)
-            if chunk is None:
-                chunk = by_topic[topic] = []
-            chunk.append(message)
         for topic, messages in by_topic.items():
             facade = self.facades.get(topic)
             if facade is not None and not facade.stopped:
@@ -689,10 +689,11 @@ class _GroupConsumer:
     def _commit(
         self, consumer: _RdConsumer, only: Collection[tuple[str, int]] | None, *, asynchronous: bool
     ) -> None:
+        wanted = self._wanted.copy()  # the loop adds to it without the lock
         with self._lock:
             offsets = [
                 TopicPartition(topic, partition, offset)
-                for (topic, partition), offset in self._wanted.items()
+                for (topic, partition), offset in wanted.items()
                 if (only is None or (topic, partition) in only)
                 and self._committed.get((topic, partition), -1) < offset
             ]
@@ -911,12 +912,16 @@ class KafkaConsumer(Consumer):
                 self._delivering = None
                 self._idle.set()
                 self.taken += len(chunk)
+                shared = self._shared
+                if shared.holding and self.pushed - self.taken <= _BACKLOG_DRAINED:
+                    shared.drained.set()
 
     # -- Consumer interface -----------------------------------------------------------
 
     def commit(self, message: Message) -> None:
-        if message.partition in self.owned:
-            self._shared.record_commit(message.topic, message.partition, message.offset + 1)
+        partition = message.partition
+        if partition in self.owned:
+            self._shared.record_commit(self.topic, partition, message.offset + 1)
         # else: no longer ours; the new owner redoes it (at-least-once)
 
     async def flush(self) -> None:

@@ -21,7 +21,14 @@ from itertools import count
 
 from keybus.errors import ConnectError
 from keybus.message import Message
-from keybus.transports.base import Consumer, Partition, Sink, TopicConfig, Transport
+from keybus.transports.base import (
+    ANONYMOUS_GROUP_PREFIX,
+    Consumer,
+    Partition,
+    Sink,
+    TopicConfig,
+    Transport,
+)
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
 
@@ -249,6 +256,14 @@ class MemoryConsumer(Consumer):
             group.members.remove(self)
             self._positions.clear()
             await group.rebalance()
+            # Nobody can rejoin a private group: drop it, or its offsets would pin the
+            # topic's records forever (trimming waits for every group).
+            if (
+                not group.members
+                and self._group_name.startswith(ANONYMOUS_GROUP_PREFIX)
+                and self._topic.groups.get(self._group_name) is group
+            ):
+                del self._topic.groups[self._group_name]
 
     @property
     def assigned(self) -> list[Partition]:

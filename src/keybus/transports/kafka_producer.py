@@ -1,0 +1,198 @@
+"""The Kafka transport's producer: librdkafka served from the event loop, no thread.
+
+``produce()`` is non-blocking, and ``poll(0)`` serves delivery reports without waiting,
+so both run on the event-loop thread. A *pump* task calls ``poll(0)`` while deliveries
+are outstanding (every loop turn while reports keep coming, every 1 ms — 10 ms after a
+quiet second — while it waits for acks) and parks when none are, so an idle bus costs
+nothing. The delivery callback runs inside that ``poll`` on the loop thread and resolves
+the publish's future directly: no ``call_soon_threadsafe``, no batch list, and above all
+no second Python thread competing for the GIL. (confluent-kafka takes the GIL once per
+delivery report on the polling thread; a polling thread has to win it from the busy loop
+thread for every ack. See docs/kafka.md for the figures.)
+
+``close()`` stops the pump, keeps polling (on the loop, boundedly) until every publish got
+its report, purges what is left (those publishes fail with ``PublishError``), then
+destroys the handle on a short-lived thread that it joins — ``rd_kafka_destroy`` joins
+librdkafka's native threads and must not block the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Producer as _RdProducer
+
+from keybus.errors import PublishError
+
+__all__ = ["KafkaProducer"]
+
+log = logging.getLogger("keybus.kafka")
+
+_BUSY_POLL = 0.001  # pump period while acks are awaited
+_SLOW_POLL = 0.01  # ... once nothing came back for _QUIET_TURNS periods (broker away)
+_QUIET_TURNS = 1000
+_IDLE_POLL = 1.0  # parked pump still serves librdkafka's log lines this often
+_QUEUE_FULL_WAIT = 30.0  # a publish waits this long for room in librdkafka's queue
+_FLUSH_TIMEOUT = 5.0  # close(): publishes in flight get this long for their ack
+
+
+_Future = asyncio.Future
+
+
+def _reason(err: Any) -> str:
+    if isinstance(err, KafkaException) and err.args and isinstance(err.args[0], KafkaError):
+        err = err.args[0]
+    if isinstance(err, KafkaError):
+        return f"{err.name()}: {err.str()}"
+    return str(err) or type(err).__name__
+
+
+def _delivered(future: asyncio.Future[None], err: Any, msg: Any) -> None:
+    # Runs on the loop thread, inside KafkaProducer's poll(0).
+    if future.done():  # the publish was cancelled
+        return
+    if err is None:
+        future.set_result(None)
+        return
+    error = PublishError(msg.topic() if msg is not None else "", _reason(err))
+    error.__cause__ = KafkaException(err)
+    future.set_exception(error)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class KafkaProducer:
+    """The idempotent producer of one bus, served by a pump task on the event loop."""
+
+    def __init__(self, config: Mapping[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._rd: _RdProducer | None = _RdProducer(dict(config))
+        self._wake: asyncio.Future[None] | None = None
+        self._pump_task: asyncio.Task[None] | None = loop.create_task(
+            self._pump(), name="keybus-kafka-producer-pump"
+        )
+
+    def send(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> asyncio.Future[None]:
+        """Hand one record to librdkafka; the returned future resolves with its delivery
+        report. A plain call, not a coroutine: the transport's ``publish`` awaits the
+        future itself, which saves a coroutine frame per publish. Raises ``BufferError``
+        when librdkafka's queue is full (then use :meth:`send_when_room`)."""
+        rd = self._rd
+        if rd is None:
+            raise PublishError(topic, "the Kafka transport is closed")
+        # asyncio.Future(loop=...) is what BaseEventLoop.create_future returns, minus a
+        # Python-level call per publish.
+        future: asyncio.Future[None] = _Future(loop=self._loop)
+        # confluent-kafka takes a dict of headers as it is: no list to build.
+        try:
+            rd.produce(
+                topic,
+                value,
+                key,
+                headers=(headers if type(headers) is dict else dict(headers)) if headers else None,
+                on_delivery=functools.partial(_delivered, future),
+            )
+        except KafkaException as exc:
+            raise PublishError(topic, _reason(exc)) from exc
+        except (TypeError, ValueError) as exc:
+            raise PublishError(topic, str(exc)) from exc
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+        return future
+
+    async def send_when_room(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> asyncio.Future[None]:
+        """librdkafka's local queue is full: flow control, not a failure. Serve delivery
+        reports (that is what frees room) and try again, boundedly."""
+        deadline = time.monotonic() + _QUEUE_FULL_WAIT
+        while True:
+            rd = self._rd
+            if rd is None:
+                raise PublishError(topic, "the Kafka transport is closed")
+            rd.poll(0)
+            await asyncio.sleep(_BUSY_POLL)
+            try:
+                return self.send(topic, value, key, headers)
+            except BufferError:
+                if time.monotonic() > deadline:
+                    raise PublishError(topic, "local producer queue stayed full") from None
+
+    async def _pump(self) -> None:
+        rd = self._rd
+        assert rd is not None
+        loop = self._loop
+        quiet = 0
+        try:
+            while True:
+                if rd.poll(0):
+                    quiet = 0
+                    await asyncio.sleep(0)  # one loop turn: the resolved publishers run
+                elif len(rd):  # messages queued, in flight, or reports not yet served
+                    quiet += 1
+                    await asyncio.sleep(_BUSY_POLL if quiet < _QUIET_TURNS else _SLOW_POLL)
+                else:
+                    quiet = 0
+                    wake = self._wake = loop.create_future()
+                    timer = loop.call_later(_IDLE_POLL, _set_done, wake)
+                    try:
+                        await wake
+                    finally:
+                        timer.cancel()
+                        self._wake = None
+        finally:
+            del rd
+
+    async def close(self) -> None:
+        rd, self._rd = self._rd, None
+        pump, self._pump_task = self._pump_task, None
+        if pump is not None:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        if rd is None:
+            return
+        # Publishes in flight get their ack (or error) before the handle goes; what is
+        # still unacknowledged after the flush timeout is purged and fails.
+        deadline = time.monotonic() + _FLUSH_TIMEOUT
+        while len(rd) and time.monotonic() < deadline:
+            if not rd.poll(0):
+                await asyncio.sleep(_BUSY_POLL)
+        rd.purge()
+        deadline = time.monotonic() + 1.0
+        while len(rd) and time.monotonic() < deadline:
+            if not rd.poll(0):
+                await asyncio.sleep(_BUSY_POLL)
+        # rd_kafka_destroy joins librdkafka's threads: off the loop, on a thread we join.
+        done: asyncio.Future[None] = self._loop.create_future()
+        holder = [rd]
+        del rd
+
+        def destroy() -> None:
+            try:
+                holder.pop().close()
+            except Exception:  # pragma: no cover - nothing left to report it to
+                log.exception("keybus: closing the Kafka producer failed")
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone
+                    self._loop.call_soon_threadsafe(_set_done, done)
+
+        thread = threading.Thread(target=destroy, name="keybus-kafka-producer-close", daemon=True)
+        thread.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), 10.0)
+        thread.join(1.0)

@@ -1,0 +1,77 @@
+"""Conformance: handlers and inputs that misbehave must never wedge a subscription."""
+
+from __future__ import annotations
+
+import asyncio
+
+import keybus
+from tests.conftest import Backend, BusFactory
+from tests.helpers import Collected, eventually
+
+
+async def test_handler_raising_cancelled_error_is_a_failure_not_a_stall(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    bus = await open_bus()
+    topic = backend.topic()
+    letters = Collected()
+    watcher = await open_bus()
+    await watcher.subscribe(f"{topic}.dlq", letters)
+    seen: list[bytes] = []
+
+    async def handler(message: keybus.Message) -> None:
+        seen.append(message.value)
+        if message.value == b"boom":
+            # e.g. it awaited a future that someone else cancelled
+            raise asyncio.CancelledError
+
+    await bus.subscribe(topic, handler, max_attempts=2, retry_backoff=0.001)
+    await bus.publish(topic, b"boom", key="k")
+    await bus.publish(topic, b"next", key="k")
+    await eventually(lambda: b"next" in seen and len(letters) == 1, what="next + dead letter")
+    assert seen == [b"boom", b"boom", b"next"], "retried in place, then the key moved on"
+    assert letters[0].headers["X-Error"].startswith(b"CancelledError")
+
+
+async def test_deeply_nested_poison_is_dead_lettered_and_the_stream_continues(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    bus = await open_bus()
+    topic = backend.topic()
+    letters = Collected()
+    watcher = await open_bus()
+    await watcher.subscribe(f"{topic}.dlq", letters)
+    handled = Collected()
+    await bus.subscribe_envelope(topic, handled)
+    poison = b'{"payload":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    await bus.publish(topic, poison, key="agg")
+    await bus.publish_envelope(
+        topic, keybus.Envelope(aggregate_id="agg", event_type="E", event_version=1, payload={})
+    )
+    await eventually(lambda: len(handled) == 1 and len(letters) == 1, what="handled + DLQ")
+    assert letters[0].headers["X-Error"].startswith(b"EnvelopeError: envelope:")
+
+
+async def test_close_called_from_inside_a_handler_completes_and_loses_nothing(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    topic = backend.topic()
+    publisher = await open_bus()
+    await publisher.ensure_topic(topic)
+    bus = await open_bus(group="self-closing")
+    entered = asyncio.Event()
+
+    async def shut_down_on_fatal(message: keybus.Message) -> None:
+        entered.set()
+        await bus.close(timeout=0.3)  # cancels this very handler; close goes on
+
+    await bus.subscribe(topic, shut_down_on_fatal)
+    await publisher.publish(topic, b"fatal", key="k")
+    await asyncio.wait_for(entered.wait(), 30)
+    await asyncio.wait_for(bus.close(), 15)  # the same close, awaited from outside
+    assert bus.closed
+    successor = await open_bus(group="self-closing")
+    got = Collected()
+    await successor.subscribe(topic, got)
+    # The handler never finished, so its message was not committed: it comes back.
+    await eventually(lambda: b"fatal" in got.values(), what="redelivery to the successor")
