@@ -223,7 +223,8 @@ class Subscription:
                     envelope = Envelope.from_bytes(message.value)
                 except Exception as exc:  # EnvelopeError, or anything a bug lets through
                     work = Work(message, None, exc)
-                    key: str | None = None
+                    # Dead-lettered in its key's lane: the key's dead letters keep order.
+                    key: str | None = message.key
                 else:
                     work = Work(message, envelope, None)
                     key = message.key or envelope.aggregate_id
