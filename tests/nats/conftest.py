@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import AsyncIterator
 
+import pytest
+import pytest_asyncio
+
+from keybus.testing import LeakChecker
 from tests.conftest import Backend, backend_url, enabled_backends
+from tests.nats.proxy import NatsProxy
 
 NATS_ENABLED = "nats" in enabled_backends()
 
@@ -23,3 +28,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def backend() -> Backend:
     """Only NATS here: overrides the suite-wide backend parametrisation."""
     return Backend("nats", backend_url("nats"))
+
+
+@pytest_asyncio.fixture
+async def nats_proxy(no_leaks: LeakChecker, backend: Backend) -> AsyncIterator[NatsProxy]:
+    """A TCP proxy in front of the server (``tests/nats/proxy.py``). Request it before
+    ``open_bus``, so buses are closed before the proxy and the leak check after both."""
+    async with NatsProxy(backend.url) as proxy:
+        yield proxy
