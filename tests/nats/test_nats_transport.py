@@ -101,7 +101,12 @@ async def test_headers_and_keys_with_any_bytes_round_trip(
 async def test_long_handler_keeps_its_message_instead_of_redelivery(
     open_bus: BusFactory, backend: Backend
 ) -> None:
-    bus = await open_bus(group="slow", ack_wait=1.5, heartbeat=0.25)
+    # In-progress acks go out every ack_wait / 3 (1 s) from the ack task, independent of
+    # group coordination; a message is reached at the latest 1.5 s after its previous
+    # one. That leaves 1.5 s of scheduling slack on a loaded box before a redelivery,
+    # while the handler runs more than two ack_waits, so without them it would happen.
+    ack_wait = 3.0
+    bus = await open_bus(group="slow", ack_wait=ack_wait)
     topic = backend.topic("slow")
     await bus.ensure_topic(topic, keybus.TopicConfig(partitions=1))
     calls = 0
@@ -109,18 +114,22 @@ async def test_long_handler_keeps_its_message_instead_of_redelivery(
     async def handler(message: keybus.Message) -> None:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(4.0)  # well past ack_wait
+        await asyncio.sleep(2.2 * ack_wait)  # the time being handled, not a guess
 
     sub = await bus.subscribe(topic, handler)
     await bus.publish(topic, b"slow", key="k")
-    await eventually(lambda: sub.stats.handled == 1, what="the slow handler", timeout=15)
+    await eventually(lambda: sub.stats.handled == 1, what="the slow handler", timeout=20)
     assert calls == 1
     nc = await nats.connect(backend.url)
     try:
         infos = await nc.jetstream().consumers_info(stream_name(topic))
     finally:
         await nc.close()
-    assert [c.num_redelivered for c in infos] == [0], "in-progress acks kept it alive"
+    # Every delivery, redeliveries too, takes a consumer sequence (num_redelivered only
+    # counts redelivered messages still pending, and this one is acked by now).
+    assert [c.delivered.consumer_seq if c.delivered else 0 for c in infos] == [1], (
+        "in-progress acks kept it alive: delivered exactly once"
+    )
 
 
 async def test_open_close_cycles_leave_no_tasks_sockets_or_server_consumers(

@@ -88,6 +88,47 @@ class NatsOptions:
             raise ValueError("ack_wait, max_ack_pending and fetch_batch must be positive")
 
 
+_CLOSE_DRAIN = 1.0  # seconds close() waits for outstanding PubAcks
+_CLOSE_CLIENT = 1.5  # seconds close() waits for nats-py to close before aborting
+
+
+async def _close_client(nc: NatsClient) -> None:
+    """Close the client within ``_CLOSE_CLIENT`` s; if it hangs (a peer that reads
+    nothing, so a flush never ends), abort its socket and stop its subscriptions' tasks
+    so nothing is left behind. Survives a cancellation (it finishes the job first)."""
+    closing = asyncio.ensure_future(nc.close())
+    try:
+        await asyncio.wait({closing}, timeout=_CLOSE_CLIENT)
+    finally:
+        if not closing.done():
+            closing.cancel()
+            _abort_client(nc)
+            with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS):
+                await closing
+        elif not closing.cancelled() and closing.exception() is not None:
+            log.debug("keybus: closing the NATS client failed: %r", closing.exception())
+
+
+def _abort_client(nc: Any) -> None:
+    """What ``nc.close()`` would have finished: nats-py internals, so every step is
+    guarded (a newer client may differ; then only its own close is left to us)."""
+    with contextlib.suppress(Exception):
+        nc._status = NatsClient.CLOSED
+    for name in ("_reading_task", "_ping_interval_task", "_flusher_task", "_reconnection_task"):
+        task = getattr(nc, name, None)
+        if isinstance(task, asyncio.Task) and not task.done():
+            task.cancel()
+    with contextlib.suppress(Exception):
+        for sub in list(nc._subs.values()):
+            task = getattr(sub, "_wait_for_msgs_task", None)
+            if isinstance(task, asyncio.Task) and not task.done():
+                task.cancel()
+        nc._subs.clear()
+    for name in ("_io_writer", "_bare_io_writer"):
+        with contextlib.suppress(Exception):
+            getattr(nc._transport, name).transport.abort()
+
+
 @dataclass(frozen=True, slots=True)
 class _TopicInfo:
     stream: str
@@ -172,21 +213,44 @@ class NatsTransport(Transport):
         return self._nc, self._js
 
     async def close(self) -> None:
+        # The bus gives this 5 s in all. Budgets: publishes drain for at most
+        # _CLOSE_DRAIN s, the client closes in at most _CLOSE_CLIENT s (then its socket is
+        # aborted), and the client is closed whatever happens before (try/finally).
         nc, self._nc = self._nc, None
         self._js = None
         publisher, self._publisher = self._publisher, None
         if nc is None:
             return
         self._closing = True
-        if publisher is not None:
-            await publisher.close(5.0)
-        with contextlib.suppress(*NATS_ERRORS):
-            await asyncio.wait_for(nc.close(), 5.0)
+        try:
+            # Consumers are closed before; one whose close was cut short by the core's
+            # bound may still own tasks: end them now rather than leave them running.
+            members, self._members = list(self._members), set()
+            for member in members:
+                member.abort()
+            if publisher is not None:
+                await publisher.close(min(self.options.publish_timeout, _CLOSE_DRAIN))
+            for member in members:
+                await member.aborted()
+        finally:
+            await _close_client(nc)
 
     # -- topics ----------------------------------------------------------------------
 
+    def admin_error(self, what: str, exc: BaseException) -> ConnectError:
+        """A failed administrative call (topics, consumers, group state) as a keybus error;
+        the caller chains ``exc``."""
+        if isinstance(exc, TimeoutError):
+            return ConnectError(self.url, f"{what}: the server did not answer in time")
+        return ConnectError(self.url, f"{what}: {str(exc) or repr(exc)}")
+
     async def ensure_topic(self, topic: str, config: TopicConfig) -> None:
-        await self._ensure(topic, config)
+        try:
+            await self._ensure(topic, config)
+        except ConnectError:
+            raise
+        except NATS_ERRORS as exc:
+            raise self.admin_error(f"cannot create topic {topic!r}", exc) from exc
 
     async def _ensure(self, topic: str, config: TopicConfig) -> _TopicInfo:
         _, js = self.live()
@@ -234,13 +298,19 @@ class NatsTransport(Transport):
     async def delete_topic(self, topic: str) -> None:
         _, js = self.live()
         self._topics.pop(topic, None)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(stream_name(topic))
-        await GroupMember.forget_topic(self, topic)
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(stream_name(topic))
+            await GroupMember.forget_topic(self, topic)
+        except NATS_ERRORS as exc:
+            raise self.admin_error(f"cannot delete topic {topic!r}", exc) from exc
 
     async def ensure_bucket(self) -> None:
         if not self._bucket_ready:
-            await GroupMember.ensure_bucket(self)
+            try:
+                await GroupMember.ensure_bucket(self)
+            except NATS_ERRORS as exc:
+                raise self.admin_error("cannot open the group-state bucket", exc) from exc
             self._bucket_ready = True
 
     # -- publishing ------------------------------------------------------------------

@@ -20,6 +20,18 @@ Taking a partition creates a fresh durable consumer starting at the previous one
 can then be redelivered behind newer messages, and acks addressed to the previous
 consumer (a slow ex-owner's buffered acks) hit a consumer that no longer exists instead
 of acking someone else's unprocessed gap.
+
+The same fresh start ("re-take") repairs a partition whose deliveries may have been lost
+on the wire: after every reconnect, and whenever the consumer sequence in a reply subject
+(``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>...``) skips a number. JetStream
+counts lost deliveries as delivered, so pulling on would hand out newer messages first
+and an ack-all of them would acknowledge the lost ones. A re-take stops pulling, revokes
+the partition through the core (which reports its done prefix — never past the gap, as
+the core never saw anything after it), acks that prefix synchronously and lets the next
+rebalance round (immediately) start a new consumer at ``ack_floor + 1``.
+
+Every task a member owns is supervised: the coordinator and the acker log a crash and
+restart, a crashed pull task re-takes its partition. Nothing stalls silently.
 """
 
 from __future__ import annotations
@@ -32,8 +44,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
-from itertools import repeat
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -43,6 +54,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import api
 from nats.js.kv import KeyValue
 
+from keybus.errors import KeybusError
 from keybus.message import Message
 from keybus.transports.base import Consumer, Sink
 from keybus.transports.nats_headers import decode_headers
@@ -64,11 +76,15 @@ log = logging.getLogger("keybus.nats")
 _ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
 # A failed rebalance round is retried at the next heartbeat; these are what it may raise
 # (KeyError/ValueError: a group-state entry written by something else).
-_ROUND_ERRORS: tuple[type[BaseException], ...] = (*_ERRORS, KeyError, ValueError)
+_ROUND_ERRORS: tuple[type[BaseException], ...] = (*_ERRORS, KeybusError, KeyError, ValueError)
 _ANON_PREFIX = "keybus-anon-"  # EventBus names a bus without group= like this
 _ACK = b"+ACK"
 _IN_PROGRESS = b"+WPI"
 _ACK_INTERVAL = 0.005  # seconds between two asynchronous acks of one partition
+# Budgets inside the core's bounds (it gives flush 2 s and close 2 s): a server that does
+# not answer must not make the core cancel us half-way through our cleanup.
+_FLUSH_BUDGET = 1.0
+_CLOSE_BUDGET = 1.0
 
 State = dict[str, dict[str, list[Any]]]
 
@@ -86,9 +102,13 @@ class _Part:
         self.requested = 0  # messages asked for by pull requests still open
         self.activity = time.monotonic()  # last message, heartbeat or status
         self.last_seq = 0  # highest stream sequence delivered in this epoch
-        # Delivered chunks (in stream order) not yet wholly committed, for in-progress
-        # acks: bookkeeping per chunk, not per message.
-        self.delivered: deque[list[Message]] = deque()
+        self.last_cseq = 0  # consumer sequence of the last delivery received
+        # Deliveries lost (a consumer-sequence gap, a reconnect, a crashed pull task):
+        # stop pulling, and the coordinator re-takes the partition afresh.
+        self.broken = False
+        # Delivered chunks (in stream order) not yet wholly committed, with the time they
+        # arrived, for in-progress acks: bookkeeping per chunk, not per message.
+        self.delivered: deque[tuple[float, list[Message]]] = deque()
         self.committed = 0  # stream sequence ending the done prefix
         self.commit_reply = ""
         self.acked = 0  # sent (asynchronously)
@@ -118,7 +138,6 @@ class GroupMember(Consumer):
         self._ack_wake = asyncio.Event()
         self._settled = asyncio.Event()
         self._lease_until = 0.0
-        self._last_keepalive = time.monotonic()
         self._stopping = False
         self._closed = False
         self._registered = False
@@ -142,26 +161,53 @@ class GroupMember(Consumer):
             )
 
     def on_reconnected(self) -> None:
+        # Deliveries in flight when the connection broke are lost, and JetStream counts
+        # them as delivered: re-take every partition at its ack floor.
         for part in self._parts.values():
-            part.requested = 0  # the server forgot our pull requests
+            part.broken = True
             part.wake.set()
         self._wake.set()
+
+    def abort(self) -> None:
+        """Cancel every task this member owns, without any network step (the transport
+        is closing under a member whose close was cut short)."""
+        self._closed = self._stopping = True
+        for task in self._tasks():
+            task.cancel()
+
+    async def aborted(self) -> None:
+        tasks = [task for task in self._tasks() if not task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+
+    def _tasks(self) -> list[asyncio.Task[None]]:
+        tasks = [self._coordinator, self._acker, *(part.task for part in self._parts.values())]
+        return [task for task in tasks if task is not None]
 
     # -- Consumer --------------------------------------------------------------------
 
     async def start(self) -> None:
         transport = self._transport
-        self._info = await transport.topic_info(self._topic)
-        await transport.ensure_bucket()
-        nc, js = transport.live()
-        self._kv = await js.key_value(GROUPS_BUCKET)
-        self._ping_sub = await nc.subscribe(self._ping, cb=self._on_ping)
+        try:
+            self._info = await transport.topic_info(self._topic)
+            await transport.ensure_bucket()
+            nc, js = transport.live()
+            self._kv = await js.key_value(GROUPS_BUCKET)
+            self._ping_sub = await nc.subscribe(self._ping, cb=self._on_ping)
+        except KeybusError:
+            raise
+        except _ERRORS as exc:
+            what = f"cannot join group {self._group!r} on topic {self._topic!r}"
+            raise transport.admin_error(what, exc) from exc
         transport.register(self)
         self._registered = True
         loop = asyncio.get_running_loop()
-        self._acker = loop.create_task(self._ack_loop(), name=f"keybus-nats-ack:{self._topic}")
+        self._acker = loop.create_task(
+            self._supervised("acker", self._ack_loop), name=f"keybus-nats-ack:{self._topic}"
+        )
         self._coordinator = loop.create_task(
-            self._coordinate(), name=f"keybus-nats-group:{self._topic}"
+            self._supervised("coordinator", self._coordinate),
+            name=f"keybus-nats-group:{self._topic}",
         )
         # Partitions held by a crashed member come free when its lease runs out.
         try:
@@ -177,13 +223,13 @@ class GroupMember(Consumer):
         part.committed = seq
         part.commit_reply = message.raw.reply
         delivered = part.delivered
-        while delivered and delivered[0][-1].offset <= seq:
+        while delivered and delivered[0][1][-1].offset <= seq:
             delivered.popleft()
         if not self._ack_wake.is_set():
             self._ack_wake.set()
 
     async def flush(self) -> None:
-        await self._sync_acks(list(self._parts.values()))
+        await self._sync_acks(list(self._parts.values()), min(_FLUSH_BUDGET, self._api_timeout()))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -193,23 +239,51 @@ class GroupMember(Consumer):
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        await self.stop()
-        await _cancel(self._coordinator)
-        if self._kv is not None:
+        self._closed = self._stopping = True
+        try:
+            # Local steps first (they cannot hang): our tasks end before any network step,
+            # so a cancellation by the core's bound can only cut the network part short.
+            await _cancel(self._coordinator)
+            await _cancel(self._acker)
+            for part in list(self._parts.values()):
+                await self._stop_pulling(part)
+            if self._kv is not None:
+                try:
+                    async with asyncio.timeout(min(_CLOSE_BUDGET, self._api_timeout())):
+                        await self._leave()
+                except Exception as exc:
+                    log.warning("keybus: leaving group %s cleanly failed: %r", self._group, exc)
+        finally:
+            for part in list(self._parts.values()):  # if leaving failed
+                part.lost = True
+                await _stop_pulling_now(part)
+            self._parts.clear()
+            sub, self._ping_sub = self._ping_sub, None
+            if sub is not None:
+                await _unsubscribe(sub)
+            if self._registered:
+                self._registered = False
+                self._transport.unregister(self)
+
+    def _api_timeout(self) -> float:
+        return self._options.api_timeout
+
+    async def _supervised(self, what: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run ``body`` (a loop that should never end); if it crashes, log it and run it
+        again after a short pause, so an owned task never dies silently."""
+        pause = 0.05
+        while True:
             try:
-                await asyncio.wait_for(self._leave(), self._options.api_timeout)
-            except _ROUND_ERRORS as exc:
-                log.warning("keybus: leaving group %s cleanly failed: %r", self._group, exc)
-        for part in list(self._parts.values()):  # if leaving failed
-            await self._stop_pulling(part)
-        self._parts.clear()
-        await _cancel(self._acker)
-        if self._ping_sub is not None:
-            with contextlib.suppress(*_ERRORS):
-                await self._ping_sub.unsubscribe()
-        if self._registered:
-            self._transport.unregister(self)
+                await body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "keybus: %s/%s: the %s crashed; restarting it", self._topic, self._group, what
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, self._options.heartbeat)
 
     # -- coordination ----------------------------------------------------------------
 
@@ -218,21 +292,39 @@ class GroupMember(Consumer):
             self._wake.set()
 
     async def _coordinate(self) -> None:
+        """Rebalance rounds. Never dies of a failed round (every error is caught and the
+        round retried), and never holds partitions past its lease: the wait between
+        rounds and every network step of a round end when the lease does, and then the
+        partitions are revoked before anyone else may take them."""
         heartbeat = self._options.heartbeat
         while True:
             self._wake.clear()
-            if self._parts and time.monotonic() > self._lease_until:
-                # Could not renew in time: another member may take these any moment.
-                log.warning("keybus: %s: lease not renewed, revoking", self._topic)
-                await self._release(list(self._parts), lost=True)
             try:
+                if self._parts and time.monotonic() >= self._lease_until:
+                    # Could not renew in time: another member may take these any moment.
+                    log.warning(
+                        "keybus: %s/%s: lease not renewed, revoking", self._topic, self._group
+                    )
+                    await self._release(list(self._parts), lost=True)
                 await self._round(leaving=False)
             except asyncio.CancelledError:
                 raise
             except _ROUND_ERRORS as exc:
                 log.debug("keybus: %s/%s rebalance round failed: %r", self._topic, self._group, exc)
-            await self._keep_alive()
-            await _wait(self._wake, heartbeat)
+            except Exception:
+                log.exception("keybus: %s/%s rebalance round failed", self._topic, self._group)
+            wait = heartbeat
+            if self._parts:
+                wait = max(0.05, min(wait, self._lease_until - time.monotonic()))
+            await _wait(self._wake, wait)
+
+    def _network_budget(self) -> float:
+        """Seconds one network step of a round may take: at most ``api_timeout``, and
+        while we own partitions never past the moment we must give them up."""
+        budget = self._options.api_timeout
+        if self._parts:
+            budget = min(budget, self._lease_until - time.monotonic())
+        return max(0.0, budget)
 
     async def _read(self) -> tuple[State, int | None]:
         assert self._kv is not None
@@ -240,12 +332,7 @@ class GroupMember(Consumer):
             entry = await self._kv.get(self._key)
         except nats.js.errors.KeyNotFoundError:
             return {"m": {}, "o": {}}, None
-        raw = json.loads(entry.value or b"{}")
-        state: State = {"m": dict(raw.get("m", {})), "o": dict(raw.get("o", {}))}
-        now = time.time()
-        state["m"] = {m: v for m, v in state["m"].items() if v[1] > now}
-        state["o"] = {p: v for p, v in state["o"].items() if v[1] > now}
-        return state, entry.revision
+        return _parse_state(entry.value, time.time()), entry.revision
 
     async def _write(self, change: Callable[[State, float], None]) -> State:
         """Read, apply ``change``, compare-and-set; retried on conflict."""
@@ -295,7 +382,14 @@ class GroupMember(Consumer):
         """One rebalance step: give up what is no longer ours, renew, take what is free."""
         me = self._id
         ttl = self._options.lease_ttl
-        state, _ = await self._read()
+        broken = [p for p, part in self._parts.items() if part.broken]
+        if broken:
+            # Re-take: give them up here (done prefix acked); the write below drops our
+            # claim and, if they are still ours to have, claims them again in the same
+            # compare-and-set, and _take starts a fresh consumer at the ack floor.
+            await self._release(broken, lost=False)
+        async with asyncio.timeout(self._network_budget()):
+            state, _ = await self._read()
         was_member = me in state["m"]
         if leaving:
             state["m"].pop(me, None)
@@ -337,15 +431,17 @@ class GroupMember(Consumer):
                         owners[str(partition)] = [me, now + ttl]
                         taken.append(partition)
 
-        state = await self._write(change)
+        async with asyncio.timeout(self._network_budget()):
+            state = await self._write(change)
         if stolen:
             await self._release(stolen, lost=True)
         for p in taken:
-            await self._take(p)
+            async with asyncio.timeout(self._network_budget()):
+                await self._take(p)
         desired = self._desired(state)
         if all(p in self._parts for p, m in desired.items() if m == me):
             self._settled.set()
-        if release or taken or leaving or not was_member:
+        if release or taken or broken or leaving or not was_member:
             nc, _ = self._transport.live()
             await nc.publish(self._ping, me.encode())
         return state
@@ -364,9 +460,10 @@ class GroupMember(Consumer):
             await self._sink.revoke([(self._topic, part.partition) for part in parts])
         finally:
             await _cancel(keeper)
-        await self._sync_acks(parts)
+        await self._sync_acks(parts, self._options.api_timeout)
         for part in parts:
-            self._parts.pop(part.partition, None)
+            if self._parts.get(part.partition) is part:
+                del self._parts[part.partition]
 
     async def _keep_leases(self) -> None:
         """Renew our leases while a revoke waits for handlers (the loop is busy)."""
@@ -382,8 +479,20 @@ class GroupMember(Consumer):
 
         while True:
             await asyncio.sleep(self._options.heartbeat)
-            with contextlib.suppress(*_ERRORS):
-                await self._write(renew)
+            try:
+                async with asyncio.timeout(self._network_budget()):
+                    await self._write(renew)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("keybus: %s: renewing leases failed: %r", self._topic, exc)
+            if time.monotonic() >= self._lease_until:
+                # Not renewed in time: stop fetching and acking at once; the coordinator
+                # revokes them through the core once the revoke in progress ends.
+                for part in list(self._parts.values()):
+                    part.lost = True
+                    if part.task is not None:
+                        part.task.cancel()
 
     # -- partitions ------------------------------------------------------------------
 
@@ -420,11 +529,17 @@ class GroupMember(Consumer):
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_consumer(info.stream, old.name)
         part = _Part(partition, name)
-        part.sub = await nc.subscribe(nc.new_inbox(), cb=self._on_message(part))
+        part.committed = part.synced = part.acked = floor  # (a late commit of an old epoch)
+        # Registered before the subscription exists, so a cancellation cannot leak it.
         self._parts[partition] = part
+        try:
+            part.sub = await nc.subscribe(nc.new_inbox(), cb=self._on_message(part))
+        except BaseException:
+            del self._parts[partition]
+            raise
         self._sink.assign([(self._topic, partition)])
         part.task = asyncio.get_running_loop().create_task(
-            self._pull(part), name=f"keybus-nats-pull:{self._topic}:{partition}"
+            self._pull_supervised(part), name=f"keybus-nats-pull:{self._topic}:{partition}"
         )
 
     def _on_message(self, part: _Part) -> Callable[[Msg], Any]:
@@ -442,13 +557,28 @@ class GroupMember(Consumer):
             if status == "100":
                 return
             left = (msg.headers or {}).get("Nats-Pending-Messages")
-            if status == "408" and left:
+            if status == "408" and left and left.isdigit():
                 part.requested = max(0, part.requested - int(left))
             else:
                 part.requested = 0
             wake.set()
 
         return on_message
+
+    async def _pull_supervised(self, part: _Part) -> None:
+        try:
+            await self._pull(part)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # What reached the core is unknown: re-take from the ack floor.
+            log.exception(
+                "keybus: %s/%d: pulling crashed; re-taking the partition",
+                self._topic,
+                part.partition,
+            )
+            part.broken = True
+            self._wake.set()
 
     async def _pull(self, part: _Part) -> None:
         info = self._info
@@ -470,12 +600,21 @@ class GroupMember(Consumer):
         convert = self._convert
         deliver = self._sink.deliver
         while True:
+            if part.broken:
+                self._wake.set()  # the coordinator re-takes the partition
+                return
             if part.buffer:
                 received, part.buffer = part.buffer, []
-                part.activity = time.monotonic()
-                messages = [m for m in map(convert, received, repeat(part)) if m is not None]
+                part.activity = now = time.monotonic()
+                messages = []
+                for msg in received:
+                    message = convert(msg, part)
+                    if part.broken:
+                        break  # a gap: nothing from here on may reach the core
+                    if message is not None:
+                        messages.append(message)
                 if messages:
-                    part.delivered.append(messages)
+                    part.delivered.append((now, messages))
                     await deliver(messages)
                 continue
             if part.requested < 0:
@@ -498,9 +637,28 @@ class GroupMember(Consumer):
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the v2
         # form with domain and account hash after "$JS.ACK".
         shift = 0 if len(tokens) == 9 else 2
+        cseq = int(tokens[6 + shift])
+        if cseq != part.last_cseq + 1:
+            if cseq <= part.last_cseq:
+                return None  # a delivery we already had (cannot happen; never twice)
+            # Every delivery — redeliveries too — takes the next consumer sequence: one
+            # skipped means deliveries were lost on the wire, which JetStream counts as
+            # delivered. Acking anything after them would acknowledge them unprocessed.
+            log.warning(
+                "keybus: %s/%d: deliveries %d..%d were lost; re-taking the partition",
+                self._topic,
+                part.partition,
+                part.last_cseq + 1,
+                cseq - 1,
+            )
+            part.broken = True
+            return None
+        part.last_cseq = cseq
         seq = int(tokens[5 + shift])
         if seq <= part.last_seq:
-            return None  # redelivered within this epoch: the first delivery is with the core
+            # Redelivered after ack_wait: with no delivery lost in this epoch (checked
+            # above), its first delivery is with the core.
+            return None
         part.last_seq = seq
         key, headers = decode_headers(msg)
         stamp = int(tokens[7 + shift]) / 1e9
@@ -508,18 +666,26 @@ class GroupMember(Consumer):
 
     async def _stop_pulling(self, part: _Part) -> None:
         await _cancel(part.task)
-        part.task = None
-        sub, part.sub = part.sub, None
-        if sub is not None:
-            with contextlib.suppress(*_ERRORS):
-                await sub.unsubscribe()
+        await _stop_pulling_now(part)
 
     # -- acks ------------------------------------------------------------------------
 
     async def _ack_loop(self) -> None:
+        """Asynchronous acks of done prefixes, and the in-progress acks every
+        ``ack_wait / 3`` (here, not in the coordinator: a slow KV round must not delay
+        them into a redelivery)."""
         nc, _ = self._transport.live()
+        interval = self._options.ack_wait / 3
+        keep_alive_at = time.monotonic() + interval
         while True:
-            await self._ack_wake.wait()
+            left = keep_alive_at - time.monotonic()
+            if left > 0 and not self._ack_wake.is_set():
+                await _wait(self._ack_wake, left)
+            if time.monotonic() >= keep_alive_at:
+                keep_alive_at = time.monotonic() + interval
+                await self._keep_alive(nc, interval)
+            if not self._ack_wake.is_set():
+                continue
             self._ack_wake.clear()
             for part in list(self._parts.values()):
                 if part.committed > part.acked and not part.lost:
@@ -531,34 +697,49 @@ class GroupMember(Consumer):
             # arrive meanwhile (flush and hand-overs ack synchronously, not through here).
             await asyncio.sleep(_ACK_INTERVAL)
 
-    async def _sync_acks(self, parts: Iterable[_Part]) -> None:
-        nc, _ = self._transport.live()
-        for part in parts:
-            if part.committed > part.synced and not part.lost:
-                seq = part.committed
-                try:
-                    await nc.request(part.commit_reply, _ACK, timeout=self._options.api_timeout)
-                except _ERRORS as exc:
-                    log.warning("keybus: ack of %s/%d failed: %r", self._topic, seq, exc)
-                else:
-                    part.synced = part.acked = max(part.acked, seq)
-
-    async def _keep_alive(self) -> None:
-        """In-progress acks for delivered, uncommitted messages: a long handler keeps its
-        message instead of JetStream redelivering it after ``ack_wait``."""
-        now = time.monotonic()
-        if now - self._last_keepalive < self._options.ack_wait / 3:
+    async def _sync_acks(self, parts: Iterable[_Part], budget: float) -> None:
+        """Ack each part's done prefix and wait for the server to confirm, all at once,
+        within ``budget`` seconds."""
+        todo = [part for part in parts if part.committed > part.synced and not part.lost]
+        if not todo:
             return
-        self._last_keepalive = now
         nc, _ = self._transport.live()
+
+        async def ack(part: _Part) -> None:
+            seq = part.committed
+            try:
+                await nc.request(part.commit_reply, _ACK, timeout=budget)
+            except nats.errors.NoRespondersError:
+                # The consumer is gone (topic deleted, or taken over): nothing to ack.
+                log.debug("keybus: ack of %s/%d: no consumer", self._topic, seq)
+            except _ERRORS as exc:
+                log.warning("keybus: ack of %s/%d failed: %r", self._topic, seq, exc)
+            else:
+                part.synced = part.acked = max(part.acked, seq)
+
+        await asyncio.gather(*(ack(part) for part in todo))
+
+    async def _keep_alive(self, nc: Any, interval: float) -> None:
+        """In-progress acks for delivered, uncommitted messages: a long handler keeps its
+        message instead of JetStream redelivering it after ``ack_wait``. Chunks that
+        arrived less than half an interval ago are skipped (the next round reaches them
+        well within ``ack_wait``), so a busy partition sends few."""
+        young = time.monotonic() - interval / 2
+        publish = nc.publish
         for part in list(self._parts.values()):
+            if part.lost or part.broken:
+                continue
             committed = part.committed
-            replies = [
-                m.raw.reply for chunk in part.delivered for m in chunk if m.offset > committed
-            ] + [m.reply for m in part.buffer]
-            for reply in replies:
+            for arrived, chunk in list(part.delivered):
+                if arrived > young:
+                    break
+                for message in chunk:
+                    if message.offset > committed:
+                        with contextlib.suppress(*_ERRORS):
+                            await publish(message.raw.reply, _IN_PROGRESS)
+            for msg in list(part.buffer):  # received, waiting for room in the core
                 with contextlib.suppress(*_ERRORS):
-                    await nc.publish(reply, _IN_PROGRESS)
+                    await publish(msg.reply, _IN_PROGRESS)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
@@ -567,6 +748,62 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             await event.wait()
+
+
+def _parse_state(value: bytes | None, now: float) -> State:
+    """A group-state entry, keeping only well-formed, unexpired members and claims (the
+    entry may have been written by something else; the next write repairs it)."""
+    try:
+        raw = json.loads(value or b"{}")
+    except ValueError:
+        raw = {}
+    if not isinstance(raw, dict):
+        raw = {}
+    state: State = {"m": {}, "o": {}}
+    members = raw.get("m")
+    if isinstance(members, dict):
+        for member, value_ in members.items():
+            if (
+                isinstance(value_, list)
+                and len(value_) == 2
+                and all(_is_number(v) for v in value_)
+                and value_[1] > now
+            ):
+                state["m"][member] = value_
+    owners = raw.get("o")
+    if isinstance(owners, dict):
+        for partition, value_ in owners.items():
+            if (
+                partition.isdigit()
+                and isinstance(value_, list)
+                and len(value_) == 2
+                and isinstance(value_[0], str)
+                and _is_number(value_[1])
+                and value_[1] > now
+            ):
+                state["o"][str(int(partition))] = value_
+    return state
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+async def _stop_pulling_now(part: _Part) -> None:
+    """Cancel the pull task (without waiting for it) and drop the subscription."""
+    if part.task is not None and not part.task.done():
+        part.task.cancel()
+    part.task = None
+    sub, part.sub = part.sub, None
+    if sub is not None:
+        await _unsubscribe(sub)
+
+
+async def _unsubscribe(sub: NatsSubscription) -> None:
+    # nats-py removes the interest locally (and stops the subscription's task) before
+    # its first await, which only queues an UNSUB: a cancellation cannot leave it behind.
+    with contextlib.suppress(*_ERRORS):
+        await sub.unsubscribe()
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -125,15 +125,24 @@ class Publisher:
                 future.set_exception(TimeoutError())
         if expired and not self._room.is_set():
             self._room.set()
+        if not pending and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)  # close() waits for nothing any more
         if next_deadline is not None and not self._closed:
             self._timer = loop.call_at(next_deadline, self._expire)
 
     async def close(self, drain: float) -> None:
-        """Wait up to ``drain`` seconds for outstanding PubAcks, then fail the rest."""
-        if self._pending:
-            self._drained = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained, drain)
+        """Wait up to ``drain`` seconds for outstanding PubAcks, then fail the rest (also
+        when cancelled: nothing waits on a closed publisher)."""
+        try:
+            if self._pending:
+                self._drained = asyncio.get_running_loop().create_future()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(drain):
+                        await self._drained
+        finally:
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
