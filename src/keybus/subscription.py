@@ -235,7 +235,7 @@ class Subscription:
             tracker.add(work)
             submit(work, key)
 
-    async def revoke(self, partitions: Collection[Partition]) -> None:
+    async def revoke(self, partitions: Collection[Partition], *, lost: bool = False) -> None:
         revoked = set(partitions)
         for partition in revoked:
             self._assigned.pop(partition, None)
@@ -245,7 +245,8 @@ class Subscription:
         running = [
             w for w in self._tracker.open_work() if w.state == RUNNING and w.partition in revoked
         ]
-        deadline = time.monotonic() + self.options.revoke_timeout
+        # Lost partitions may already be another member's: no waiting for handlers then.
+        deadline = time.monotonic() + (0.0 if lost else self.options.revoke_timeout)
         while running:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -262,7 +263,7 @@ class Subscription:
         owner never runs an aggregate while this member still does. Their messages stay
         uncommitted (the next owner redoes them)."""
         log.warning(
-            "keybus: revoke of %s timed out; cancelling %d running handler(s)",
+            "keybus: revoke of %s: cancelling %d running handler(s)",
             sorted(revoked),
             len(running),
         )

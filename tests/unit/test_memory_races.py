@@ -161,3 +161,28 @@ async def test_leak_checker_sees_a_new_thread_that_reuses_an_old_ident() -> None
     finally:
         stop.set()
         fresh.join()
+
+
+async def test_lost_partitions_cancel_running_handlers_without_waiting(
+    no_leaks: LeakChecker,
+) -> None:
+    cancelled = asyncio.Event()
+    entered = asyncio.Event()
+    async with keybus.connect("memory://lost", group="g") as bus:
+
+        async def stuck(m: keybus.Message) -> None:
+            entered.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        sub = await bus.subscribe("t", stuck, revoke_timeout=60)
+        await bus.publish("t", b"x", key="k")
+        await asyncio.wait_for(entered.wait(), 10)
+        partitions = [("t", p) for p in range(3)]
+        # What a transport does when its session or lease expired: no 60 s wait.
+        await asyncio.wait_for(sub.revoke(partitions, lost=True), 5)
+        assert cancelled.is_set()
+        assert sub.in_flight == 0

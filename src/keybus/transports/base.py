@@ -57,10 +57,14 @@ class Sink(Protocol):
         Messages of partitions not currently assigned are dropped.
         """
 
-    async def revoke(self, partitions: Collection[Partition]) -> None:
+    async def revoke(self, partitions: Collection[Partition], *, lost: bool = False) -> None:
         """The consumer is losing these partitions: drop their queued messages, wait
-        (bounded) for their running handlers, and report their done prefix via
-        :meth:`Consumer.commit` before returning. The consumer flushes commits after."""
+        (bounded by the subscription's ``revoke_timeout``) for their running handlers —
+        cancelling those still running then — and report their done prefix via
+        :meth:`Consumer.commit` before returning. The consumer flushes commits after.
+
+        ``lost=True``: the partitions may already belong to another member (session or
+        lease expired): running handlers are cancelled at once, without waiting."""
 
 
 class Consumer(abc.ABC):

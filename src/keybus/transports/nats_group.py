@@ -457,7 +457,7 @@ class GroupMember(Consumer):
         try:
             # The core drops their queued messages, waits for their running handlers and
             # reports the done prefix (commit) before this returns.
-            await self._sink.revoke([(self._topic, part.partition) for part in parts])
+            await self._sink.revoke([(self._topic, part.partition) for part in parts], lost=lost)
         finally:
             await _cancel(keeper)
         await self._sync_acks(parts, self._options.api_timeout)
