@@ -43,9 +43,9 @@ brokers-down:
 	-@tools/nats/nats.sh down
 	-@tools/kafka/kafka.sh down
 
-# The quick subset while coding: no slow tests, no lint.
+# The quick subset while coding: memory only (no brokers), no slow tests, no lint.
 check: $(VENV)/.test
-	$(VENV)/bin/pytest -q -x -m "not slow"
+	KEYBUS_BACKENDS=memory $(VENV)/bin/pytest -q -x -m "not slow"
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/memory_throughput.py
