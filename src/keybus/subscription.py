@@ -386,7 +386,11 @@ def _log_failure(task: asyncio.Task[None]) -> None:
 
 
 async def _bounded(step: Awaitable[object], deadline: float, what: str) -> None:
+    """One step of a stop: bounded, and never fatal to the steps after it (a failed
+    commit flush must not skip leaving the group and releasing the consumer)."""
     try:
         await asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
     except TimeoutError:
         log.error("keybus: %s did not finish in time", what)
+    except Exception:
+        log.exception("keybus: %s failed", what)

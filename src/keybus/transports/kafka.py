@@ -80,6 +80,13 @@ _BACKLOG_LOW = 1024  # a paused facade's partitions resume below this
 # Holding also delays rebalance callbacks, so a backlog that does not drain within this
 # long (a stuck handler) is paused after all.
 _HOLD_BEFORE_PAUSE = 0.5
+# How long a closing consumer may take to commit and leave the group (inside the core's
+# 2 s budget for consumer.close). librdkafka holds a commit - and a close behind one -
+# until the session times out (6 s) when the coordinator is away, so commits at close are
+# only made after a probe showed the broker answers within _PROBE_TIMEOUT.
+_SHUTDOWN_WAIT = 1.8
+_PROBE_TIMEOUT = 0.5
+_CLOSE_WAIT = 4.5  # transport.close() (5 s budget) waits this long for a consumer thread
 
 _PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,  # no duplicates or reordering from the producer's retries
@@ -138,6 +145,38 @@ def _reason(err: Any) -> str:
     return str(err) or type(err).__name__
 
 
+def _is_fatal(exc: BaseException) -> bool:
+    """librdkafka raised a fatal error: the handle is unusable from now on."""
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return bool(exc.args[0].fatal())
+    return False
+
+
+_CALLBACKS = ("error_cb", "stats_cb", "throttle_cb", "oauth_cb")
+
+
+def _guard(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """A callback that raises inside ``consume`` makes confluent-kafka discard the batch
+    it fetched in that call — records skipped without being handled. Log instead."""
+
+    def guarded(*args: Any) -> Any:
+        try:
+            return callback(*args)
+        except Exception:
+            log.exception("keybus: Kafka callback %r failed", callback)
+            return None
+
+    return guarded
+
+
+def _guarded(config: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(config)
+    for name in _CALLBACKS:
+        if name != "oauth_cb" and callable(out.get(name)):
+            out[name] = _guard(out[name])
+    return out
+
+
 def _error_code(exc: BaseException) -> int | None:
     if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
         code: int = exc.args[0].code()
@@ -188,6 +227,7 @@ class KafkaTransport(Transport):
         self._admin: AdminClient | None = None
         self._producer: KafkaProducer | None = None
         self._groups: dict[str, list[_GroupConsumer]] = {}
+        self._shared: list[_GroupConsumer] = []  # every consumer whose thread may run
         self._closed = False
 
     # -- connect / admin -------------------------------------------------------------
@@ -294,9 +334,12 @@ class KafkaTransport(Transport):
         if producer is None:
             if self._closed:
                 raise PublishError(topic, "the Kafka transport is closed")
-            producer = self._producer = KafkaProducer(
-                self._producer_config, asyncio.get_running_loop()
-            )
+            try:
+                producer = KafkaProducer(self._producer_config, asyncio.get_running_loop())
+            except (KafkaException, TypeError, ValueError) as exc:  # e.g. a bad setting
+                reason = f"cannot create the Kafka producer: {_reason(exc)}"
+                raise PublishError(topic, reason) from exc
+            self._producer = producer
         try:
             future = producer.send(topic, value, key, headers)
         except BufferError:
@@ -317,9 +360,11 @@ class KafkaTransport(Transport):
         else:
             shared = _GroupConsumer(self, group)
             members.append(shared)
+            self._shared.append(shared)
         return KafkaConsumer(shared, topic, sink)
 
     def _forget(self, shared: _GroupConsumer) -> None:
+        self._shared = [s for s in self._shared if not s.finished or s is shared]
         members = self._groups.get(shared.group)
         if members and shared in members:
             members.remove(shared)
@@ -332,12 +377,17 @@ class KafkaTransport(Transport):
         if self._closed:
             return
         self._closed = True
-        shared = [s for members in self._groups.values() for s in members]
+        # Also those already shutting down (forgotten by their group): a thread that
+        # outlives its subscription's close budget is waited for here.
+        shared = [s for s in self._shared if not s.finished]
+        self._shared.clear()
         self._groups.clear()
-        await asyncio.gather(*(s.shutdown() for s in shared))
         producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.close()
+        # Side by side: each is bounded (consumers 1.8 s, producer ~4 s), together they
+        # fit the core's 5 s budget for this close.
+        await asyncio.gather(
+            *(s.shutdown(_CLOSE_WAIT) for s in shared), *([producer.close()] if producer else [])
+        )
         if self._admin is not None:
             # The admin client has no close(): dropping the last reference destroys the
             # handle (and joins its native threads); collect in case a cycle holds it.
@@ -373,8 +423,15 @@ class _RecordHeaders(Mapping[str, bytes]):
     def _headers(self) -> dict[str, bytes]:
         headers = self._dict
         if headers is None:
-            raw = self._record.headers()
-            headers = {k: (v if v is not None else b"") for k, v in raw} if raw else {}
+            try:
+                raw = self._record.headers()
+                headers = {k: (v if v is not None else b"") for k, v in raw} if raw else {}
+            except Exception as exc:
+                # A foreign producer's header confluent-kafka cannot convert (a name that
+                # is not UTF-8). Raising here would fail whoever reads the headers — the
+                # core's dead-lettering too, which would stall the partition's commits.
+                log.warning("keybus: unreadable headers on a Kafka record: %r", exc)
+                headers = {"X-Keybus-Header-Error": f"{type(exc).__name__}: {exc}".encode()}
             self._dict = headers
             self._record = None
         return headers
@@ -432,6 +489,9 @@ class _GroupConsumer:
         self._consumer: _RdConsumer | None = None
         self._thread: threading.Thread | None = None
         self._done: asyncio.Future[None] = self.loop.create_future()
+        self._reachable: bool | None = None  # thread side, see _probe
+        self._probed_at = 0.0
+        self._async_pending = False  # thread side: an asynchronous commit awaits its result
 
     # -- loop side ------------------------------------------------------------------
 
@@ -444,11 +504,18 @@ class _GroupConsumer:
         self.drained.set()
         if self._thread is None:
             config = {
-                **self.transport._consumer_config,
+                **_guarded(self.transport._consumer_config),
                 "group.id": self.group,
-                "on_commit": self._on_commit,
+                "on_commit": _guard(self._on_commit),
             }
-            self._consumer = _RdConsumer(config)
+            try:
+                self._consumer = _RdConsumer(config)
+            except (KafkaException, TypeError, ValueError) as exc:  # e.g. a bad setting
+                with self._lock:
+                    del self.facades[facade.topic]
+                raise KeybusError(
+                    f"cannot create the Kafka consumer of group {self.group!r}: {_reason(exc)}"
+                ) from exc
             self._thread = threading.Thread(
                 target=self._run, name=f"keybus-kafka-consumer:{self.group}", daemon=True
             )
@@ -489,23 +556,27 @@ class _GroupConsumer:
         self.drained.set()
         await asyncio.wrap_future(request)
 
-    async def shutdown(self) -> None:
-        if self.closing:
-            if self._thread is not None:
-                await asyncio.shield(self._done)
-            return
-        self.closing = True
-        self.transport._forget(self)
+    @property
+    def finished(self) -> bool:
+        return self._thread is None or self._done.done()
+
+    async def shutdown(self, wait: float = _SHUTDOWN_WAIT) -> None:
+        """Stop the thread (final commit, leave the group) within ``_SHUTDOWN_WAIT``: the
+        core gives ``consumer.close`` 2 s, the transport's close 5 s."""
+        if not self.closing:
+            self.closing = True
+            self.transport._forget(self)
+            self._stop.set()
+            self.drained.set()
         thread = self._thread
         if thread is None:
             return
-        self._stop.set()
-        self.drained.set()
         try:
-            await asyncio.wait_for(asyncio.shield(self._done), 15.0)
+            await asyncio.wait_for(asyncio.shield(self._done), wait)
         except TimeoutError:
             log.error("keybus: Kafka consumer of group %s did not stop in time", self.group)
-        thread.join(1.0)
+            return
+        thread.join(0.2)  # it signalled done as its last step: this is immediate
 
     # -- thread side ----------------------------------------------------------------
 
@@ -535,29 +606,48 @@ class _GroupConsumer:
         interval = self.transport._commit_interval
         next_commit = time.monotonic() + interval
         held_since: float | None = None
+        failures = 0
         try:
             while not self._stop.is_set():
-                self._apply_subscription(consumer)
-                self._serve_flushes(consumer)
-                now = time.monotonic()
-                if now >= next_commit:
-                    self._commit(consumer, None, asynchronous=True)
-                    next_commit = now + interval
-                if self._all_backlogged():
-                    if held_since is None:
-                        held_since = now
-                    if now - held_since < _HOLD_BEFORE_PAUSE:
-                        self._hold()
-                        continue
-                else:
-                    held_since = None
-                self._apply_backpressure(consumer)
-                records = consumer.consume(batch, _POLL_TIMEOUT)
-                if records:
-                    self._dispatch(records)
+                try:
+                    self._apply_subscription(consumer)
+                    self._serve_flushes(consumer)
+                    now = time.monotonic()
+                    if now >= next_commit:
+                        next_commit = now + interval
+                        self._commit(consumer, None, asynchronous=True)
+                    if self._all_backlogged():
+                        if held_since is None:
+                            held_since = now
+                        if now - held_since < _HOLD_BEFORE_PAUSE:
+                            self._hold()
+                            continue
+                    else:
+                        held_since = None
+                    self._apply_backpressure(consumer)
+                    records = consumer.consume(batch, _POLL_TIMEOUT)
+                    if records:
+                        self._dispatch(records)
+                    failures = 0
+                except Exception as exc:
+                    # A KafkaError from consume, a callback that raised inside it (ours or
+                    # a user's error_cb/stats_cb), a failed pause/resume: one bad turn
+                    # must not end the thread — every subscription of the group would
+                    # stall with nobody noticing. Log, back off, go on.
+                    failures += 1
+                    log.error(
+                        "keybus: Kafka consumer of group %s: %s (retrying)",
+                        self.group,
+                        _reason(exc),
+                        exc_info=failures == 1 or failures % 100 == 0,
+                    )
+                    if _is_fatal(exc):
+                        raise
+                    self._stop.wait(min(0.05 * failures, 1.0))
             self._serve_flushes(consumer)
-            with contextlib.suppress(KafkaException):  # logged; the broker keeps the last
-                self._commit(consumer, None, asynchronous=False)
+            if self._probe(consumer):
+                with contextlib.suppress(KafkaException):  # logged; the broker keeps the last
+                    self._commit(consumer, None, asynchronous=False)
             # Leaving the group runs on_revoke for what we still own (commit, release).
             consumer.close()
         except Exception:  # pragma: no cover - never leave the loop waiting on a dead thread
@@ -570,7 +660,7 @@ class _GroupConsumer:
             with self._lock:
                 requests, self._flush_requests = self._flush_requests, []
             for request in requests:
-                if not request.done():
+                if request.set_running_or_notify_cancel():
                     request.set_result(None)
             self._call(_set_done, self._done)
 
@@ -583,7 +673,10 @@ class _GroupConsumer:
             self._subscription_dirty = False
         if topics:
             consumer.subscribe(
-                topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+                topics,
+                on_assign=_guard(self._on_assign),
+                on_revoke=_guard(self._on_revoke),
+                on_lost=_guard(self._on_lost),
             )
         else:
             consumer.unsubscribe()
@@ -670,6 +763,25 @@ class _GroupConsumer:
             # else: nobody consumes the topic any more; nothing is committed for it, so
             # the next owner of its partitions gets these records again.
 
+    def _probe(self, consumer: _RdConsumer) -> bool:
+        """Does the broker answer? A synchronous commit to an unreachable coordinator
+        blocks (and a close behind it) until the session times out; a metadata request
+        with a deadline tells in ``_PROBE_TIMEOUT``. The answer holds for 2 s (one close)."""
+        now = time.monotonic()
+        if self._reachable is None or now - self._probed_at > 2.0:
+            self._probed_at = now
+            try:
+                consumer.list_topics(timeout=_PROBE_TIMEOUT)
+                self._reachable = True
+            except Exception as exc:
+                log.warning(
+                    "keybus: Kafka broker unreachable, group %s does not commit at close: %s",
+                    self.group,
+                    _reason(exc),
+                )
+                self._reachable = False
+        return self._reachable
+
     def _serve_flushes(self, consumer: _RdConsumer) -> None:
         if not self._flush_requests:
             return
@@ -677,10 +789,16 @@ class _GroupConsumer:
             requests, self._flush_requests = self._flush_requests, []
         error: BaseException | None = None
         try:
-            self._commit(consumer, None, asynchronous=False)
+            # Unreachable: nothing can be committed; the records are redone (at-least-once).
+            if self._probe(consumer):
+                self._commit(consumer, None, asynchronous=False)
+        except KafkaException:  # logged by _commit; the broker keeps the last commit
+            pass
         except Exception as exc:  # reported to the waiter
             error = exc
         for request in requests:
+            if not request.set_running_or_notify_cancel():
+                continue  # the waiter gave up (its own deadline)
             if error is None:
                 request.set_result(None)
             else:
@@ -701,7 +819,15 @@ class _GroupConsumer:
             return
         try:
             if asynchronous:
-                consumer.commit(offsets=offsets, asynchronous=True)
+                if self._async_pending:
+                    return  # one at a time: a piled-up commit to an absent coordinator
+                    # holds close() until the session times out
+                self._async_pending = True
+                try:
+                    consumer.commit(offsets=offsets, asynchronous=True)
+                except BaseException:
+                    self._async_pending = False
+                    raise
                 return
             result = consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
@@ -723,6 +849,7 @@ class _GroupConsumer:
                         self._committed[key] = tp.offset
 
     def _on_commit(self, err: Any, partitions: list[Any]) -> None:
+        self._async_pending = False  # sync commits report here too: harmless
         if err is not None:
             # Offsets that did not make it stay wanted and go out with the next commit;
             # a rebalance in progress makes async commits fail routinely.
@@ -769,10 +896,12 @@ class _GroupConsumer:
         for topic, parts in by_topic.items():
             facade = self._facade(topic)
             if facade is not None:
-                timeout = facade.revoke_timeout + 2.0
-                self._run_on_loop(facade._revoke(parts), timeout)
+                # Lost: the core cancels running handlers at once (another member may
+                # own the partitions already), so the wait is short.
+                timeout = (0.0 if lost else facade.revoke_timeout) + 2.0
+                self._run_on_loop(facade._revoke(parts, lost=lost), timeout)
         revoked = {(tp.topic, tp.partition) for tp in partitions}
-        if not lost:
+        if not lost and (not self._stop.is_set() or self._probe(consumer)):
             # Commit before release: the next owner starts exactly after our done prefix.
             try:
                 self._commit(consumer, revoked, asynchronous=False)
@@ -876,7 +1005,7 @@ class KafkaConsumer(Consumer):
         self._queue.append(messages)
         self._wake.set()
 
-    async def _revoke(self, partitions: list[int]) -> None:
+    async def _revoke(self, partitions: list[int], *, lost: bool = False) -> None:
         revoked = set(partitions)
         # Records of these partitions not yet handed to the core never will be.
         kept: collections.deque[list[Message]] = collections.deque()
@@ -886,8 +1015,12 @@ class KafkaConsumer(Consumer):
             if rest:
                 kept.append(rest)
         self._queue = kept
-        await self._sink.revoke([(self.topic, p) for p in partitions])
-        self.owned.difference_update(revoked)
+        try:
+            await self._sink.revoke([(self.topic, p) for p in partitions], lost=lost)
+        finally:
+            # Even if the core's revoke failed or was cut short: nothing the core reports
+            # for these partitions from now on may be committed by this member.
+            self.owned.difference_update(revoked)
         # A batch the core is still taking in may hold records of these partitions; the
         # core skips them now (no longer assigned), but it must be through that batch
         # before the partition could come back to us, or a stale record would slip in.

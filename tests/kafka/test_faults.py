@@ -1,0 +1,175 @@
+"""Regression tests from the Kafka transport review: lost partitions, callbacks that
+raise, unreadable headers, bad settings and close with the broker away."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+
+import keybus
+from keybus.message import Message
+from keybus.subscription import SubscribeOptions, Subscription
+from keybus.testing import LeakChecker
+from keybus.transports.kafka import KafkaConsumer, KafkaTransport, _GroupConsumer, _RecordHeaders
+from tests.helpers import Collected, eventually
+from tests.kafka.conftest import kafka_sh, unique
+
+
+class _FakeRd:
+    """Stands in for the librdkafka consumer in a rebalance callback."""
+
+    def __init__(self) -> None:
+        self.unassigned: list[Any] = []
+
+    def incremental_unassign(self, partitions: list[Any]) -> None:
+        self.unassigned.extend(partitions)
+
+    def commit(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("nothing may be committed for lost partitions")
+
+
+async def test_on_lost_cancels_running_handlers_at_once(
+    no_leaks: LeakChecker, kafka_url: str
+) -> None:
+    transport = KafkaTransport(kafka_url)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def stuck(message: Message) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def publish(*args: Any) -> None:
+        pass
+
+    sub = Subscription(
+        "t",
+        "g",
+        stuck,
+        SubscribeOptions(revoke_timeout=10.0),
+        envelopes=False,
+        publish=publish,
+        on_closed=lambda s: None,
+    )
+    shared = _GroupConsumer(transport, "g")
+    facade = KafkaConsumer(shared, "t", sub)
+    shared.facades["t"] = facade
+    facade._assign([0])
+    await sub.deliver([Message("t", b"x", "k", {}, 0, 5)])
+    await eventually(started.is_set, what="handler running")
+    rd = _FakeRd()
+    began = time.monotonic()
+    # librdkafka calls on_lost on the consumer thread.
+    thread = threading.Thread(target=shared._on_lost, args=(rd, [TopicPartition("t", 0)]))
+    thread.start()
+    await eventually(lambda: not thread.is_alive(), timeout=15.0, what="on_lost returned")
+    thread.join()
+    # Before the fix the core was asked to wait revoke_timeout (10 s) for the handler.
+    assert time.monotonic() - began < 3.0
+    assert cancelled.is_set()
+    assert [tp.partition for tp in rd.unassigned] == [0]
+    assert not facade.owned
+    assert not shared._wanted
+    await sub.unsubscribe(timeout=0)
+
+
+class _BadHeadersRecord:
+    def headers(self) -> Any:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+
+def test_unreadable_headers_of_a_foreign_record_do_not_raise() -> None:
+    headers = _RecordHeaders(_BadHeadersRecord())
+    # The core's dead-lettering copies the headers; an exception there left the record
+    # undone forever, so the partition's commits stopped advancing.
+    copied = dict(headers)
+    assert copied["X-Keybus-Header-Error"].startswith(b"UnicodeDecodeError")
+
+
+def _raising_callback(stats: str) -> None:
+    raise RuntimeError("a user callback failed")
+
+
+async def test_raising_librdkafka_callbacks_kill_neither_pump_nor_consumer_thread(
+    no_leaks: LeakChecker, kafka_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.CRITICAL, logger="keybus")
+    topic = unique("cb")
+    stats = {"statistics.interval.ms": 100, "stats_cb": _raising_callback}
+    async with keybus.connect(
+        kafka_url, group=unique("cb-g"), producer_config=stats, consumer_config=stats
+    ) as bus:
+        got = Collected()
+        await bus.subscribe(topic, got)
+        for round_ in range(3):  # spans several stats intervals: each one raised
+            values = [f"{round_}-{i}".encode() for i in range(20)]
+            await asyncio.wait_for(
+                asyncio.gather(*(bus.publish(topic, v, key="k") for v in values)), 15.0
+            )
+            await eventually(
+                lambda values=values: set(values) <= set(got.values()),  # type: ignore[misc]
+                timeout=15.0,
+            )
+            await asyncio.sleep(0.3)
+        consumers = [t for t in threading.enumerate() if t.name.startswith("keybus-kafka-cons")]
+        assert consumers
+        assert all(t.is_alive() for t in consumers)
+        await bus.delete_topic(topic)
+        await bus.delete_topic(f"{topic}.dlq")
+
+
+async def test_bad_librdkafka_settings_raise_keybus_errors(
+    no_leaks: LeakChecker, kafka_url: str
+) -> None:
+    topic = unique("cfg")
+    async with keybus.connect(kafka_url, producer_config={"linger.ms": "soon"}) as bus:
+        with pytest.raises(keybus.PublishError, match="cannot create the Kafka producer"):
+            await bus.publish(topic, b"x")
+    async with keybus.connect(
+        kafka_url, group=unique("cfg-g"), consumer_config={"fetch.wait.max.ms": "soon"}
+    ) as bus:
+        with pytest.raises(keybus.KeybusError, match="cannot create the Kafka consumer"):
+            await bus.subscribe(topic, Collected())
+        await bus.delete_topic(topic)
+        await bus.delete_topic(f"{topic}.dlq")
+
+
+@pytest.mark.slow
+async def test_close_with_the_broker_stopped_is_bounded_and_leaves_nothing(
+    no_leaks: LeakChecker, kafka_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.CRITICAL, logger="keybus.kafka.librdkafka")
+    topic = unique("down")
+    bus = await keybus.connect(kafka_url, group=unique("down-g"))
+    try:
+        got = Collected()
+        await bus.subscribe(topic, got)
+        await bus.publish(topic, b"x", key="k")
+        await eventually(lambda: len(got) == 1)
+        await kafka_sh("stop")
+        pending = [asyncio.ensure_future(bus.publish(topic, b"y", key="k")) for _ in range(5)]
+        await asyncio.sleep(0.3)
+        began = time.monotonic()
+        await bus.close(timeout=0.5)
+        # Before: ~9 s, with the consumer thread still in a commit (and librdkafka's
+        # threads) long after close() returned. librdkafka holds a consumer's close
+        # until the session (6 s) times out when a commit is outstanding.
+        assert time.monotonic() - began < 8.0
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        assert all(isinstance(r, keybus.PublishError) for r in results), results
+        assert not [t for t in threading.enumerate() if t.name.startswith("keybus-kafka")]
+    finally:
+        await bus.close(timeout=0.5)
+        await kafka_sh("start")
+    async with keybus.connect(kafka_url) as admin:
+        await admin.delete_topic(topic)
+        await admin.delete_topic(f"{topic}.dlq")
