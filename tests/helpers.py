@@ -37,3 +37,11 @@ class Collected(list[Any]):
 
     def values(self) -> list[bytes]:
         return [item.value for item in self]
+
+
+async def watch_dead_letters(open_bus: Callable[..., Any], topic: str) -> Collected:
+    """Collect what lands on ``topic``'s dead-letter topic, seen from a bus of its own."""
+    letters = Collected()
+    watcher = await open_bus()
+    await watcher.subscribe(f"{topic}.dlq", letters)
+    return letters

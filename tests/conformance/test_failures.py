@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import keybus
 from tests.conftest import Backend, BusFactory
-from tests.helpers import Collected, eventually
+from tests.helpers import Collected, eventually, watch_dead_letters
 
 
 def _envelope(aggregate: str, version: int) -> keybus.Envelope:
@@ -15,19 +15,12 @@ def _envelope(aggregate: str, version: int) -> keybus.Envelope:
     )
 
 
-async def _collect_dead_letters(open_bus: BusFactory, topic: str) -> list[keybus.Message]:
-    letters = Collected()
-    watcher = await open_bus()
-    await watcher.subscribe(f"{topic}.dlq", letters)
-    return letters
-
-
 async def test_failing_handler_is_retried_in_place_then_dead_lettered_in_order(
     open_bus: BusFactory, backend: Backend
 ) -> None:
     bus = await open_bus()
     topic = backend.topic()
-    letters = await _collect_dead_letters(open_bus, topic)
+    letters = await watch_dead_letters(open_bus, topic)
     calls: list[int] = []
 
     async def handler(envelope: keybus.Envelope) -> None:
@@ -83,7 +76,7 @@ async def test_poison_message_is_dead_lettered_with_reason_and_stream_continues(
 ) -> None:
     bus = await open_bus()
     topic = backend.topic()
-    letters = await _collect_dead_letters(open_bus, topic)
+    letters = await watch_dead_letters(open_bus, topic)
     handled: list[int] = []
 
     async def handler(envelope: keybus.Envelope) -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import keybus
 from tests.conftest import Backend, BusFactory
-from tests.helpers import Collected, eventually
+from tests.helpers import Collected, eventually, watch_dead_letters
 
 
 async def test_handler_raising_cancelled_error_is_a_failure_not_a_stall(
@@ -14,9 +14,7 @@ async def test_handler_raising_cancelled_error_is_a_failure_not_a_stall(
 ) -> None:
     bus = await open_bus()
     topic = backend.topic()
-    letters = Collected()
-    watcher = await open_bus()
-    await watcher.subscribe(f"{topic}.dlq", letters)
+    letters = await watch_dead_letters(open_bus, topic)
     seen: list[bytes] = []
 
     async def handler(message: keybus.Message) -> None:
@@ -38,9 +36,7 @@ async def test_deeply_nested_poison_is_dead_lettered_and_the_stream_continues(
 ) -> None:
     bus = await open_bus()
     topic = backend.topic()
-    letters = Collected()
-    watcher = await open_bus()
-    await watcher.subscribe(f"{topic}.dlq", letters)
+    letters = await watch_dead_letters(open_bus, topic)
     handled = Collected()
     await bus.subscribe_envelope(topic, handled)
     poison = b'{"payload":' + b"[" * 5000 + b"]" * 5000 + b"}"

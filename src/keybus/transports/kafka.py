@@ -62,7 +62,7 @@ from confluent_kafka.cimpl import NewTopic
 from keybus.errors import ConnectError, KeybusError, PublishError
 from keybus.message import Message
 from keybus.transports.base import Consumer, Partition, Sink, TopicConfig, Transport
-from keybus.transports.kafka_producer import KafkaProducer
+from keybus.transports.kafka_producer import KafkaProducer, _reason
 
 __all__ = ["KafkaTransport"]
 
@@ -135,14 +135,6 @@ def _bootstrap(url: str) -> str:
     if not servers:
         raise ConnectError(url, "no bootstrap server in the URL")
     return servers
-
-
-def _reason(err: Any) -> str:
-    if isinstance(err, KafkaException) and err.args and isinstance(err.args[0], KafkaError):
-        err = err.args[0]
-    if isinstance(err, KafkaError):
-        return f"{err.name()}: {err.str()}"
-    return str(err) or type(err).__name__
 
 
 def _is_fatal(exc: BaseException) -> bool:

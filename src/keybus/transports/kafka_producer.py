@@ -51,6 +51,7 @@ _Future = asyncio.Future
 
 
 def _reason(err: Any) -> str:
+    """librdkafka's error name and text (shared with kafka.py)."""
     if isinstance(err, KafkaException) and err.args and isinstance(err.args[0], KafkaError):
         err = err.args[0]
     if isinstance(err, KafkaError):
