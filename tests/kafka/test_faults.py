@@ -95,7 +95,12 @@ def test_unreadable_headers_of_a_foreign_record_do_not_raise() -> None:
     assert copied["X-Keybus-Header-Error"].startswith(b"UnicodeDecodeError")
 
 
+_stats_calls = 0
+
+
 def _raising_callback(stats: str) -> None:
+    global _stats_calls
+    _stats_calls += 1
     raise RuntimeError("a user callback failed")
 
 
@@ -119,7 +124,11 @@ async def test_raising_librdkafka_callbacks_kill_neither_pump_nor_consumer_threa
                 lambda values=values: set(values) <= set(got.values()),  # type: ignore[misc]
                 timeout=15.0,
             )
-            await asyncio.sleep(0.3)
+            seen = _stats_calls
+            await eventually(
+                lambda seen=seen: _stats_calls >= seen + 2,  # type: ignore[misc]
+                what="two more raising stats callbacks",
+            )
         consumers = [t for t in threading.enumerate() if t.name.startswith("keybus-kafka-cons")]
         assert consumers
         assert all(t.is_alive() for t in consumers)
@@ -157,7 +166,8 @@ async def test_close_with_the_broker_stopped_is_bounded_and_leaves_nothing(
         await eventually(lambda: len(got) == 1)
         await kafka_sh("stop")
         pending = [asyncio.ensure_future(bus.publish(topic, b"y", key="k")) for _ in range(5)]
-        await asyncio.sleep(0.3)
+        for _ in range(3):  # let each publish run up to its ack wait (produce() done)
+            await asyncio.sleep(0)
         began = time.monotonic()
         await bus.close(timeout=0.5)
         # Before: ~9 s, with the consumer thread still in a commit (and librdkafka's
