@@ -28,6 +28,11 @@ def enabled_backends() -> list[str]:
     return [b for b in names if b]
 
 
+def unique(label: str) -> str:
+    """A fresh topic/group name, so tests never see each other's data."""
+    return f"kb-{label}-{uuid.uuid4().hex[:10]}"
+
+
 @dataclass
 class Backend:
     """One backend under test; ``url`` is shared by every bus of one test."""
@@ -37,7 +42,7 @@ class Backend:
     topics: list[str] = field(default_factory=list)
 
     def topic(self, label: str = "t") -> str:
-        name = f"kb-{label}-{uuid.uuid4().hex[:10]}"
+        name = unique(label)
         self.topics.append(name)
         self.topics.append(f"{name}.dlq")
         return name

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -24,10 +23,6 @@ if "kafka" not in enabled_backends():
 @pytest.fixture
 def kafka_url() -> str:
     return backend_url("kafka")
-
-
-def unique(label: str) -> str:
-    return f"kb-{label}-{uuid.uuid4().hex[:10]}"
 
 
 class Worker:

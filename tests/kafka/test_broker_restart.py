@@ -11,8 +11,9 @@ import pytest
 
 import keybus
 from keybus.testing import LeakChecker
+from tests.conftest import unique
 from tests.helpers import eventually
-from tests.kafka.conftest import kafka_sh, unique
+from tests.kafka.conftest import kafka_sh
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,9 @@ from keybus.message import Message
 from keybus.subscription import SubscribeOptions, Subscription
 from keybus.testing import LeakChecker
 from keybus.transports.kafka import KafkaConsumer, KafkaTransport, _GroupConsumer, _RecordHeaders
+from tests.conftest import unique
 from tests.helpers import Collected, eventually
-from tests.kafka.conftest import kafka_sh, unique
+from tests.kafka.conftest import kafka_sh
 
 
 class _FakeRd:

@@ -10,9 +10,10 @@ import pytest
 
 import keybus
 from keybus.testing import LeakChecker
+from tests.conftest import unique
 from tests.helpers import eventually
 from tests.kafka import logs
-from tests.kafka.conftest import Spawn, unique
+from tests.kafka.conftest import Spawn
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import pytest
 
 import keybus
 from keybus.testing import LeakChecker
+from tests.conftest import unique
 from tests.helpers import Collected, eventually
-from tests.kafka.conftest import unique
 
 
 def _closed_port() -> int:

@@ -169,6 +169,16 @@ def _guarded(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+async def _admin_result(future: Any, fine: int, verb: str, topic: str) -> None:
+    """Await an AdminClient future; ``fine`` is the error code that means "already so"
+    (idempotent create/delete), anything else a KeybusError with librdkafka's reason."""
+    try:
+        await asyncio.wrap_future(future)
+    except KafkaException as exc:
+        if _error_code(exc) != fine:
+            raise KeybusError(f"cannot {verb} topic {topic!r}: {_reason(exc)}") from exc
+
+
 def _error_code(exc: BaseException) -> int | None:
     if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
         code: int = exc.args[0].code()
@@ -281,22 +291,14 @@ class KafkaTransport(Transport):
             config=settings,
         )
         futures = self._admin_client().create_topics([new], request_timeout=10.0)
-        try:
-            await asyncio.wrap_future(futures[topic])
-        except KafkaException as exc:
-            if _error_code(exc) != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise KeybusError(f"cannot create topic {topic!r}: {_reason(exc)}") from exc
+        await _admin_result(futures[topic], KafkaError.TOPIC_ALREADY_EXISTS, "create", topic)
         # The controller acknowledged; wait until the broker serves the topic's metadata,
         # so a consumer subscribing next sees every partition in its first metadata reply.
         await self._until(lambda: self._topic_state(topic), present=True, topic=topic)
 
     async def delete_topic(self, topic: str) -> None:
         futures = self._admin_client().delete_topics([topic], request_timeout=10.0)
-        try:
-            await asyncio.wrap_future(futures[topic])
-        except KafkaException as exc:
-            if _error_code(exc) != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise KeybusError(f"cannot delete topic {topic!r}: {_reason(exc)}") from exc
+        await _admin_result(futures[topic], KafkaError.UNKNOWN_TOPIC_OR_PART, "delete", topic)
         await self._until(lambda: self._topic_state(topic), present=False, topic=topic)
 
     async def _until(
