@@ -109,8 +109,11 @@ async def test_redelivery_never_overtakes_an_unacknowledged_message(
     successor = await open_bus(group=group, **OPTIONS)
     await successor.subscribe_envelope(topic, handler)
     await eventually(lambda: 15 in seen, what="v15", timeout=30)
-    # v5's ack may have died with the process (at-least-once), nothing else repeats.
-    assert seen[: len(seen) - 10] in ([], [5])
+    # Acks of the last few handled versions may die with the process (at-least-once:
+    # acks are coalesced and sent asynchronously), so a tail of 1..5 may repeat, in
+    # order; nothing before that tail and nothing out of order.
+    replayed = seen[: len(seen) - 10]
+    assert replayed == list(range(6 - len(replayed), 6)), f"bad replay: {seen}"
     assert seen[-10:] == list(range(6, 16)), f"resumed out of order: {seen}"
 
 
