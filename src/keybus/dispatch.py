@@ -51,6 +51,12 @@ class KeyedDispatcher:
         self._workers: set[asyncio.Task[None]] = set()
         self._parked: deque[asyncio.Future[None]] = deque()
         self._running = 0  # work items inside process() right now
+        # Workers woken (or created) that have not looked at the ready queue yet. One on
+        # its way is enough: a worker that takes a lane wakes the next one only if lanes
+        # are still waiting, so a burst of ready lanes whose handlers finish without
+        # suspending is drained by one worker instead of waking (and re-parking) a
+        # worker per lane; handlers that do suspend ramp the workers up one by one.
+        self._waking = 0
         self._peak = 0
         self._closed = False
         self.abandoned_settled = asyncio.Event()  # set when an abandoned work unwound
@@ -77,17 +83,24 @@ class KeyedDispatcher:
         if not lane.active:
             lane.active = True
             self._ready.append(lane)
-            parked = self._parked
-            while parked:
-                waiter = parked.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    return
-            if len(self._workers) < self._max:
-                task = asyncio.get_running_loop().create_task(
-                    self._work(), name=f"keybus-worker:{self._name}"
-                )
-                self._workers.add(task)
+            if not self._waking:
+                self._wake_one()
+
+    def _wake_one(self) -> None:
+        """Get one more worker onto the ready queue: a parked one, else a new one."""
+        parked = self._parked
+        while parked:
+            waiter = parked.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._waking += 1
+                return
+        if len(self._workers) < self._max:
+            task = asyncio.get_running_loop().create_task(
+                self._work(), name=f"keybus-worker:{self._name}"
+            )
+            self._workers.add(task)
+            self._waking += 1
 
     def drop(self, predicate: Callable[[Work], bool]) -> list[Work]:
         """Remove queued (not yet running) work matching ``predicate``; returns it."""
@@ -108,13 +121,17 @@ class KeyedDispatcher:
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
         try:
+            self._waking -= 1
             while not self._closed:
                 if not ready:
                     waiter: asyncio.Future[None] = loop.create_future()
                     self._parked.append(waiter)
                     await waiter
+                    self._waking -= 1
                     continue
                 lane = ready.popleft()
+                if ready and not self._waking:
+                    self._wake_one()
                 if lane.items:
                     work = lane.items.popleft()
                     work.state = RUNNING

@@ -23,6 +23,11 @@ _AGGREGATE_ID = re.compile(r"[A-Za-z0-9:_\-./]{1,256}")
 _INT64_MAX = 2**63 - 1  # the Go services decode these fields as int64
 _FIELD_IN_ERROR = re.compile(r"at `\$\.([a-z_]+)")
 _force_setattr = msgspec.structs.force_setattr
+# Aggregate ids that passed the regex (exact str only): a service sees the same aggregates
+# over and over.
+_VALID_AGGREGATES: set[str] = set()
+_VALID_AGGREGATES_MAX = 65_536
+_BYTES = (bytes, bytearray, memoryview)  # a tuple: `bytes | ...` would build a union per call
 
 
 def _new_event_id() -> str:
@@ -63,12 +68,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         if type(event_type) is not str or not event_type.strip():
             raise EnvelopeError("event_type", "must be a non-blank string")
         aggregate_id = self.aggregate_id
-        if type(aggregate_id) is not str or not _AGGREGATE_ID.fullmatch(aggregate_id):
-            if type(aggregate_id) is str and not aggregate_id.strip():
-                raise EnvelopeError("aggregate_id", "must not be blank")
-            raise EnvelopeError(
-                "aggregate_id", "must be 1 to 256 characters of A-Z a-z 0-9 : _ - . /"
-            )
+        # The regex is most of this method's cost: ids that passed it once are remembered.
+        if type(aggregate_id) is not str or aggregate_id not in _VALID_AGGREGATES:
+            _check_aggregate_id(aggregate_id)
         version = self.event_version
         if type(version) is not int or not 0 < version <= _INT64_MAX:
             raise EnvelopeError("event_version", f"must be an integer > 0, got {version!r}")
@@ -78,9 +80,11 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         ):
             raise EnvelopeError("timestamp", "must be a timezone-aware datetime")
         payload = self.payload
-        if payload is None:
+        if type(payload) is dict:
+            pass  # the common case, decoded or built: nothing to check
+        elif payload is None:
             raise EnvelopeError("payload", "is required")
-        if isinstance(payload, bytes | bytearray | memoryview):
+        elif isinstance(payload, _BYTES):
             raw = bytes(payload)
             if not raw.strip():
                 raise EnvelopeError("payload", "must not be empty")
@@ -136,6 +140,16 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Envelope).decode
+
+
+def _check_aggregate_id(aggregate_id: object) -> None:
+    if type(aggregate_id) is not str or not _AGGREGATE_ID.fullmatch(aggregate_id):
+        if type(aggregate_id) is str and not aggregate_id.strip():
+            raise EnvelopeError("aggregate_id", "must not be blank")
+        raise EnvelopeError("aggregate_id", "must be 1 to 256 characters of A-Z a-z 0-9 : _ - . /")
+    if len(_VALID_AGGREGATES) >= _VALID_AGGREGATES_MAX:
+        _VALID_AGGREGATES.clear()  # bounded; a service's hot aggregates come back at once
+    _VALID_AGGREGATES.add(aggregate_id)
 
 
 def _optional_text(envelope: Envelope, name: str, value: object) -> None:
