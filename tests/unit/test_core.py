@@ -75,6 +75,37 @@ async def test_dispatcher_keeps_key_order_and_runs_keys_concurrently() -> None:
     assert await dispatcher.cancel(grace=1.0) == []
 
 
+async def test_dispatcher_reaches_full_concurrency_when_handlers_wait() -> None:
+    """Workers are woken one at a time (each wakes the next while lanes wait): with every
+    handler blocked, all ``max_concurrency`` of them must still end up running."""
+    gate = asyncio.Event()
+
+    async def process(work: Work) -> None:
+        await gate.wait()
+
+    dispatcher = KeyedDispatcher(process, 16, "unit")
+    for key in range(40):
+        dispatcher.submit(Work(Message("t", b""), None, None), key)
+    await eventually(lambda: dispatcher.running == 16)
+    gate.set()
+    assert await dispatcher.cancel(grace=1.0) == []
+
+
+async def test_dispatcher_burst_of_quick_work_does_not_wake_a_worker_per_lane() -> None:
+    done: list[int] = []
+
+    async def process(work: Work) -> None:
+        done.append(work.message.offset)  # finishes without suspending
+
+    dispatcher = KeyedDispatcher(process, 256, "unit")
+    for offset in range(500):
+        dispatcher.submit(Work(Message("t", b"", None, {}, 0, offset), None, None), offset)
+    await eventually(lambda: len(done) == 500)
+    assert done == list(range(500))  # one worker took the lanes in order
+    assert len(dispatcher._workers) <= 2, "a worker per ready lane was started"
+    assert await dispatcher.cancel(grace=1.0) == []
+
+
 async def test_dispatcher_cancel_ends_parked_and_busy_workers() -> None:
     async def process(work: Work) -> None:
         await asyncio.Event().wait()
