@@ -186,7 +186,9 @@ class EventBus:
         """Stop fetching, let in-flight handlers finish until ``timeout``, cancel those
         still running, commit what completed, flush publishes and disconnect.
 
-        Returns within ``timeout`` plus a small constant even if a handler never returns.
+        Returns within ``timeout`` plus a small constant even if a handler never returns
+        (Kafka with its broker unreachable: up to the consumer session timeout more, the
+        time librdkafka holds a consumer's close; see docs/kafka.md).
         Idempotent, and safe to call from inside a handler; afterwards the bus owns no
         task, thread, socket or fd."""
         if self._close_task is None:
@@ -212,7 +214,7 @@ class EventBus:
                     # transport.
                     log.error("keybus: closing %s failed: %r", sub.topic, result)
         try:
-            await asyncio.wait_for(self._transport.close(), 5.0)
+            await asyncio.wait_for(self._transport.close(), self._transport.close_budget)
         except TimeoutError:
             log.error("keybus: transport %s did not close in time", self.url)
 

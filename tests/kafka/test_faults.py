@@ -171,10 +171,10 @@ async def test_close_with_the_broker_stopped_is_bounded_and_leaves_nothing(
             await asyncio.sleep(0)
         began = time.monotonic()
         await bus.close(timeout=0.5)
-        # Before: ~9 s, with the consumer thread still in a commit (and librdkafka's
-        # threads) long after close() returned. librdkafka holds a consumer's close
-        # until the session (6 s) times out when a commit is outstanding.
-        assert time.monotonic() - began < 8.0
+        # librdkafka holds a consumer's close until the session (6 s) times out when a
+        # commit is outstanding; close() waits for it (no thread may outlive close), but
+        # not much longer: timeout + session timeout + margin.
+        assert time.monotonic() - began < 0.5 + 6.0 + 3.0
         results = await asyncio.gather(*pending, return_exceptions=True)
         assert all(isinstance(r, keybus.PublishError) for r in results), results
         assert not [t for t in threading.enumerate() if t.name.startswith("keybus-kafka")]

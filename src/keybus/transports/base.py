@@ -99,6 +99,9 @@ class Transport(abc.ABC):
     """A connection to one backend."""
 
     url: str
+    # How long the bus lets :meth:`close` take (after the subscriptions stopped). A
+    # transport whose client library may hold a close longer says so here.
+    close_budget: float = 5.0
 
     @abc.abstractmethod
     async def connect(self) -> None:

@@ -86,7 +86,11 @@ _HOLD_BEFORE_PAUSE = 0.5
 # only made after a probe showed the broker answers within _PROBE_TIMEOUT.
 _SHUTDOWN_WAIT = 1.8
 _PROBE_TIMEOUT = 0.5
-_CLOSE_WAIT = 4.5  # transport.close() (5 s budget) waits this long for a consumer thread
+# transport.close() waits this much longer than the session timeout for a consumer thread
+# still in librdkafka's close: an asynchronous commit outstanding when the broker went
+# away holds that close until the session times out, and returning earlier would leave
+# the thread (and librdkafka's native threads) running after close().
+_CLOSE_MARGIN = 2.0
 
 _PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,  # no duplicates or reordering from the producer's retries
@@ -226,6 +230,12 @@ class KafkaTransport(Transport):
         self._assign_timeout = float(assign_timeout)
         self._join_settle = max(0.0, float(join_settle))
         self._probe_timeout = float(probe_timeout)
+        try:
+            session = float(self._consumer_config.get("session.timeout.ms", 45000)) / 1000
+        except (TypeError, ValueError):  # librdkafka rejects it when the consumer is made
+            session = 45.0
+        self._close_wait = max(4.5, session + _CLOSE_MARGIN)
+        self.close_budget = max(5.0, self._close_wait + 0.5)
         self._admin: AdminClient | None = None
         self._producer: KafkaProducer | None = None
         self._groups: dict[str, list[_GroupConsumer]] = {}
@@ -377,10 +387,11 @@ class KafkaTransport(Transport):
         self._shared.clear()
         self._groups.clear()
         producer, self._producer = self._producer, None
-        # Side by side: each is bounded (consumers 1.8 s, producer ~4 s), together they
-        # fit the core's 5 s budget for this close.
+        # Side by side: each is bounded (consumer threads by the session timeout plus a
+        # margin, the producer by ~4 s), together within ``close_budget``.
         await asyncio.gather(
-            *(s.shutdown(_CLOSE_WAIT) for s in shared), *([producer.close()] if producer else [])
+            *(s.shutdown(self._close_wait) for s in shared),
+            *([producer.close()] if producer else []),
         )
         if self._admin is not None:
             # The admin client has no close(): dropping the last reference destroys the
