@@ -87,7 +87,7 @@ class EventBus:
         if type(topic) is not str:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
-        await self._transport.publish(topic, value, key, _header_bytes(headers))
+        await self._transport.send(topic, value, key, _header_bytes(headers))
 
     async def publish_envelope(self, topic: str, envelope: Envelope) -> None:
         """Send an envelope (validated at construction): key = aggregate id, headers
@@ -99,7 +99,7 @@ class EventBus:
         if type(topic) is not str:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
-        await self._transport.publish(
+        await self._transport.send(
             topic, envelope.to_bytes(), envelope.aggregate_id, envelope_headers(envelope)
         )
 

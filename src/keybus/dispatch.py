@@ -47,6 +47,8 @@ class KeyedDispatcher:
         self._max = max_concurrency
         self._name = name
         self._lanes: dict[Hashable, _Lane] = {}
+        # Retired lanes for reuse: with many keys each lane often lives for one message.
+        self._spare: list[_Lane] = []
         self._ready: deque[_Lane] = deque()
         self._workers: set[asyncio.Task[None]] = set()
         self._parked: deque[asyncio.Future[None]] = deque()
@@ -74,17 +76,25 @@ class KeyedDispatcher:
         if self._closed:
             return  # stopped: the work stays undone, so it is redelivered later
         if key is None:
-            lane = _Lane(None)
+            lane = self._lane(None)
         else:
             lane = self._lanes.get(key)  # type: ignore[assignment]
             if lane is None:
-                lane = self._lanes[key] = _Lane(key)
+                lane = self._lanes[key] = self._lane(key)
         lane.items.append(work)
         if not lane.active:
             lane.active = True
             self._ready.append(lane)
             if not self._waking:
                 self._wake_one()
+
+    def _lane(self, key: Hashable | None) -> _Lane:
+        spare = self._spare
+        if spare:
+            lane = spare.pop()
+            lane.key = key
+            return lane
+        return _Lane(key)
 
     def _wake_one(self) -> None:
         """Get one more worker onto the ready queue: a parked one, else a new one."""
@@ -161,10 +171,19 @@ class KeyedDispatcher:
                     ready.append(lane)  # back of the queue: fair across keys
                 else:
                     lane.active = False
-                    if lane.key is not None and self._lanes.get(lane.key) is lane:
-                        del self._lanes[lane.key]
+                    key = lane.key
+                    if key is None:
+                        self._retire(lane)
+                    elif self._lanes.get(key) is lane:
+                        del self._lanes[key]
+                        self._retire(lane)
         finally:
             self._workers.discard(asyncio.current_task())
+
+    def _retire(self, lane: _Lane) -> None:
+        if len(self._spare) < 1024:
+            lane.key = None
+            self._spare.append(lane)
 
     @staticmethod
     def abandon(works: list[Work]) -> None:

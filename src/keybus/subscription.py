@@ -214,7 +214,8 @@ class Subscription:
                 await self._space.wait()
             # Checked after any wait: the partition may have been revoked (and even
             # re-assigned) meanwhile.
-            generation = assigned.get((message.topic, message.partition))
+            where = (message.topic, message.partition)
+            generation = assigned.get(where)
             if generation is None or generation > begun or self._closing:
                 continue
             stats.delivered += 1
@@ -222,14 +223,14 @@ class Subscription:
                 try:
                     envelope = Envelope.from_bytes(message.value)
                 except Exception as exc:  # EnvelopeError, or anything a bug lets through
-                    work = Work(message, None, exc)
+                    work = Work(message, None, exc, where)
                     # Dead-lettered in its key's lane: the key's dead letters keep order.
                     key: str | None = message.key
                 else:
-                    work = Work(message, envelope, None)
+                    work = Work(message, envelope, None, where)
                     key = message.key or envelope.aggregate_id
             else:
-                work = Work(message, message, None)
+                work = Work(message, message, None, where)
                 key = message.key
             self._in_flight += 1
             tracker.add(work)

@@ -20,9 +20,17 @@ class Work:
 
     __slots__ = ("attempts", "error", "message", "partition", "payload", "state", "task")
 
-    def __init__(self, message: Message, payload: Any, error: Exception | None) -> None:
+    def __init__(
+        self,
+        message: Message,
+        payload: Any,
+        error: Exception | None,
+        partition: Partition | None = None,  # (message.topic, message.partition) if known
+    ) -> None:
         self.message = message
-        self.partition: Partition = (message.topic, message.partition)
+        self.partition: Partition = (
+            partition if partition is not None else (message.topic, message.partition)
+        )
         self.payload = payload
         self.error = error
         self.state = QUEUED

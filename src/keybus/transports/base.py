@@ -14,7 +14,7 @@ ack-all up to that message; memory: the group's committed offset).
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -113,6 +113,14 @@ class Transport(abc.ABC):
     ) -> None:
         """Send one record; return once the broker acknowledged it. Concurrent calls are
         batched underneath. Failure: :class:`~keybus.errors.PublishError`."""
+
+    def send(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> Awaitable[None]:
+        """:meth:`publish` as an awaitable the bus awaits at once. A transport whose
+        client hands out a future per record may return that future itself: one
+        coroutine frame less to create and resume on the hottest path."""
+        return self.publish(topic, value, key, headers)
 
     @abc.abstractmethod
     async def ensure_topic(self, topic: str, config: TopicConfig) -> None:

@@ -51,7 +51,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer as _RdConsumer
@@ -349,6 +349,15 @@ class KafkaTransport(Transport):
         except BufferError:
             future = await producer.send_when_room(topic, value, key, headers)
         await future
+
+    def send(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> Awaitable[None]:
+        producer = self._producer
+        if producer is not None:
+            with contextlib.suppress(BufferError):  # full: publish() waits for room
+                return producer.send(topic, value, key, headers)
+        return self.publish(topic, value, key, headers)
 
     # -- consume ---------------------------------------------------------------------
 
