@@ -355,8 +355,10 @@ class KafkaTransport(Transport):
     ) -> Awaitable[None]:
         producer = self._producer
         if producer is not None:
-            with contextlib.suppress(BufferError):  # full: publish() waits for room
+            try:  # not contextlib.suppress: a Python-level context manager per publish
                 return producer.send(topic, value, key, headers)
+            except BufferError:
+                pass  # librdkafka's queue is full: publish() waits for room
         return self.publish(topic, value, key, headers)
 
     # -- consume ---------------------------------------------------------------------
