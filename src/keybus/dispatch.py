@@ -20,6 +20,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 
+from keybus.errors import BusClosedError
 from keybus.work import DROPPED, QUEUED, RUNNING, Work
 
 log = logging.getLogger("keybus")
@@ -62,6 +63,11 @@ class KeyedDispatcher:
         self._peak = 0
         self._closed = False
         self.abandoned_settled = asyncio.Event()  # set when an abandoned work unwound
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`cancel` was called: no work is taken any more."""
+        return self._closed
 
     @property
     def running(self) -> int:
@@ -157,6 +163,8 @@ class KeyedDispatcher:
                         # A revoke abandoned this one work (see abandon()); the worker
                         # itself goes on with other lanes.
                         me.uncancel()
+                    except BusClosedError:
+                        pass  # stopped mid-retry: the work stays undone (redelivered)
                     except Exception:
                         # process() handles handler errors itself; reaching here is a bug
                         # or a closed bus. Keep the worker alive; the work stays undone
@@ -166,6 +174,11 @@ class KeyedDispatcher:
                         self._running -= 1
                         work.task = None
                         if work.state == DROPPED:
+                            # abandon()'s cancel request is taken back even when the
+                            # handler swallowed it: a pending request would turn a
+                            # later handler's own CancelledError into this worker's end.
+                            if me is not None and not self._closed and me.cancelling():
+                                me.uncancel()
                             self.abandoned_settled.set()
                 if lane.items:
                     ready.append(lane)  # back of the queue: fair across keys

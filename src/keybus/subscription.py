@@ -298,13 +298,15 @@ class Subscription:
                 if result is not None and (type(result) is CoroutineType or isawaitable(result)):
                     await result
             except Exception as exc:
-                await self._retry(work, exc)
+                if self._still_ours(work):
+                    await self._retry(work, exc)
             except asyncio.CancelledError as exc:
                 if _being_cancelled():
                     raise
                 # The handler *raised* CancelledError (e.g. it awaited a future someone
                 # else cancelled) while nobody cancelled us: that is a failure like any.
-                await self._retry(work, exc)
+                if self._still_ours(work):
+                    await self._retry(work, exc)
             else:
                 self.stats.handled += 1
         if work.state == RUNNING:  # not abandoned by a revoke meanwhile
@@ -318,6 +320,8 @@ class Subscription:
         while work.attempts < options.max_attempts:
             self.stats.retries += 1
             await asyncio.sleep(options.backoff(work.attempts))
+            if not self._still_ours(work):
+                return
             work.attempts += 1
             try:
                 result = self._handler(work.payload)
@@ -332,7 +336,18 @@ class Subscription:
             else:
                 self.stats.handled += 1
                 return
-        await self._dead_letter(work, error)
+        if self._still_ours(work):
+            await self._dead_letter(work, error)
+
+    def _still_ours(self, work: Work) -> bool:
+        """Whether a failed work may be retried or dead-lettered. Not once a revoke
+        abandoned it (the partition's next owner redoes it; returning leaves it undone),
+        nor once the subscription stopped — a handler that outlived the stop's
+        cancellation must not retry, dead-letter into a closed transport or commit:
+        BusClosedError leaves the work undone, to be redelivered."""
+        if self._dispatcher.closed:
+            raise BusClosedError("the subscription stopped; the message is redelivered")
+        return work.state == RUNNING
 
     def _release(self, count: int) -> None:
         if not count:
@@ -367,6 +382,8 @@ class Subscription:
             except BusClosedError:
                 raise
             except KeybusError as exc:
+                if not self._still_ours(work):
+                    return  # abandoned: undone, the partition's next owner redoes it
                 attempt += 1
                 log.warning("keybus: dead-lettering to %s failed: %s", self.dead_letter_topic, exc)
                 await asyncio.sleep(self.options.backoff(attempt))
