@@ -10,12 +10,18 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from hypothesis import settings
 
 import keybus
 from keybus.bench.scenario import backend_url
 from keybus.testing import LeakChecker
 
 ALL_BACKENDS = ("memory", "kafka", "nats")
+
+# Property tests check what the codec does, not how fast: Hypothesis's default 200 ms
+# deadline per example would turn a GC pause or a busy CI core into a failure.
+settings.register_profile("keybus", deadline=None, print_blob=True)
+settings.load_profile("keybus")
 
 
 def enabled_backends() -> list[str]:
