@@ -164,7 +164,10 @@ class KeyedDispatcher:
                         # itself goes on with other lanes.
                         me.uncancel()
                     except BusClosedError:
-                        pass  # stopped mid-retry: the work stays undone (redelivered)
+                        # Stopped mid-retry: the work stays undone (redelivered). Before
+                        # the stop it would be a bug, like any exception below.
+                        if not self._closed:
+                            log.exception("keybus: processing failed in %s", self._name)
                     except Exception:
                         # process() handles handler errors itself; reaching here is a bug
                         # or a closed bus. Keep the worker alive; the work stays undone
