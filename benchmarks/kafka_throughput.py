@@ -129,13 +129,8 @@ def _warm_producer() -> Producer:
     return producer
 
 
-def raw_run(topic: str, records: list[Any]) -> tuple[float, float, float]:
-    """Returns (envelopes/s, p50 ms, p99 ms)."""
-    total = len(records)
-    latencies: list[float] = []
-    assigned = threading.Event()
-    finished = threading.Event()
-    ended = [0.0]
+def _raw_consumer(topic: str, assigned: threading.Event) -> Consumer:
+    """A bare consumer of ``topic`` in a fresh group; ``assigned`` is set on assignment."""
     consumer = Consumer(
         {
             "bootstrap.servers": BOOTSTRAP,
@@ -147,6 +142,17 @@ def raw_run(topic: str, records: list[Any]) -> tuple[float, float, float]:
         }
     )
     consumer.subscribe([topic], on_assign=lambda c, partitions: assigned.set())
+    return consumer
+
+
+def raw_run(topic: str, records: list[Any]) -> tuple[float, float, float]:
+    """Returns (envelopes/s, p50 ms, p99 ms)."""
+    total = len(records)
+    latencies: list[float] = []
+    assigned = threading.Event()
+    finished = threading.Event()
+    ended = [0.0]
+    consumer = _raw_consumer(topic, assigned)
 
     def consume() -> None:
         seen = 0
@@ -195,17 +201,7 @@ async def raw_asyncio_run(
     assigned = threading.Event()
     stop = threading.Event()
     ended = 0.0
-    consumer = Consumer(
-        {
-            "bootstrap.servers": BOOTSTRAP,
-            "group.id": f"raw-{uuid.uuid4().hex[:8]}",
-            "partition.assignment.strategy": "cooperative-sticky",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": 100,
-        }
-    )
-    consumer.subscribe([topic], on_assign=lambda c, partitions: assigned.set())
+    consumer = _raw_consumer(topic, assigned)
 
     handled_batch = threading.Event()
 

@@ -45,3 +45,10 @@ async def watch_dead_letters(open_bus: Callable[..., Any], topic: str) -> Collec
     watcher = await open_bus()
     await watcher.subscribe(f"{topic}.dlq", letters)
     return letters
+
+
+async def drop_topics(bus: Any, *topics: str) -> None:
+    """Delete each topic and its dead-letter topic (tests clean up what they create)."""
+    for topic in topics:
+        await bus.delete_topic(topic)
+        await bus.delete_topic(f"{topic}.dlq")

@@ -11,7 +11,7 @@ import pytest
 import keybus
 from keybus.testing import LeakChecker, LeakError
 from tests.conftest import Backend, BusFactory
-from tests.helpers import Collected, eventually
+from tests.helpers import Collected, drop_topics, eventually
 
 # close() may take its timeout plus this much (cancelling, committing, disconnecting).
 CLOSE_SLACK = 4.0
@@ -153,8 +153,7 @@ async def test_no_tasks_threads_or_fds_remain_after_close(backend: Backend) -> N
             await bus.publish(topic, b"x", key=f"k{i}")
         await eventually(lambda: len(got) == 100, what="100 messages")
         checker.sample()
-        await bus.delete_topic(topic)
-        await bus.delete_topic(f"{topic}.dlq")
+        await drop_topics(bus, topic)
         await bus.close()
     assert checker.peak["tasks"] > checker.before.counts()["tasks"], "the bus did run tasks"
 
@@ -182,5 +181,4 @@ async def test_repeated_open_close_cycles_do_not_accumulate(backend: Backend) ->
                     what="delivery",
                 )
         async with keybus.connect(backend.url) as admin:
-            await admin.delete_topic(topic)
-            await admin.delete_topic(f"{topic}.dlq")
+            await drop_topics(admin, topic)

@@ -12,7 +12,7 @@ import pytest
 import keybus
 from keybus.testing import LeakChecker
 from tests.conftest import unique
-from tests.helpers import eventually
+from tests.helpers import drop_topics, eventually
 from tests.kafka.conftest import kafka_sh
 
 pytestmark = pytest.mark.slow
@@ -77,5 +77,4 @@ async def test_broker_restart_loses_nothing_acknowledged_and_bus_recovers(
             first_seen = list(dict.fromkeys(versions))
             assert first_seen == sorted(first_seen), f"{aggregate} out of order"
         print(f"restart: {acked()} acknowledged, {len(failures)} PublishError")
-        await publisher.delete_topic(topic)
-        await publisher.delete_topic(f"{topic}.dlq")
+        await drop_topics(publisher, topic)

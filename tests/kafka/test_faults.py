@@ -18,7 +18,7 @@ from keybus.subscription import SubscribeOptions, Subscription
 from keybus.testing import LeakChecker
 from keybus.transports.kafka import KafkaConsumer, KafkaTransport, _GroupConsumer, _RecordHeaders
 from tests.conftest import unique
-from tests.helpers import Collected, eventually
+from tests.helpers import Collected, drop_topics, eventually
 from tests.kafka.conftest import kafka_sh
 
 
@@ -133,8 +133,7 @@ async def test_raising_librdkafka_callbacks_kill_neither_pump_nor_consumer_threa
         consumers = [t for t in threading.enumerate() if t.name.startswith("keybus-kafka-cons")]
         assert consumers
         assert all(t.is_alive() for t in consumers)
-        await bus.delete_topic(topic)
-        await bus.delete_topic(f"{topic}.dlq")
+        await drop_topics(bus, topic)
 
 
 async def test_bad_librdkafka_settings_raise_keybus_errors(
@@ -149,8 +148,7 @@ async def test_bad_librdkafka_settings_raise_keybus_errors(
     ) as bus:
         with pytest.raises(keybus.KeybusError, match="cannot create the Kafka consumer"):
             await bus.subscribe(topic, Collected())
-        await bus.delete_topic(topic)
-        await bus.delete_topic(f"{topic}.dlq")
+        await drop_topics(bus, topic)
 
 
 @pytest.mark.slow
@@ -182,5 +180,4 @@ async def test_close_with_the_broker_stopped_is_bounded_and_leaves_nothing(
         await bus.close(timeout=0.5)
         await kafka_sh("start")
     async with keybus.connect(kafka_url) as admin:
-        await admin.delete_topic(topic)
-        await admin.delete_topic(f"{topic}.dlq")
+        await drop_topics(admin, topic)

@@ -11,7 +11,7 @@ import pytest
 import keybus
 from keybus.testing import LeakChecker
 from tests.conftest import unique
-from tests.helpers import eventually
+from tests.helpers import drop_topics, eventually
 from tests.kafka import logs
 from tests.kafka.conftest import Spawn
 
@@ -94,8 +94,7 @@ async def test_consumer_process_killed_mid_stream_successor_resumes_without_loss
             duplicates += len(ran) - resumed[0] + 1
         print(f"crash: {stream.sent} sent, {duplicates} handled twice after the SIGKILL")
         assert duplicates < stream.sent
-        await publisher.delete_topic(topic)
-        await publisher.delete_topic(f"{topic}.dlq")
+        await drop_topics(publisher, topic)
 
 
 async def test_member_process_joins_then_leaves_mid_stream_without_loss_or_overlap(
@@ -135,5 +134,4 @@ async def test_member_process_joins_then_leaves_mid_stream_without_loss_or_overl
             assert first_seen == sorted(first_seen), f"{aggregate} out of order"
         duplicates = len(entries) - len({(h.aggregate, h.version) for h in entries})
         print(f"rebalance: {stream.sent} sent, {duplicates} handled twice")
-        await publisher.delete_topic(topic)
-        await publisher.delete_topic(f"{topic}.dlq")
+        await drop_topics(publisher, topic)

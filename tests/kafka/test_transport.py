@@ -13,7 +13,7 @@ import pytest
 import keybus
 from keybus.testing import LeakChecker
 from tests.conftest import unique
-from tests.helpers import Collected, eventually
+from tests.helpers import Collected, drop_topics, eventually
 
 
 def _closed_port() -> int:
@@ -51,9 +51,7 @@ async def test_one_consumer_thread_per_group_for_all_topics(
         for topic in topics:
             await bus.publish(topic, topic.encode(), key="k")
         await eventually(lambda: sorted(got.values()) == sorted(t.encode() for t in topics))
-        for topic in topics:
-            await bus.delete_topic(topic)
-            await bus.delete_topic(f"{topic}.dlq")
+        await drop_topics(bus, *topics)
 
 
 async def test_oversized_message_raises_a_clear_publish_error(
@@ -84,8 +82,7 @@ async def test_non_envelope_bytes_are_dead_lettered_and_unknown_headers_are_fine
         assert letters[0].value == b"\x00\x01 not json at all"
         assert letters[0].headers["X-Error"].startswith(b"EnvelopeError: ")
         assert letters[0].headers["X-Attempts"] == b"0"
-        await bus.delete_topic(topic)
-        await bus.delete_topic(f"{topic}.dlq")
+        await drop_topics(bus, topic)
 
 
 async def test_close_with_stuck_handlers_and_paused_backlog_is_bounded(
@@ -110,5 +107,4 @@ async def test_close_with_stuck_handlers_and_paused_backlog_is_bounded(
         started = time.monotonic()
         await bus.close(timeout=0.5)
         assert time.monotonic() - started < 0.5 + 4.0
-        await publisher.delete_topic(topic)
-        await publisher.delete_topic(f"{topic}.dlq")
+        await drop_topics(publisher, topic)
