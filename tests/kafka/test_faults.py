@@ -27,12 +27,15 @@ class _FakeRd:
 
     def __init__(self) -> None:
         self.unassigned: list[Any] = []
+        # Recorded, not raised: the transport logs and survives a failing commit, so an
+        # exception here would not fail the test.
+        self.commits: list[Any] = []
 
     def incremental_unassign(self, partitions: list[Any]) -> None:
         self.unassigned.extend(partitions)
 
     def commit(self, *args: Any, **kwargs: Any) -> None:
-        raise AssertionError("nothing may be committed for lost partitions")
+        self.commits.append((args, kwargs))
 
 
 async def test_on_lost_cancels_running_handlers_at_once(
@@ -78,6 +81,7 @@ async def test_on_lost_cancels_running_handlers_at_once(
     assert time.monotonic() - began < 3.0
     assert cancelled.is_set()
     assert [tp.partition for tp in rd.unassigned] == [0]
+    assert rd.commits == [], "nothing may be committed for lost partitions"
     assert not facade.owned
     assert not shared._wanted
     await sub.unsubscribe(timeout=0)
@@ -164,9 +168,10 @@ async def test_close_with_the_broker_stopped_is_bounded_and_leaves_nothing(
         await bus.publish(topic, b"x", key="k")
         await eventually(lambda: len(got) == 1)
         await kafka_sh("stop")
+        producer = bus._transport._producer  # type: ignore[attr-defined]
         pending = [asyncio.ensure_future(bus.publish(topic, b"y", key="k")) for _ in range(5)]
-        for _ in range(3):  # let each publish run up to its ack wait (produce() done)
-            await asyncio.sleep(0)
+        # Each publish runs up to its ack wait: handed to librdkafka, unacknowledged.
+        await eventually(lambda: producer.pending() >= 5, what="5 publishes in librdkafka")
         began = time.monotonic()
         await bus.close(timeout=0.5)
         # librdkafka holds a consumer's close until the session (6 s) times out when a

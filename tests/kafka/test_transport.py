@@ -33,8 +33,8 @@ async def test_unreachable_broker_raises_connect_error_naming_the_url_in_bounded
     assert time.monotonic() - started < 5.0
 
 
-async def test_unknown_option_is_a_type_error(kafka_url: str) -> None:
-    with pytest.raises(TypeError):
+async def test_unknown_option_is_a_type_error(no_leaks: LeakChecker, kafka_url: str) -> None:
+    with pytest.raises(TypeError, match="no_such_option"):
         await keybus.connect(kafka_url, no_such_option=1)
 
 

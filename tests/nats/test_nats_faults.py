@@ -163,9 +163,10 @@ async def test_killed_consumer_process_successor_delivers_everything_in_order(
         if before and after:
             assert after[0] <= before[-1] + 1, f"agg-{i} skipped from {before[-1]} to {after[0]}"
         duplicates += len(set(before) & set(after))
-    # At-least-once: what the child handled but had not yet acked is handled again.
+    # At-least-once: what the child handled but had not yet acked is handled again —
+    # not everything it handled (it acked along the way, every few ms).
     print(f"duplicates after the crash: {duplicates}")
-    assert duplicates <= aggregates * versions
+    assert duplicates < child.count(), "the successor redid all the child's work"
 
 
 @pytest.mark.slow

@@ -102,8 +102,7 @@ async def test_a_handler_outliving_close_neither_retries_nor_dead_letters(
     """A handler that keeps running past the close's grace and then fails used to be
     retried and dead-lettered into the closed transport, forever (a worker alive after
     close, logging a failed dead letter every few ms)."""
-    entered = asyncio.Event()
-    unwound = asyncio.Event()
+    entered, release, unwound = asyncio.Event(), asyncio.Event(), asyncio.Event()
     caplog.set_level(logging.WARNING, logger="keybus")
 
     async def handler(m: keybus.Message) -> None:
@@ -111,7 +110,7 @@ async def test_a_handler_outliving_close_neither_retries_nor_dead_letters(
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
-            await asyncio.sleep(0.6)  # finishing up past the 0.5 s grace
+            await release.wait()  # finishing up past the close
             unwound.set()
             raise RuntimeError("cleanup failed") from None
 
@@ -122,6 +121,8 @@ async def test_a_handler_outliving_close_neither_retries_nor_dead_letters(
     await bus.publish("t", b"x", key="k")
     await asyncio.wait_for(entered.wait(), 5)
     await bus.close(timeout=0.1)
+    assert not unwound.is_set(), "the premise: the handler outlives close()"
+    release.set()
     await asyncio.wait_for(unwound.wait(), 5)
     # no_leaks waits for the worker to end; it must not retry or dead-letter on the way.
     await eventually(lambda: sub._dispatcher.running == 0, what="the late handler's end")

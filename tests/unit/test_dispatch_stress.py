@@ -286,7 +286,7 @@ async def test_dispatcher_wakes_parked_workers_after_they_all_parked() -> None:
 async def test_dispatcher_abandoned_work_does_not_let_its_key_run_twice() -> None:
     """An abandoned handler that is slow to unwind still holds its lane: the key's next
     work waits for it, and then runs on a reused lane in order."""
-    unwind = asyncio.Event()
+    unwind, unwinding = asyncio.Event(), asyncio.Event()
     log: list[tuple[str, int]] = []
 
     async def process(work: Work) -> None:
@@ -296,6 +296,7 @@ async def test_dispatcher_abandoned_work_does_not_let_its_key_run_twice() -> Non
             if offset == 0:
                 await asyncio.Event().wait()
         except asyncio.CancelledError:
+            unwinding.set()
             await unwind.wait()  # slow to unwind
             raise
         finally:
@@ -307,12 +308,23 @@ async def test_dispatcher_abandoned_work_does_not_let_its_key_run_twice() -> Non
     await _until(lambda: dispatcher.running == 1, "first running")
     dispatcher.submit(works[1], "k")
     KeyedDispatcher.abandon([works[0]])
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert log == [("start", 0)], "the key's next work ran beside the abandoned one"
+    await asyncio.wait_for(unwinding.wait(), 5)
+    # A probe on another key: the ready queue is FIFO with spare workers, so a wrongly
+    # readied works[1] would have started before the probe finishes.
+    probe = Work(Message("t", b"", None, {}, 0, 99), None, None)
+    dispatcher.submit(probe, "probe")
+    await _until(lambda: ("end", 99) in log, "the probe done")
+    assert [e for e in log if e[1] != 99] == [("start", 0)], "the key ran beside the abandon"
     unwind.set()
     await _until(lambda: ("end", 1) in log, "second done")
     dispatcher.submit(works[2], "k")  # on a lane from the spare pool
     await _until(lambda: ("end", 2) in log, "third done")
-    assert log == [("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert [e for e in log if e[1] != 99] == [
+        ("start", 0),
+        ("end", 0),
+        ("start", 1),
+        ("end", 1),
+        ("start", 2),
+        ("end", 2),
+    ]
     assert await dispatcher.cancel(grace=1.0) == []

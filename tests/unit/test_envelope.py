@@ -177,7 +177,8 @@ def test_invalid_fields_raise_envelope_error_naming_the_field(
 
 def test_aggregate_id_of_256_allowed_characters_is_valid() -> None:
     aggregate = ("A-z0:_./" * 32)[:256]
-    assert Envelope(aggregate_id=aggregate, event_type="T", event_version=1, payload=1)
+    envelope = Envelope(aggregate_id=aggregate, event_type="T", event_version=1, payload=1)
+    assert Envelope.from_bytes(envelope.to_bytes()).aggregate_id == aggregate
 
 
 def test_envelopes_are_immutable() -> None:

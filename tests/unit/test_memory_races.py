@@ -94,28 +94,32 @@ async def test_a_handler_ignoring_cancellation_takes_no_more_work_after_close(
     no_leaks: LeakChecker,
 ) -> None:
     after_close: list[bytes] = []
-    closed = False
-    entered = asyncio.Event()
+    closing = False
+    entered, release, unwound = asyncio.Event(), asyncio.Event(), asyncio.Event()
     bus = await keybus.connect("memory://swallow", group="g")
 
     async def handler(m: keybus.Message) -> None:
-        if closed:
+        if closing:
             after_close.append(m.value)
         if m.value == b"slow":
             entered.set()
             try:
                 await asyncio.Event().wait()
             except asyncio.CancelledError:
-                await asyncio.sleep(0.2)  # "finishing up", ignoring the cancel
+                await release.wait()  # "finishing up", ignoring the cancel, past close()
+                unwound.set()
 
     await bus.subscribe("t", handler, max_concurrency=1)
     await bus.publish("t", b"slow", key="k0")
     for i in range(5):
         await bus.publish("t", b"queued-%d" % i, key=f"k{i + 1}")
     await asyncio.wait_for(entered.wait(), 10)
+    closing = True
     await bus.close(timeout=0.1)
-    closed = True
-    # no_leaks then waits for the stubborn worker to end; it must not pick up more.
+    assert not unwound.is_set(), "the premise: the handler outlives close()"
+    release.set()
+    await asyncio.wait_for(unwound.wait(), 5)
+    # The stubborn worker ends now; it must not have picked up more on the way.
     await eventually(lambda: not [t for t in asyncio.all_tasks() if "worker" in t.get_name()])
     assert after_close == []
 

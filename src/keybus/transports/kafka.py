@@ -51,7 +51,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer as _RdConsumer
@@ -61,8 +61,15 @@ from confluent_kafka.cimpl import NewTopic
 
 from keybus.errors import ConnectError, KeybusError, PublishError
 from keybus.message import Message
-from keybus.transports.base import Consumer, Partition, Sink, TopicConfig, Transport
-from keybus.transports.kafka_producer import KafkaProducer, _reason
+from keybus.transports.base import (
+    Consumer,
+    LazyHeaders,
+    Partition,
+    Sink,
+    TopicConfig,
+    Transport,
+)
+from keybus.transports.kafka_producer import KafkaProducer, _reason, _set_done
 
 __all__ = ["KafkaTransport"]
 
@@ -414,65 +421,26 @@ class KafkaTransport(Transport):
 # -- consuming helpers ------------------------------------------------------------
 
 
-def _set_done(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 # -- consuming -----------------------------------------------------------------------
 
 
-class _RecordHeaders(Mapping[str, bytes]):
-    """A consumed record's headers as a read-only mapping, converted on first use.
+class _RecordHeaders(LazyHeaders):
+    """A consumed Kafka record's headers, converted on first use (on the loop, not the
+    consumer thread, where it cost ~1.5 µs a record with the GIL held). A header without
+    a value reads as ``b""``; a repeated name keeps the last value."""
 
-    Building a dict of every record's headers on the consumer thread cost ~1.5 µs a record
-    with the GIL held, and most subscriptions (every envelope subscription) never read
-    them. A header without a value reads as ``b""``; a repeated name keeps the last value.
-    """
+    __slots__ = ()
 
-    __slots__ = ("_dict", "_record")
-
-    def __init__(self, record: Any) -> None:
-        self._record: Any = record
-        self._dict: dict[str, bytes] | None = None
-
-    def _headers(self) -> dict[str, bytes]:
-        headers = self._dict
-        if headers is None:
-            try:
-                raw = self._record.headers()
-                headers = {k: (v if v is not None else b"") for k, v in raw} if raw else {}
-            except Exception as exc:
-                # A foreign producer's header confluent-kafka cannot convert (a name that
-                # is not UTF-8). Raising here would fail whoever reads the headers — the
-                # core's dead-lettering too, which would stall the partition's commits.
-                log.warning("keybus: unreadable headers on a Kafka record: %r", exc)
-                headers = {"X-Keybus-Header-Error": f"{type(exc).__name__}: {exc}".encode()}
-            self._dict = headers
-            self._record = None
-        return headers
-
-    def __getitem__(self, name: str) -> bytes:
-        return self._headers()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._headers())
-
-    def __len__(self) -> int:
-        return len(self._headers())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._headers()
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, _RecordHeaders):
-            other = other._headers()
-        return self._headers() == other
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return repr(self._headers())
+    def _load(self) -> dict[str, bytes]:
+        try:
+            raw = self._source.headers()
+            return {k: (v if v is not None else b"") for k, v in raw} if raw else {}
+        except Exception as exc:
+            # A foreign producer's header confluent-kafka cannot convert (a name that is
+            # not UTF-8). Raising here would fail whoever reads the headers — the core's
+            # dead-lettering too, which would stall the partition's commits.
+            log.warning("keybus: unreadable headers on a Kafka record: %r", exc)
+            return {"X-Keybus-Header-Error": f"{type(exc).__name__}: {exc}".encode()}
 
 
 class _GroupConsumer:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-import zlib
 from collections.abc import Mapping
 from itertools import count
 
@@ -28,6 +27,7 @@ from keybus.transports.base import (
     Sink,
     TopicConfig,
     Transport,
+    partition_for,
 )
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
@@ -87,11 +87,7 @@ class _Topic:
         self._round_robin = count()
 
     def append(self, value: bytes, key: str | None, headers: Mapping[str, bytes]) -> None:
-        n = len(self.logs)
-        if key is None:
-            p = next(self._round_robin) % n
-        else:
-            p = zlib.crc32(key.encode()) % n if n > 1 else 0
+        p = partition_for(key, len(self.logs), self._round_robin)
         log = self.logs[p]
         records = log.records
         offset = log.base + len(records)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import count
@@ -37,8 +36,8 @@ from nats.js import JetStreamContext, api
 
 import nats
 from keybus.errors import ConnectError, PublishError
-from keybus.transports.base import Consumer, Sink, TopicConfig, Transport
-from keybus.transports.nats_group import GroupMember
+from keybus.transports.base import Consumer, Sink, TopicConfig, Transport, partition_for
+from keybus.transports.nats_group import NATS_ERRORS, GroupMember
 from keybus.transports.nats_headers import decode_headers, encode_headers
 from keybus.transports.nats_names import stream_name, subject_base
 from keybus.transports.nats_publish import Publisher
@@ -52,7 +51,6 @@ _TOPIC_META = "keybus.topic"
 
 # What a failing NATS call can raise: the client's errors (JetStream's derive from them),
 # timeouts and socket errors.
-NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,13 +325,7 @@ class NatsTransport(Transport):
             raise
         except NATS_ERRORS as exc:
             raise PublishError(topic, f"cannot look up its stream: {exc!r}") from exc
-        n = info.partitions
-        if n == 1:
-            partition = 0
-        elif key is None:
-            partition = next(self._round_robin) % n
-        else:
-            partition = zlib.crc32(key.encode()) % n
+        partition = partition_for(key, info.partitions, self._round_robin)
         nats_headers = encode_headers(key, headers)
         event_id = headers.get("X-Event-ID")
         if event_id is not None:

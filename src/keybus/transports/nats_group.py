@@ -56,8 +56,8 @@ from nats.js.kv import KeyValue
 
 from keybus.errors import KeybusError
 from keybus.message import Message
-from keybus.transports.base import Consumer, Sink
-from keybus.transports.nats_headers import decode_headers
+from keybus.transports.base import ANONYMOUS_GROUP_PREFIX, Consumer, Sink
+from keybus.transports.nats_headers import NatsHeaders, decode_key
 from keybus.transports.nats_names import (
     GROUPS_BUCKET,
     consumer_name,
@@ -73,11 +73,11 @@ __all__ = ["GroupMember"]
 
 log = logging.getLogger("keybus.nats")
 
-_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
+NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
+_ERRORS = NATS_ERRORS
 # A failed rebalance round is retried at the next heartbeat; these are what it may raise
 # (KeyError/ValueError: a group-state entry written by something else).
 _ROUND_ERRORS: tuple[type[BaseException], ...] = (*_ERRORS, KeybusError, KeyError, ValueError)
-_ANON_PREFIX = "keybus-anon-"  # EventBus names a bus without group= like this
 _ACK = b"+ACK"
 _IN_PROGRESS = b"+WPI"
 _ACK_INTERVAL = 0.005  # seconds between two asynchronous acks of one partition
@@ -366,7 +366,7 @@ class GroupMember(Consumer):
 
     async def _leave(self) -> None:
         state = await self._round(leaving=True)
-        if state["m"] or not self._group.startswith(_ANON_PREFIX) or self._info is None:
+        if state["m"] or not self._group.startswith(ANONYMOUS_GROUP_PREFIX) or self._info is None:
             return
         # The last member of an anonymous group (a bus without group=) is gone and nobody
         # can ever name that group again: drop its durables instead of leaving them behind.
@@ -660,8 +660,8 @@ class GroupMember(Consumer):
             # above), its first delivery is with the core.
             return None
         part.last_seq = seq
-        key, headers = decode_headers(msg)
         stamp = int(tokens[7 + shift]) / 1e9
+        key, headers = decode_key(msg), NatsHeaders(msg)
         return Message(self._topic, msg.data, key, headers, part.partition, seq, stamp, msg)
 
     async def _stop_pulling(self, part: _Part) -> None:

@@ -18,13 +18,16 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import re
 from collections.abc import Mapping
 
 from nats.aio.msg import Msg
 
-__all__ = ["decode_headers", "encode_headers"]
+from keybus.transports.base import LazyHeaders
+
+__all__ = ["NatsHeaders", "decode_headers", "decode_key", "encode_headers"]
 
 _KEY_HEADER = "Keybus-Key"
 _B64_HEADER = "Keybus-B64"  # JSON list of (wire) header names whose values are base64
@@ -45,6 +48,7 @@ def _plain(value: bytes) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)  # pure, and the same few names come every publish
 def _wire_name(name: str) -> str:
     if _TOKEN.fullmatch(name) and not name.lower().startswith(_RESERVED_PREFIXES):
         return name
@@ -134,3 +138,24 @@ def decode_headers(msg: Msg) -> tuple[str | None, dict[str, bytes]]:
     if malformed is not None:
         headers[_B64_HEADER] = malformed.encode()  # pass it on rather than guess
     return key, headers
+
+
+def decode_key(msg: Msg) -> str | None:
+    """The record key alone, as :func:`decode_headers` gives it, without decoding every
+    header when the key travelled as is (no ``Keybus-B64`` list)."""
+    raw = msg.headers
+    if not raw:
+        return None
+    if _B64_HEADER not in raw:
+        return raw.get(_KEY_HEADER)
+    return decode_headers(msg)[0]
+
+
+class NatsHeaders(LazyHeaders):
+    """A delivered message's user headers (:func:`decode_headers`), decoded on first
+    use: envelope subscriptions never read them, and decoding cost ~2.8 µs a message."""
+
+    __slots__ = ()
+
+    def _load(self) -> dict[str, bytes]:
+        return decode_headers(self._source)[1]
