@@ -176,7 +176,8 @@ def raw_run(topic: str, records: list[Any]) -> tuple[float, float, float]:
     started = time.perf_counter()
     _produce_all(producer, topic, records)
     producer.flush(60)
-    finished.wait(120)
+    if not finished.wait(120):
+        raise RuntimeError("raw consumer did not see every record within 120 s")
     thread.join()
     consumer.close()
     producer.close()
@@ -446,6 +447,8 @@ async def main() -> None:
             f"  keybus consume only  {statistics.median(con_only):>9,.0f} envelopes/s"
             f"   (prefilled topic, from subscribe to last handled)"
         )
+    if sum(b[3] for b in bus):
+        raise SystemExit("order violated")
 
 
 if __name__ == "__main__":

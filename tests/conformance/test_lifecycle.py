@@ -158,7 +158,7 @@ async def test_no_tasks_threads_or_fds_remain_after_close(backend: Backend) -> N
     assert checker.peak["tasks"] > checker.before.counts()["tasks"], "the bus did run tasks"
 
 
-async def test_leak_checker_reports_a_task_left_running(backend: Backend) -> None:
+async def test_leak_checker_reports_a_task_left_running() -> None:
     leaked = asyncio.Event()
     checker = LeakChecker(timeout=0.2)
     with pytest.raises(LeakError, match="keybus-test-leak"):

@@ -60,7 +60,7 @@ async def test_foreign_non_envelope_bytes_are_dead_lettered_and_the_consumer_con
     await watcher.subscribe(f"{topic}.dlq", on_letter)
     await bus.subscribe_envelope(topic, handler)
     # Another service writes straight onto our subject: no key, no keybus headers.
-    nc = await nats.connect(backend.url.replace("nats://", "nats://", 1))
+    nc = await nats.connect(backend.url)
     try:
         js = nc.jetstream()
         await js.publish(f"{subject_base(topic)}.0", b"\x00\xffnot an envelope")
