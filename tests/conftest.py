@@ -48,15 +48,34 @@ class Backend:
     topics: list[str] = field(default_factory=list)
 
     def topic(self, label: str = "t") -> str:
+        """A fresh topic name, deleted with its dead-letter topic when the test ends."""
         name = unique(label)
         self.topics.append(name)
         self.topics.append(f"{name}.dlq")
         return name
 
+    async def drop_topics(self) -> None:
+        if not self.topics:
+            return
+        # A subscription to a dead-letter topic made its own: "<topic>.dlq.dlq".
+        doomed = dict.fromkeys(t for name in self.topics for t in (name, f"{name}.dlq"))
+        async with keybus.connect(self.url) as admin:
+            for topic in doomed:
+                await admin.delete_topic(topic)
 
-@pytest.fixture(params=enabled_backends())
-def backend(request: pytest.FixtureRequest) -> Backend:
-    return Backend(request.param, backend_url(request.param))
+
+async def backend_fixture(name: str) -> AsyncIterator[Backend]:
+    """The body of every ``backend`` fixture: topics made with ``backend.topic()`` are
+    deleted at teardown, whether the test passed or not."""
+    backend = Backend(name, backend_url(name))
+    yield backend
+    await backend.drop_topics()
+
+
+@pytest_asyncio.fixture(params=enabled_backends())
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    async for value in backend_fixture(request.param):
+        yield value
 
 
 BusFactory = Callable[..., Any]
@@ -65,7 +84,7 @@ BusFactory = Callable[..., Any]
 @pytest_asyncio.fixture
 async def open_bus(no_leaks: LeakChecker, backend: Backend) -> AsyncIterator[BusFactory]:
     """``await open_bus(group=..., **options)``: a connected bus, closed after the test
-    (before the leak check runs), with the test's topics deleted."""
+    (before the leak check runs; ``backend`` then deletes the test's topics)."""
     buses: list[keybus.EventBus] = []
 
     async def factory(group: str | None = None, **options: Any) -> keybus.EventBus:
@@ -76,7 +95,3 @@ async def open_bus(no_leaks: LeakChecker, backend: Backend) -> AsyncIterator[Bus
     yield factory
     for bus in buses:
         await bus.close(timeout=2.0)
-    if backend.topics:
-        async with keybus.connect(backend.url) as admin:
-            for topic in backend.topics:
-                await admin.delete_topic(topic)

@@ -99,21 +99,27 @@ async def test_max_concurrency_bounds_parallel_handlers(
 ) -> None:
     bus = await open_bus()
     topic = backend.topic()
-    running = 0
-    peak = 0
-    done = 0
+    running = peak = done = 0
+    # Handlers leave one at a time, when the test says so: the bound is reached and held
+    # by construction, not by hoping that timed handlers overlap.
+    release = asyncio.Semaphore(0)
 
     async def handler(message: keybus.Message) -> None:
         nonlocal running, peak, done
         running += 1
         peak = max(peak, running)
-        await asyncio.sleep(0.01)
+        await release.acquire()
         running -= 1
         done += 1
 
     await bus.subscribe(topic, handler, max_concurrency=4)
-    for i in range(40):
-        await bus.publish(topic, b"x", key=f"k{i}")
+    await asyncio.gather(*(bus.publish(topic, b"x", key=f"k{i}") for i in range(40)))
+    for finished in range(40):
+        await eventually(
+            lambda n=finished: done == n and running == min(4, 40 - n),
+            what=f"{min(4, 40 - finished)} handlers running after {finished} handled",
+        )
+        release.release()
     await eventually(lambda: done == 40, what="40 handled")
     assert peak == 4
 

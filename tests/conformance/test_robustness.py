@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Sequence
+
+import pytest
 
 import keybus
+from keybus.subscription import Subscription
 from tests.conftest import Backend, BusFactory
 from tests.helpers import Collected, eventually, watch_dead_letters
 
@@ -71,3 +76,41 @@ async def test_close_called_from_inside_a_handler_completes_and_loses_nothing(
     await successor.subscribe(topic, got)
     # The handler never finished, so its message was not committed: it comes back.
     await eventually(lambda: b"fatal" in got.values(), what="redelivery to the successor")
+
+
+async def test_a_crash_inside_the_core_intake_is_reported_by_name_at_once(
+    open_bus: BusFactory,
+    backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a keybus bug can make ``Subscription.deliver`` raise. Whatever task called it
+    must not die without a word: memory and Kafka log the dead feeder by name (the
+    subscription stalls until reopened), NATS logs it and re-takes the partition."""
+    original = Subscription.deliver
+    crashes: list[int] = []
+
+    async def deliver(self: Subscription, messages: Sequence[keybus.Message]) -> None:
+        if not crashes:
+            crashes.append(len(messages))
+            raise RuntimeError("a bug in the core")
+        await original(self, messages)
+
+    monkeypatch.setattr(Subscription, "deliver", deliver)
+    bus = await open_bus()
+    topic = backend.topic("intake")
+    got = Collected()
+    await bus.subscribe(topic, got)
+    await bus.publish(topic, b"1", key="k")
+
+    def reported() -> bool:
+        return any(
+            r.levelno == logging.ERROR and "crashed" in r.getMessage() and topic in r.getMessage()
+            for r in caplog.records
+        )
+
+    await eventually(reported, what="an error log naming the crashed task")
+    assert crashes == [1]
+    if backend.name == "nats":
+        await eventually(lambda: got.values() == [b"1"], what="the re-taken partition")
+    # open_bus closes the bus and checks for leaks: the dead task is not left behind.

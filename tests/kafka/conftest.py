@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.conftest import backend_url, enabled_backends
+from tests.conftest import Backend, backend_fixture, enabled_backends
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SH = ROOT / "tools" / "kafka" / "kafka.sh"
@@ -20,9 +20,11 @@ if "kafka" not in enabled_backends():
     pytest.skip("kafka is not in KEYBUS_BACKENDS", allow_module_level=True)
 
 
-@pytest.fixture
-def kafka_url() -> str:
-    return backend_url("kafka")
+@pytest_asyncio.fixture
+async def backend() -> AsyncIterator[Backend]:
+    """Only Kafka here: overrides the suite-wide backend parametrisation."""
+    async for value in backend_fixture("kafka"):
+        yield value
 
 
 class Worker:

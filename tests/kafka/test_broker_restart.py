@@ -11,17 +11,17 @@ import pytest
 
 import keybus
 from keybus.testing import LeakChecker
-from tests.conftest import unique
-from tests.helpers import drop_topics, eventually
+from tests.conftest import Backend, unique
+from tests.helpers import eventually
 from tests.kafka.conftest import kafka_sh
 
 pytestmark = pytest.mark.slow
 
 
 async def test_broker_restart_loses_nothing_acknowledged_and_bus_recovers(
-    no_leaks: LeakChecker, kafka_url: str
+    no_leaks: LeakChecker, backend: Backend
 ) -> None:
-    topic = unique("restart")
+    topic = backend.topic("restart")
     handled: dict[str, list[int]] = defaultdict(list)
     acknowledged: dict[str, set[int]] = defaultdict(set)
     failures: list[keybus.PublishError] = []
@@ -52,8 +52,8 @@ async def test_broker_restart_loses_nothing_acknowledged_and_bus_recovers(
         return all(versions <= set(handled[a]) for a, versions in acknowledged.items())
 
     async with (
-        keybus.connect(kafka_url) as publisher,
-        keybus.connect(kafka_url, group=unique("restart-g")) as consumer,
+        keybus.connect(backend.url) as publisher,
+        keybus.connect(backend.url, group=unique("restart-g")) as consumer,
     ):
         await publisher.ensure_topic(topic, keybus.TopicConfig(partitions=3))
         await consumer.subscribe_envelope(topic, handler)
@@ -73,8 +73,8 @@ async def test_broker_restart_loses_nothing_acknowledged_and_bus_recovers(
             for task in producers:
                 task.cancel()
             await asyncio.gather(*producers, return_exceptions=True)
+            await kafka_sh("start")  # idempotent: a failure above must not leave it down
         for aggregate, versions in handled.items():
             first_seen = list(dict.fromkeys(versions))
             assert first_seen == sorted(first_seen), f"{aggregate} out of order"
         print(f"restart: {acked()} acknowledged, {len(failures)} PublishError")
-        await drop_topics(publisher, topic)

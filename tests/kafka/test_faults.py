@@ -17,8 +17,8 @@ from keybus.message import Message
 from keybus.subscription import SubscribeOptions, Subscription
 from keybus.testing import LeakChecker
 from keybus.transports.kafka import KafkaConsumer, KafkaTransport, _GroupConsumer, _RecordHeaders
-from tests.conftest import unique
-from tests.helpers import Collected, drop_topics, eventually
+from tests.conftest import Backend, unique
+from tests.helpers import Collected, eventually
 from tests.kafka.conftest import kafka_sh
 
 
@@ -39,9 +39,9 @@ class _FakeRd:
 
 
 async def test_on_lost_cancels_running_handlers_at_once(
-    no_leaks: LeakChecker, kafka_url: str
+    no_leaks: LeakChecker, backend: Backend
 ) -> None:
-    transport = KafkaTransport(kafka_url)
+    transport = KafkaTransport(backend.url)
     started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def stuck(message: Message) -> None:
@@ -110,13 +110,13 @@ def _raising_callback(stats: str) -> None:
 
 
 async def test_raising_librdkafka_callbacks_kill_neither_pump_nor_consumer_thread(
-    no_leaks: LeakChecker, kafka_url: str, caplog: pytest.LogCaptureFixture
+    no_leaks: LeakChecker, backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.CRITICAL, logger="keybus")
-    topic = unique("cb")
+    topic = backend.topic("cb")
     stats = {"statistics.interval.ms": 100, "stats_cb": _raising_callback}
     async with keybus.connect(
-        kafka_url, group=unique("cb-g"), producer_config=stats, consumer_config=stats
+        backend.url, group=unique("cb-g"), producer_config=stats, consumer_config=stats
     ) as bus:
         got = Collected()
         await bus.subscribe(topic, got)
@@ -137,31 +137,29 @@ async def test_raising_librdkafka_callbacks_kill_neither_pump_nor_consumer_threa
         consumers = [t for t in threading.enumerate() if t.name.startswith("keybus-kafka-cons")]
         assert consumers
         assert all(t.is_alive() for t in consumers)
-        await drop_topics(bus, topic)
 
 
 async def test_bad_librdkafka_settings_raise_keybus_errors(
-    no_leaks: LeakChecker, kafka_url: str
+    no_leaks: LeakChecker, backend: Backend
 ) -> None:
-    topic = unique("cfg")
-    async with keybus.connect(kafka_url, producer_config={"linger.ms": "soon"}) as bus:
+    topic = backend.topic("cfg")
+    async with keybus.connect(backend.url, producer_config={"linger.ms": "soon"}) as bus:
         with pytest.raises(keybus.PublishError, match="cannot create the Kafka producer"):
             await bus.publish(topic, b"x")
     async with keybus.connect(
-        kafka_url, group=unique("cfg-g"), consumer_config={"fetch.wait.max.ms": "soon"}
+        backend.url, group=unique("cfg-g"), consumer_config={"fetch.wait.max.ms": "soon"}
     ) as bus:
         with pytest.raises(keybus.KeybusError, match="cannot create the Kafka consumer"):
             await bus.subscribe(topic, Collected())
-        await drop_topics(bus, topic)
 
 
 @pytest.mark.slow
 async def test_close_with_the_broker_stopped_is_bounded_and_leaves_nothing(
-    no_leaks: LeakChecker, kafka_url: str, caplog: pytest.LogCaptureFixture
+    no_leaks: LeakChecker, backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.CRITICAL, logger="keybus.kafka.librdkafka")
-    topic = unique("down")
-    bus = await keybus.connect(kafka_url, group=unique("down-g"))
+    topic = backend.topic("down")
+    bus = await keybus.connect(backend.url, group=unique("down-g"))
     try:
         got = Collected()
         await bus.subscribe(topic, got)
@@ -184,5 +182,3 @@ async def test_close_with_the_broker_stopped_is_bounded_and_leaves_nothing(
     finally:
         await bus.close(timeout=0.5)
         await kafka_sh("start")
-    async with keybus.connect(kafka_url) as admin:
-        await drop_topics(admin, topic)

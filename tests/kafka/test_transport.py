@@ -12,8 +12,8 @@ import pytest
 
 import keybus
 from keybus.testing import LeakChecker
-from tests.conftest import unique
-from tests.helpers import Collected, drop_topics, eventually
+from tests.conftest import Backend, unique
+from tests.helpers import Collected, eventually
 
 
 def _closed_port() -> int:
@@ -33,16 +33,16 @@ async def test_unreachable_broker_raises_connect_error_naming_the_url_in_bounded
     assert time.monotonic() - started < 5.0
 
 
-async def test_unknown_option_is_a_type_error(no_leaks: LeakChecker, kafka_url: str) -> None:
+async def test_unknown_option_is_a_type_error(no_leaks: LeakChecker, backend: Backend) -> None:
     with pytest.raises(TypeError, match="no_such_option"):
-        await keybus.connect(kafka_url, no_such_option=1)
+        await keybus.connect(backend.url, no_such_option=1)
 
 
 async def test_one_consumer_thread_per_group_for_all_topics(
-    no_leaks: LeakChecker, kafka_url: str
+    no_leaks: LeakChecker, backend: Backend
 ) -> None:
-    topics = [unique("multi") for _ in range(4)]
-    async with keybus.connect(kafka_url, group=unique("multi-g")) as bus:
+    topics = [backend.topic("multi") for _ in range(4)]
+    async with keybus.connect(backend.url, group=unique("multi-g")) as bus:
         got = Collected()
         for topic in topics:
             await bus.subscribe(topic, got)
@@ -51,26 +51,24 @@ async def test_one_consumer_thread_per_group_for_all_topics(
         for topic in topics:
             await bus.publish(topic, topic.encode(), key="k")
         await eventually(lambda: sorted(got.values()) == sorted(t.encode() for t in topics))
-        await drop_topics(bus, *topics)
 
 
 async def test_oversized_message_raises_a_clear_publish_error(
-    no_leaks: LeakChecker, kafka_url: str
+    no_leaks: LeakChecker, backend: Backend
 ) -> None:
-    topic = unique("big")
-    async with keybus.connect(kafka_url) as bus:
+    topic = backend.topic("big")
+    async with keybus.connect(backend.url) as bus:
         await bus.ensure_topic(topic)
         with pytest.raises(keybus.PublishError, match="MSG_SIZE_TOO_LARGE"):
             await bus.publish(topic, b"x" * (2 * 1024 * 1024))
         await bus.publish(topic, b"small")  # the bus is fine afterwards
-        await bus.delete_topic(topic)
 
 
 async def test_non_envelope_bytes_are_dead_lettered_and_unknown_headers_are_fine(
-    no_leaks: LeakChecker, kafka_url: str
+    no_leaks: LeakChecker, backend: Backend
 ) -> None:
-    topic = unique("bad")
-    async with keybus.connect(kafka_url, group=unique("bad-g")) as bus:
+    topic = backend.topic("bad")
+    async with keybus.connect(backend.url, group=unique("bad-g")) as bus:
         envelopes, letters = Collected(), Collected()
         await bus.subscribe_envelope(topic, envelopes)
         await bus.subscribe(f"{topic}.dlq", letters)
@@ -82,17 +80,16 @@ async def test_non_envelope_bytes_are_dead_lettered_and_unknown_headers_are_fine
         assert letters[0].value == b"\x00\x01 not json at all"
         assert letters[0].headers["X-Error"].startswith(b"EnvelopeError: ")
         assert letters[0].headers["X-Attempts"] == b"0"
-        await drop_topics(bus, topic)
 
 
 async def test_close_with_stuck_handlers_and_paused_backlog_is_bounded(
-    no_leaks: LeakChecker, kafka_url: str
+    no_leaks: LeakChecker, backend: Backend
 ) -> None:
-    topic = unique("stuck")
-    async with keybus.connect(kafka_url) as publisher:
+    topic = backend.topic("stuck")
+    async with keybus.connect(backend.url) as publisher:
         await publisher.ensure_topic(topic)
         await asyncio.gather(*(publisher.publish(topic, b"x", key=f"k{i}") for i in range(6000)))
-        bus = await keybus.connect(kafka_url, group=unique("stuck-g"))
+        bus = await keybus.connect(backend.url, group=unique("stuck-g"))
         entered = 0
 
         async def never_returns(message: keybus.Message) -> None:
@@ -107,4 +104,3 @@ async def test_close_with_stuck_handlers_and_paused_backlog_is_bounded(
         started = time.monotonic()
         await bus.close(timeout=0.5)
         assert time.monotonic() - started < 0.5 + 4.0
-        await drop_topics(publisher, topic)

@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 
 from keybus.testing import LeakChecker
-from tests.conftest import Backend, backend_url, enabled_backends
+from tests.conftest import Backend, backend_fixture, enabled_backends
 from tests.nats.proxy import NatsProxy
 
 NATS_ENABLED = "nats" in enabled_backends()
@@ -24,10 +24,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
-@pytest.fixture
-def backend() -> Backend:
+@pytest_asyncio.fixture
+async def backend() -> AsyncIterator[Backend]:
     """Only NATS here: overrides the suite-wide backend parametrisation."""
-    return Backend("nats", backend_url("nats"))
+    async for value in backend_fixture("nats"):
+        yield value
 
 
 @pytest_asyncio.fixture

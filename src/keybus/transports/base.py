@@ -14,8 +14,10 @@ ack-all up to that message; memory: the group's committed offset).
 from __future__ import annotations
 
 import abc
+import asyncio
+import logging
 import zlib
-from collections.abc import Awaitable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +32,10 @@ __all__ = [
     "TopicConfig",
     "Transport",
     "partition_for",
+    "start_feeder",
 ]
+
+log = logging.getLogger("keybus")
 
 Partition = tuple[str, int]
 """A stream of strictly ordered positions: ``(topic, partition)``."""
@@ -48,6 +53,29 @@ def partition_for(key: str | None, partitions: int, round_robin: Iterator[int]) 
     if key is None:
         return next(round_robin) % partitions
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions
+
+
+def start_feeder(body: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """Start a consumer's feed loop: the task that moves records, already in memory, into
+    :meth:`Sink.deliver`. It does no I/O, so only a keybus bug can end it — and then the
+    subscription would stall without a word until close. Say so at once, by name. (NATS
+    pull tasks, which do talk to the server, are restarted instead.)"""
+    task = asyncio.get_running_loop().create_task(body, name=name)
+    task.add_done_callback(_report_crash)
+    return task
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()  # retrieved here, so asyncio does not repeat it at collection
+    if exc is not None:
+        log.error(
+            "keybus: %s crashed; its subscription takes no more messages until it is "
+            "reopened (uncommitted ones are redelivered then)",
+            task.get_name(),
+            exc_info=exc,
+        )
 
 
 class LazyHeaders(Mapping[str, bytes]):

@@ -68,6 +68,7 @@ from keybus.transports.base import (
     Sink,
     TopicConfig,
     Transport,
+    start_feeder,
 )
 from keybus.transports.kafka_producer import KafkaProducer, _reason, _set_done
 
@@ -950,9 +951,7 @@ class KafkaConsumer(Consumer):
         self._closed = False
 
     async def start(self) -> None:
-        self._feeder = asyncio.get_running_loop().create_task(
-            self._feed(), name=f"keybus-kafka-feed:{self.topic}"
-        )
+        self._feeder = start_feeder(self._feed(), f"keybus-kafka-feed:{self.topic}")
         self.seq = self._shared.attach(self)
         transport = self._shared.transport
         deadline = time.monotonic() + transport._assign_timeout

@@ -28,6 +28,7 @@ from keybus.transports.base import (
     TopicConfig,
     Transport,
     partition_for,
+    start_feeder,
 )
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
@@ -191,9 +192,7 @@ class MemoryConsumer(Consumer):
         async with group.lock:
             group.members.append(self)
             await group.rebalance()
-        self._task = asyncio.get_running_loop().create_task(
-            self._fetch(), name=f"keybus-memory-fetch:{self._topic.name}"
-        )
+        self._task = start_feeder(self._fetch(), f"keybus-memory-fetch:{self._topic.name}")
 
     def _assign(self, partition: int, offset: int) -> None:
         self._positions[partition] = offset
