@@ -184,6 +184,7 @@ class Subscription:
             except TimeoutError:
                 break
         stuck = await self._dispatcher.cancel(grace=0.5)
+        self._progress.set()  # a revoke waiting for handlers sees the stop now
         for task in stuck:
             log.error("keybus: handler of %s ignored cancellation: %r", self.topic, task)
         left = self._tracker.forget(list(self._assigned))
@@ -250,7 +251,11 @@ class Subscription:
         deadline = time.monotonic() + (0.0 if lost else self.options.revoke_timeout)
         while running:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            # Once the stop cancelled the workers, nothing these handlers do is kept (a
+            # cancelled work stays undone, RUNNING, for good): waiting on would hold the
+            # consumer's rebalance callback, and the bounded close behind it, until
+            # revoke_timeout.
+            if remaining <= 0 or self._dispatcher.closed:
                 await self._abandon(running, revoked)
                 break
             self._progress.clear()

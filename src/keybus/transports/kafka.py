@@ -751,7 +751,8 @@ class _GroupConsumer:
     def _probe(self, consumer: _RdConsumer) -> bool:
         """Does the broker answer? A synchronous commit to an unreachable coordinator
         blocks (and a close behind it) until the session times out; a metadata request
-        with a deadline tells in ``_PROBE_TIMEOUT``. The answer holds for 2 s (one close)."""
+        with a deadline tells in ``_PROBE_TIMEOUT``. The answer holds for 2 s (one close).
+        Never call it from a librdkafka callback (see ``_release``)."""
         now = time.monotonic()
         if self._reachable is None or now - self._probed_at > 2.0:
             self._probed_at = now
@@ -886,7 +887,12 @@ class _GroupConsumer:
                 timeout = (0.0 if lost else facade.revoke_timeout) + 2.0
                 self._run_on_loop(facade._revoke(parts, lost=lost), timeout)
         revoked = {(tp.topic, tp.partition) for tp in partitions}
-        if not lost and (not self._stop.is_set() or self._probe(consumer)):
+        # No _probe() here: we are inside a librdkafka callback, and list_topics() ends
+        # the CallState of the consume()/close() that runs it, so that call's next
+        # callback aborts the process (confluent-kafka's CallState_get assertion). A
+        # closing thread probed before its consumer.close(); a stop that arrived during
+        # this revoke goes by the last answer, and commits like any revoke without one.
+        if not lost and (not self._stop.is_set() or self._reachable is not False):
             # Commit before release: the next owner starts exactly after our done prefix.
             try:
                 self._commit(consumer, revoked, asynchronous=False)
