@@ -55,11 +55,12 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 
 import keybus
-from keybus.bench.scenario import percentile, static_inputs
+from keybus.bench.scenario import backend_url, percentile, static_inputs
 from keybus.envelope import envelope_headers
+from keybus.transports.kafka import _bootstrap
 
-BOOTSTRAP = "127.0.0.1:9092"
-URL = f"kafka://{BOOTSTRAP}"
+URL = backend_url("kafka")  # KEYBUS_KAFKA_URL, else the broker `make brokers` starts
+BOOTSTRAP = _bootstrap(URL)
 PRODUCER = {
     "bootstrap.servers": BOOTSTRAP,
     "enable.idempotence": True,

@@ -115,8 +115,10 @@ class EventBus:
         """Call ``handler(message)`` for each :class:`~keybus.Message` of ``topic``.
 
         Options: ``max_concurrency`` (256), ``max_attempts`` (3), ``retry_backoff`` (0.1 s,
-        doubled per attempt), ``dead_letter_topic`` (``f"{topic}.dlq"``),
-        ``max_in_flight``, ``revoke_timeout``."""
+        doubled per attempt, at most ``max_retry_backoff``, 30 s), ``dead_letter_topic``
+        (``f"{topic}.dlq"``), ``max_in_flight`` (taken in, not yet handled: max(1024,
+        4 x max_concurrency)), ``max_uncommitted`` (taken in, not yet committed: 16 x
+        max_in_flight), ``revoke_timeout`` (10 s)."""
         return await self._subscribe(topic, handler, options, envelopes=False)
 
     async def subscribe_envelope(

@@ -13,7 +13,8 @@ class Message:
     shared by several subscriptions.
 
     ``partition`` and ``offset`` are the backend's position where it has one (Kafka:
-    partition and offset; NATS: 0 and the stream sequence; memory: partition and offset).
+    partition and offset; NATS: the key's partition and the stream sequence; memory:
+    partition and offset).
     ``raw`` is the backend's native message object, an escape hatch for backend features.
     """
 

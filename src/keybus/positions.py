@@ -19,11 +19,12 @@ from keybus.work import DONE, Work
 class DoneTracker:
     """Per-partition queues of work in broker order; reports each new commit point."""
 
-    __slots__ = ("_on_commit", "_pending")
+    __slots__ = ("_on_commit", "_pending", "size")
 
     def __init__(self, on_commit: Callable[[Message], None]) -> None:
         self._on_commit = on_commit
         self._pending: dict[Partition, deque[Work]] = {}
+        self.size = 0  # work tracked (taken in, not yet committed), all partitions
 
     def add(self, work: Work) -> None:
         """Record work in broker order (call in the order the consumer delivered it)."""
@@ -31,6 +32,7 @@ class DoneTracker:
         if queue is None:
             queue = self._pending[work.partition] = deque()
         queue.append(work)
+        self.size += 1
 
     def done(self, work: Work) -> None:
         """Mark work done; if it unblocks the head of its partition, report the new
@@ -40,8 +42,11 @@ class DoneTracker:
         if not queue or queue[0] is not work:
             return  # an earlier position is still open, or the partition was forgotten
         last = queue.popleft()
+        popped = 1
         while queue and queue[0].state == DONE:
             last = queue.popleft()
+            popped += 1
+        self.size -= popped
         self._on_commit(last.message)
 
     def forget(self, partitions: Collection[Partition]) -> list[Work]:
@@ -50,6 +55,7 @@ class DoneTracker:
         for partition in partitions:
             queue = self._pending.pop(partition, None)
             if queue:
+                self.size -= len(queue)
                 left.extend(w for w in queue if w.state != DONE)
         return left
 
@@ -59,4 +65,4 @@ class DoneTracker:
             yield from (w for w in queue if w.state != DONE)
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._pending.values())
+        return self.size

@@ -41,6 +41,10 @@ class SubscribeOptions:
     max_retry_backoff: float = 30.0
     dead_letter_topic: str | None = None  # default: f"{topic}.dlq"
     max_in_flight: int | None = None  # default: max(1024, 4 * max_concurrency)
+    # Taken in and not yet committed: handled messages wait behind an unfinished earlier
+    # one of their partition (a commit is a prefix), so a handler stuck forever would
+    # otherwise let them pile up without end. Default: 16 x the in-flight limit.
+    max_uncommitted: int | None = None
     revoke_timeout: float = 10.0
 
     def __post_init__(self) -> None:
@@ -52,11 +56,18 @@ class SubscribeOptions:
             raise ValueError("retry_backoff must be >= 0")
         if self.max_in_flight is not None and self.max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if self.max_uncommitted is not None and self.max_uncommitted < 1:
+            raise ValueError("max_uncommitted must be >= 1")
 
     def in_flight_limit(self) -> int:
         if self.max_in_flight is not None:
             return self.max_in_flight
         return max(1024, 4 * self.max_concurrency)
+
+    def uncommitted_limit(self) -> int:
+        if self.max_uncommitted is not None:
+            return self.max_uncommitted
+        return 16 * self.in_flight_limit()
 
     def backoff(self, attempt: int) -> float:
         return float(min(self.retry_backoff * 2 ** (attempt - 1), self.max_retry_backoff))
@@ -112,9 +123,9 @@ class Subscription:
         self._generation = 0
         self._in_flight = 0
         self._limit = options.in_flight_limit()
-        # Intake resumes once a quarter of the window is free, not after every single
-        # message: waking the fetcher per finished message costs a task switch each.
         self._resume_at = self._limit - max(1, self._limit // 4)
+        self._uncommitted_limit = options.uncommitted_limit()
+        self._uncommitted_resume = self._uncommitted_limit - max(1, self._uncommitted_limit // 4)
         self._space = asyncio.Event()
         self._space.set()
         self._progress = asyncio.Event()  # pulsed whenever work finishes
@@ -209,8 +220,9 @@ class Subscription:
         envelopes = self._envelopes
         stats = self.stats
         begun = self._generation
+        limit, uncommitted_limit = self._limit, self._uncommitted_limit
         for message in messages:
-            while self._in_flight >= self._limit:
+            while self._in_flight >= limit or tracker.size >= uncommitted_limit:
                 self._space.clear()
                 await self._space.wait()
             # Checked after any wait: the partition may have been revoked (and even
@@ -263,6 +275,7 @@ class Subscription:
                 await asyncio.wait_for(self._progress.wait(), remaining)
             running = [w for w in running if w.state == RUNNING]
         self._tracker.forget(revoked)
+        self._release(0)  # intake may have waited for the uncommitted window
 
     async def _abandon(self, running: list[Work], revoked: set[Partition]) -> None:
         """The wait for a revoked partition's handlers ran out: cancel them, so the next
@@ -355,13 +368,18 @@ class Subscription:
         return work.state == RUNNING
 
     def _release(self, count: int) -> None:
-        if not count:
-            return
+        """``count`` works finished or were given up (0: tracked work was forgotten).
+        Intake resumes once both windows have room again, and one of them a quarter of
+        it: waking the fetcher per finished message costs a task switch each."""
         self._in_flight -= count
         # Event.set() is cheap when already set; the checks keep it off the common path.
-        if not self._space.is_set() and self._in_flight <= self._resume_at:
-            self._space.set()
-        if not self._progress.is_set():
+        if not self._space.is_set():
+            in_flight, tracked = self._in_flight, self._tracker.size
+            if (in_flight <= self._resume_at and tracked < self._uncommitted_limit) or (
+                tracked <= self._uncommitted_resume and in_flight < self._limit
+            ):
+                self._space.set()
+        if count and not self._progress.is_set():
             self._progress.set()
 
     def _commit(self, message: Message) -> None:

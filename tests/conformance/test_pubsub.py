@@ -147,6 +147,30 @@ async def test_slow_aggregate_does_not_stall_others(open_bus: BusFactory, backen
     await eventually(lambda: handled.count("stuck") == 2, what="the stuck aggregate")
 
 
+async def test_a_stuck_handler_bounds_what_waits_uncommitted_behind_it(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    """Messages handled behind a stuck one of their partition cannot be committed; the
+    subscription holds at most ``max_uncommitted`` of them, then stops taking more."""
+    bus = await open_bus()
+    topic = backend.topic()
+    await bus.ensure_topic(topic, keybus.TopicConfig(partitions=1))
+    release = asyncio.Event()
+
+    async def handler(message: keybus.Message) -> None:
+        if message.key == "stuck":
+            await release.wait()
+
+    sub = await bus.subscribe(topic, handler, max_in_flight=10, max_uncommitted=50)
+    await bus.publish(topic, b"first", key="stuck")
+    await asyncio.gather(*(bus.publish(topic, b"x", key=f"k{i}") for i in range(200)))
+    await eventually(lambda: sub.stats.handled == 49, what="49 handled behind the stuck one")
+    assert sub.stats.delivered == 50, "taken in beyond max_uncommitted"
+    assert sub.stats.committed == 0
+    release.set()
+    await eventually(lambda: sub.stats.handled == 201, what="everything once released")
+
+
 async def test_unkeyed_messages_are_handled_concurrently(
     open_bus: BusFactory, backend: Backend
 ) -> None:

@@ -165,6 +165,12 @@ cmd_install() {
     for c in /usr/bin/nats-server /usr/sbin/nats-server; do [[ -x "$c" ]] && sys="$c" && break; done
     [[ -n "$sys" ]] || die "nats-server package installed but binary not found"
   fi
+  # keybus keeps a topic's partition count in stream metadata, which nats-server keeps
+  # only from 2.10 on: an older server would silently turn every topic into one partition.
+  local v; v="$(bin_version "$sys")"
+  if [[ ! "$v" =~ ^v([0-9]+)\.([0-9]+) ]] || (( BASH_REMATCH[1] < 2 || (BASH_REMATCH[1] == 2 && BASH_REMATCH[2] < 10) )); then
+    die "Debian's nats-server ${v:-(unknown version)} is older than 2.10, which keybus needs (stream metadata); install Go so $NATS_SERVER_VERSION can be built"
+  fi
   echo "$sys" >"$FALLBACK_MARKER"
   log "using Debian fallback $sys ($(bin_version "$sys"))"
   exec 8>&-

@@ -547,7 +547,7 @@ class _GroupConsumer:
 
     async def shutdown(self, wait: float = _SHUTDOWN_WAIT) -> None:
         """Stop the thread (final commit, leave the group) within ``_SHUTDOWN_WAIT``: the
-        core gives ``consumer.close`` 2 s, the transport's close 5 s."""
+        core gives ``consumer.close`` 2 s, the transport's close its ``close_budget``."""
         if not self.closing:
             self.closing = True
             self.transport._forget(self)

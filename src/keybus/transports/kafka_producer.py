@@ -41,8 +41,8 @@ _SLOW_POLL = 0.01  # ... once nothing came back for _QUIET_TURNS periods (broker
 _QUIET_TURNS = 1000
 _IDLE_POLL = 1.0  # parked pump still serves librdkafka's log lines this often
 _QUEUE_FULL_WAIT = 30.0  # a publish waits this long for room in librdkafka's queue
-# close(): publishes in flight get this long for their ack. Inside the core's 5 s budget
-# for transport.close, next to the consumers' shutdown (1.8 s), the purge (1 s) and the
+# close(): publishes in flight get this long for their ack. Inside the transport's close
+# budget (at least 5 s), next to the consumers' shutdown (1.8 s), the purge (1 s) and the
 # destroy; an acknowledging broker answers in milliseconds, an absent one never.
 _FLUSH_TIMEOUT = 1.5
 

@@ -5,8 +5,9 @@ Layout on the server (see ``docs/nats.md`` for the why and the cost):
 * a topic is one stream ``KB_<token>`` over subjects ``kb.<token>.<partition>``; a
   record's partition is a hash of its key (like Kafka and the memory backend), so one
   partition is a strictly ordered sub-stream;
-* a group reads a partition through one durable pull consumer ``<group>_p<partition>``
-  with ``AckPolicy.ALL``: committing "the contiguous done prefix ends at seq S" is one ack;
+* a group reads a partition through one durable pull consumer
+  ``<group>_p<partition>_<epoch>`` (a new epoch per take-over) with ``AckPolicy.ALL``:
+  committing "the contiguous done prefix ends at seq S" is one ack;
 * each partition is owned by one member of the group at a time. Members and leases live
   in one JetStream key-value entry per (topic, group), changed only by compare-and-set,
   with a deterministic assignment (:mod:`keybus.transports.nats_group`);
