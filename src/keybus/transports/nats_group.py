@@ -80,6 +80,7 @@ _ERRORS = NATS_ERRORS
 _ROUND_ERRORS: tuple[type[BaseException], ...] = (*_ERRORS, KeybusError, KeyError, ValueError)
 _ACK = b"+ACK"
 _IN_PROGRESS = b"+WPI"
+_CONSUMER_DELETED = "Consumer Deleted"  # the description of a 409 status
 _ACK_INTERVAL = 0.005  # seconds between two asynchronous acks of one partition
 # Budgets inside the core's bounds (it gives flush 2 s and close 2 s): a server that does
 # not answer must not make the core cancel us half-way through our cleanup.
@@ -460,7 +461,9 @@ class GroupMember(Consumer):
             await self._sink.revoke([(self._topic, part.partition) for part in parts], lost=lost)
         finally:
             await _cancel(keeper)
-        await self._sync_acks(parts, self._options.api_timeout)
+        # Bounded by the lease too: the keeper has stopped, and the partitions we keep must
+        # be revoked (by the coordinator, once this returns) before anyone may take them.
+        await self._sync_acks(parts, self._network_budget())
         for part in parts:
             if self._parts.get(part.partition) is part:
                 del self._parts[part.partition]
@@ -487,12 +490,20 @@ class GroupMember(Consumer):
             except Exception as exc:
                 log.debug("keybus: %s: renewing leases failed: %r", self._topic, exc)
             if time.monotonic() >= self._lease_until:
-                # Not renewed in time: stop fetching and acking at once; the coordinator
-                # revokes them through the core once the revoke in progress ends.
-                for part in list(self._parts.values()):
+                # Not renewed in time: others may take every partition we hold any moment.
+                # Stop fetching and acking, and cancel their running handlers now (the
+                # revoke in progress may wait for its handlers up to revoke_timeout, past
+                # the lease; the other partitions' handlers would run on meanwhile). The
+                # revoke in progress then ends at once; the coordinator finishes the job.
+                parts = list(self._parts.values())
+                for part in parts:
                     part.lost = True
                     if part.task is not None:
                         part.task.cancel()
+                await self._sink.revoke(
+                    [(self._topic, part.partition) for part in parts], lost=True
+                )
+                return
 
     # -- partitions ------------------------------------------------------------------
 
@@ -507,6 +518,9 @@ class GroupMember(Consumer):
         # the group's committed position (leftovers of a crash mid-take have lower ones).
         floor = max((c.ack_floor.stream_seq for c in previous if c.ack_floor), default=0)
         name = f"{prefix}{uuid.uuid4().hex[:8]}"
+        # Noted before the create: a cancellation while waiting for its reply may leave it
+        # on the server, and the last member of an anonymous group deletes what it noted.
+        self._created.add(name)
         await js.add_consumer(
             info.stream,
             api.ConsumerConfig(
@@ -524,7 +538,6 @@ class GroupMember(Consumer):
                 replay_policy=api.ReplayPolicy.INSTANT,
             ),
         )
-        self._created.add(name)
         for old in previous:
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_consumer(info.stream, old.name)
@@ -561,6 +574,11 @@ class GroupMember(Consumer):
                 part.requested = max(0, part.requested - int(left))
             else:
                 part.requested = 0
+                description = (msg.headers or {}).get(api.Header.DESCRIPTION, "")
+                if status == "503" or (status == "409" and description == _CONSUMER_DELETED):
+                    # Our consumer is gone (topic deleted, or taken over): asking again
+                    # would only bring another 503 at once, forever. Re-take instead.
+                    part.broken = True
             wake.set()
 
         return on_message
