@@ -11,7 +11,7 @@ from confluent_kafka import TopicPartition
 
 import keybus
 from keybus.testing import LeakChecker
-from keybus.transports.kafka import KafkaTransport, _GroupConsumer
+from keybus.transports.kafka import KafkaConsumer, KafkaTransport, _GroupConsumer
 from tests.conftest import Backend, unique
 from tests.helpers import Collected, eventually
 
@@ -87,3 +87,86 @@ async def test_a_revoke_after_the_stop_never_probes_the_broker_inside_the_callba
         [("t", 0, 7)]
     ]
     assert [tp.partition for tp in rd.unassigned] == [0]
+
+
+async def test_resubscribe_on_a_member_that_owned_none_of_the_topic(
+    no_leaks: LeakChecker, backend: Backend
+) -> None:
+    # The bus's group consumer also serves another topic and got none of the topic's only
+    # partition (another member has it), so unsubscribe() had nothing to wait for. The
+    # subscribe right after met the same member before its thread applied the removal:
+    # one unchanged subscribe() call, no rebalance, and it failed after assign_timeout.
+    other = backend.topic("resub-none-other")
+    topic = backend.topic("resub-none")
+    group = unique("resub-none-g")
+    async with (
+        keybus.connect(backend.url) as publisher,
+        keybus.connect(backend.url, group=group) as owner,
+        keybus.connect(backend.url, group=group, assign_timeout=10.0) as bus,
+    ):
+        await publisher.ensure_topic(topic, keybus.TopicConfig(partitions=1))
+        await publisher.ensure_topic(other)
+        await owner.subscribe(topic, Collected())
+        await bus.subscribe(other, Collected())
+        old = await bus.subscribe(topic, Collected())
+        assert not old._assigned  # the owner keeps the partition (sticky)
+        await old.unsubscribe()
+        await bus.subscribe(topic, Collected())  # raised KeybusError after 10 s
+        shared = bus._transport._shared  # type: ignore[attr-defined]
+        # The old subscription leaves nothing behind once its removal was applied.
+        await eventually(
+            lambda: not any(s.detaching(topic) for s in shared), what="the old facade forgotten"
+        )
+
+
+async def test_resubscribe_while_another_topics_revoke_holds_the_consumer_thread(
+    no_leaks: LeakChecker, backend: Backend
+) -> None:
+    # unsubscribe() waits ~2 s for its partitions' release; the group's consumer thread may
+    # be held longer by another topic's revoke (up to revoke_timeout for a slow handler).
+    # A subscribe to the same topic right after must still get the topic's records: reusing
+    # that member turned the removal and re-add into one unchanged subscribe() call (no
+    # revoke, no assignment), and the records went to a subscription that owned nothing.
+    slow_topic = backend.topic("resub-slow")
+    topic = backend.topic("resub")
+    group = unique("resub-g")
+    async with (
+        keybus.connect(backend.url) as publisher,
+        keybus.connect(backend.url, group=group, assign_timeout=20.0) as first,
+        keybus.connect(backend.url, group=group) as second,
+    ):
+        await publisher.ensure_topic(slow_topic)
+        await publisher.ensure_topic(topic)
+        gate = asyncio.Event()
+        running: set[int] = set()
+
+        async def slow(message: keybus.Message) -> None:
+            running.add(message.partition)
+            await gate.wait()
+
+        slow_sub = await first.subscribe(slow_topic, slow)
+        old = await first.subscribe(topic, Collected())
+        assert len(old._assigned) == 3
+        await asyncio.gather(*(publisher.publish(slow_topic, b"x", key=f"k{i}") for i in range(60)))
+        await eventually(lambda: running == {0, 1, 2}, what="a handler on every partition")
+        # A second member joins for slow_topic: first's consumer thread now waits in the
+        # revoke callback for the handler of the partition that moves (revoke_timeout 10 s).
+        joining = asyncio.create_task(second.subscribe(slow_topic, Collected()))
+        await eventually(lambda: len(slow_sub._assigned) < 3, what="the revoke began")
+        facade = old._consumer
+        assert isinstance(facade, KafkaConsumer)
+        await old.unsubscribe()  # gave up waiting for the release after ~2 s:
+        assert facade.owned == {0, 1, 2}  # the thread is still in that revoke
+        got = Collected()
+        resubscribing = asyncio.create_task(first.subscribe(topic, got))
+        shared = first._transport._shared  # type: ignore[attr-defined]
+        await eventually(
+            lambda: any(topic in s.facades for s in shared), what="the topic subscribed again"
+        )
+        gate.set()  # the revoke finishes; the consumer thread applies both changes
+        await joining
+        await resubscribing
+        await publisher.publish(topic, b"after", key="k")
+        await eventually(
+            lambda: b"after" in got.values(), what="a record published after subscribe returned"
+        )

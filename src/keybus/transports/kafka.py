@@ -376,9 +376,14 @@ class KafkaTransport(Transport):
             raise KeybusError(f"the Kafka transport {self.url} is closed")
         members = self._groups.setdefault(group, [])
         # One shared consumer per group for every topic; a second subscription to the same
-        # topic in the same group is a second member, like another process would be.
+        # topic in the same group is a second member, like another process would be. So is
+        # a member whose previous subscription to the topic is not yet out of librdkafka's
+        # subscription or still holds its partitions (an unsubscribe gave up waiting for
+        # the release): there the removal and the re-add would reach librdkafka as one
+        # unchanged subscribe() - no revoke, no assignment for the new subscription, and
+        # the old one's partitions fetched for a subscription that owns none of them.
         for shared in members:
-            if not shared.closing and topic not in shared.facades:
+            if not shared.closing and topic not in shared.facades and not shared.detaching(topic):
                 break
         else:
             shared = _GroupConsumer(self, group)
@@ -523,6 +528,18 @@ class _GroupConsumer:
         elif facade.owned:
             await facade.released.wait()
 
+    def detaching(self, topic: str) -> bool:
+        """A detached subscription to ``topic`` may still own partitions here."""
+        return topic in self._detached
+
+    def _forget_detached(self, facades: list[KafkaConsumer]) -> None:
+        # Queued by the thread after the change was applied, behind any release of theirs.
+        for facade in facades:
+            if self._detached.get(facade.topic) is facade and not facade.owned:
+                with self._lock:
+                    del self._detached[facade.topic]
+                facade.released.set()
+
     def record_commit(self, topic: str, partition: int, offset: int) -> None:
         # Loop side, once per done message: no lock. The thread only copies the dict
         # (one C call, atomic under the GIL) and pops revoked partitions, which happens
@@ -656,6 +673,13 @@ class _GroupConsumer:
             topics = sorted(self.facades)
             seq = self._sub_seq
             self._subscription_dirty = False
+            # Detached topics this member holds no partition of: no revoke will come for
+            # them, so nothing else would take them out of ``_detached``.
+            idle = [
+                f
+                for t, f in self._detached.items()
+                if t not in self._assigned and t not in self.facades
+            ]
         if topics:
             consumer.subscribe(
                 topics,
@@ -666,6 +690,8 @@ class _GroupConsumer:
         else:
             consumer.unsubscribe()
         self._applied_seq = seq
+        if idle:
+            self._call(self._forget_detached, idle)
 
     def _all_backlogged(self) -> bool:
         """True if every facade with partitions to fetch from is over its backlog limit:
