@@ -976,9 +976,6 @@ class KafkaConsumer(Consumer):
         self._has_partitions = asyncio.Event()
         self._queue: collections.deque[list[Message]] = collections.deque()
         self._wake = asyncio.Event()
-        self._delivering: list[Message] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._feeder: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -1036,13 +1033,11 @@ class KafkaConsumer(Consumer):
             # Even if the core's revoke failed or was cut short: nothing the core reports
             # for these partitions from now on may be committed by this member.
             self.owned.difference_update(revoked)
-        # A batch the core is still taking in may hold records of these partitions; the
-        # core skips them now (no longer assigned), but it must be through that batch
-        # before the partition could come back to us, or a stale record would slip in.
-        batch = self._delivering
-        if batch is not None and any(m.partition in revoked for m in batch):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), self.revoke_timeout)
+        # A batch the core is still taking in may hold records of these partitions. No need
+        # to wait for it: the core skips them, now and after a re-assignment too (a record
+        # is taken only if its partition's assignment is no newer than the deliver call).
+        # Waiting here held the rebalance callback while intake was parked on a full
+        # window behind some other partition's stuck handler.
         if not self.owned:
             self._has_partitions.clear()
 
@@ -1052,13 +1047,9 @@ class KafkaConsumer(Consumer):
                 self._wake.clear()
                 await self._wake.wait()
             chunk = self._queue.popleft()
-            self._delivering = chunk
-            self._idle.clear()
             try:
                 await self._sink.deliver(chunk)
             finally:
-                self._delivering = None
-                self._idle.set()
                 self.taken += len(chunk)
                 shared = self._shared
                 if shared.holding and self.pushed - self.taken <= _BACKLOG_DRAINED:

@@ -96,11 +96,6 @@ class KafkaProducer:
             self._pump(), name="keybus-kafka-producer-pump"
         )
 
-    def pending(self) -> int:
-        """Records handed to librdkafka and not yet reported (queued or in flight)."""
-        rd = self._rd
-        return len(rd) if rd is not None else 0
-
     def send(
         self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
     ) -> asyncio.Future[None]:
