@@ -31,6 +31,7 @@ __all__ = [
     "Sink",
     "TopicConfig",
     "Transport",
+    "cancel_and_wait",
     "partition_for",
     "start_feeder",
 ]
@@ -63,6 +64,20 @@ def start_feeder(body: Coroutine[Any, Any, None], name: str) -> asyncio.Task[Non
     task = asyncio.get_running_loop().create_task(body, name=name)
     task.add_done_callback(_report_crash)
     return task
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait until it has ended. Only the task's own cancellation is
+    absorbed: a cancellation of the *caller* while it waits still propagates, where
+    ``with suppress(CancelledError): await task`` would swallow it and let the caller
+    run on (e.g. a close that was itself cancelled would keep closing)."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+        await asyncio.wait([task])
+    if not task.cancelled() and task.exception() is not None:  # retrieved: logged once
+        log.debug("keybus: %s ended with %r", task.get_name(), task.exception())
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

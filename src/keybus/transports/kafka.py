@@ -68,6 +68,7 @@ from keybus.transports.base import (
     Sink,
     TopicConfig,
     Transport,
+    cancel_and_wait,
     start_feeder,
 )
 from keybus.transports.kafka_producer import KafkaProducer, _reason, _set_done
@@ -1074,9 +1075,7 @@ class KafkaConsumer(Consumer):
         if feeder is not None:
             # Cutting a batch short is safe: the core only commits a prefix of what it
             # took, and nothing after the cut is taken any more.
-            feeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await feeder
+            await cancel_and_wait(feeder)
         for chunk in self._queue:
             self.taken += len(chunk)
         self._queue.clear()

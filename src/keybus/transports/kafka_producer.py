@@ -31,6 +31,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka import Producer as _RdProducer
 
 from keybus.errors import PublishError
+from keybus.transports.base import cancel_and_wait
 
 __all__ = ["KafkaProducer"]
 
@@ -175,10 +176,7 @@ class KafkaProducer:
     async def close(self) -> None:
         rd, self._rd = self._rd, None
         pump, self._pump_task = self._pump_task, None
-        if pump is not None:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+        await cancel_and_wait(pump)
         if rd is None:
             return
         # Publishes in flight get their ack (or error) before the handle goes; what is

@@ -27,6 +27,7 @@ from keybus.transports.base import (
     Sink,
     TopicConfig,
     Transport,
+    cancel_and_wait,
     partition_for,
     start_feeder,
 )
@@ -235,11 +236,7 @@ class MemoryConsumer(Consumer):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            # wait() rather than awaiting the task: a cancellation of *our* caller must
-            # still propagate, only the fetch task's own CancelledError is expected.
-            await asyncio.wait([task])
+        await cancel_and_wait(task)
 
     async def close(self) -> None:
         await self.stop()

@@ -56,7 +56,7 @@ from nats.js.kv import KeyValue
 
 from keybus.errors import KeybusError
 from keybus.message import Message
-from keybus.transports.base import ANONYMOUS_GROUP_PREFIX, Consumer, Sink
+from keybus.transports.base import ANONYMOUS_GROUP_PREFIX, Consumer, Sink, cancel_and_wait
 from keybus.transports.nats_headers import NatsHeaders, decode_key
 from keybus.transports.nats_names import (
     GROUPS_BUCKET,
@@ -244,8 +244,8 @@ class GroupMember(Consumer):
         try:
             # Local steps first (they cannot hang): our tasks end before any network step,
             # so a cancellation by the core's bound can only cut the network part short.
-            await _cancel(self._coordinator)
-            await _cancel(self._acker)
+            await cancel_and_wait(self._coordinator)
+            await cancel_and_wait(self._acker)
             for part in list(self._parts.values()):
                 await self._stop_pulling(part)
             if self._kv is not None:
@@ -460,7 +460,7 @@ class GroupMember(Consumer):
             # reports the done prefix (commit) before this returns.
             await self._sink.revoke([(self._topic, part.partition) for part in parts], lost=lost)
         finally:
-            await _cancel(keeper)
+            await cancel_and_wait(keeper)
         # Bounded by the lease too: the keeper has stopped, and the partitions we keep must
         # be revoked (by the coordinator, once this returns) before anyone may take them.
         await self._sync_acks(parts, self._network_budget())
@@ -683,7 +683,7 @@ class GroupMember(Consumer):
         return Message(self._topic, msg.data, key, headers, part.partition, seq, stamp, msg)
 
     async def _stop_pulling(self, part: _Part) -> None:
-        await _cancel(part.task)
+        await cancel_and_wait(part.task)
         await _stop_pulling_now(part)
 
     # -- acks ------------------------------------------------------------------------
@@ -822,11 +822,3 @@ async def _unsubscribe(sub: NatsSubscription) -> None:
     # its first await, which only queues an UNSUB: a cancellation cannot leave it behind.
     with contextlib.suppress(*_ERRORS):
         await sub.unsubscribe()
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is None or task.done():
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
