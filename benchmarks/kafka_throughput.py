@@ -5,7 +5,7 @@
                                                     [--partitions 3] [--runs 3] [--phases]
 
 Each run uses a fresh topic with ``--partitions`` partitions and a fresh group, and the
-figures are medians over ``--runs`` runs, alternating raw and keybus:
+figures are medians over ``--runs`` runs, the three sides' order rotating from run to run:
 
 - raw: the same envelope bytes, keys and headers produced with a bare confluent-kafka
   Producer (same settings as keybus's producer: idempotent, acks=all, lz4, linger.ms=2,
@@ -50,12 +50,13 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
 import keybus
-from keybus.bench.scenario import backend_url, percentile, static_inputs
+from keybus.bench.scenario import Deliveries, backend_url, percentile, static_inputs
 from keybus.envelope import envelope_headers
 from keybus.transports.kafka import _bootstrap
 
@@ -152,12 +153,13 @@ def raw_run(topic: str, records: list[Any]) -> tuple[float, float, float]:
     latencies: list[float] = []
     assigned = threading.Event()
     finished = threading.Event()
+    stop = threading.Event()
     ended = [0.0]
     consumer = _raw_consumer(topic, assigned)
 
     def consume() -> None:
         seen = 0
-        while seen < total:
+        while seen < total and not stop.is_set():
             batch = consumer.consume(500, 0.1)
             now = time.time()
             for record in batch:
@@ -166,21 +168,25 @@ def raw_run(topic: str, records: list[Any]) -> tuple[float, float, float]:
                     seen += 1
             if batch:
                 consumer.commit(asynchronous=True)
-        ended[0] = time.perf_counter()
-        finished.set()
+        if seen == total:
+            ended[0] = time.perf_counter()
+            finished.set()
 
     thread = threading.Thread(target=consume, name="raw-consumer")
     thread.start()
-    producer = _warm_producer()
-    if not assigned.wait(30):
-        raise RuntimeError("raw consumer got no assignment")
-    started = time.perf_counter()
-    _produce_all(producer, topic, records)
-    producer.flush(60)
-    if not finished.wait(120):
-        raise RuntimeError("raw consumer did not see every record within 120 s")
-    thread.join()
-    consumer.close()
+    try:
+        producer = _warm_producer()
+        if not assigned.wait(30):
+            raise RuntimeError("raw consumer got no assignment")
+        started = time.perf_counter()
+        _produce_all(producer, topic, records)
+        producer.flush(60)
+        if not finished.wait(120):
+            raise RuntimeError("raw consumer did not see every record within 120 s")
+    finally:
+        stop.set()  # else a failed run's consumer thread spins on and the process never exits
+        thread.join()
+        consumer.close()
     producer.close()
     return (total / (ended[0] - started), *_quantiles(latencies))
 
@@ -289,27 +295,22 @@ def _by_aggregate(envelopes: list[keybus.Envelope]) -> list[list[keybus.Envelope
 
 async def keybus_run(
     topic: str, envelopes: list[keybus.Envelope]
-) -> tuple[float, float, float, int]:
-    """Returns (envelopes/s, p50 ms, p99 ms, order violations)."""
+) -> tuple[float, float, float, int, int, int]:
+    """Returns (envelopes/s, p50 ms, p99 ms, order violations, duplicates, lost)."""
     total = len(envelopes)
     latencies: list[float] = []
     sent: dict[str, float] = {}
-    last: dict[str, int] = {}
-    violations = 0
-    handled = 0
+    deliveries = Deliveries()
     done = asyncio.Event()
     ended = 0.0
 
     async def handler(envelope: keybus.Envelope) -> None:
-        nonlocal handled, violations, ended
+        nonlocal ended
         latencies.append(time.time() - sent[envelope.event_id])
-        if envelope.event_version != last.get(envelope.aggregate_id, 0) + 1:
-            violations += 1
-        last[envelope.aggregate_id] = envelope.event_version
-        handled += 1
-        if handled == total:
+        if deliveries.record(envelope.aggregate_id, envelope.event_version):
             ended = time.perf_counter()
-            done.set()
+            if deliveries.delivered == total:
+                done.set()
 
     async with (
         keybus.connect(URL) as publisher,
@@ -325,8 +326,16 @@ async def keybus_run(
 
         started = time.perf_counter()
         await asyncio.gather(*(publish(items) for items in _by_aggregate(envelopes)))
-        await asyncio.wait_for(done.wait(), 120)
-    return (total / (ended - started), *_quantiles(latencies), violations)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 120)
+    delivered = deliveries.delivered
+    return (
+        delivered / (ended - started) if delivered else 0.0,
+        *_quantiles(latencies),
+        deliveries.order_violations,
+        deliveries.duplicates,
+        total - delivered,
+    )
 
 
 async def keybus_publish_only(topic: str, envelopes: list[keybus.Envelope]) -> float:
@@ -371,6 +380,22 @@ async def keybus_consume_only(topic: str, envelopes: list[keybus.Envelope]) -> f
             return total / (time.perf_counter() - started)
 
 
+Rows = list[tuple[float, float, float]]
+BusRows = list[tuple[float, float, float, int, int, int]]
+
+
+async def _raw_in_thread(topic: str, records: list[Any]) -> tuple[float, float, float]:
+    return await asyncio.to_thread(raw_run, topic, records)
+
+
+async def _measure(partitions: int, rows: list[Any], run: Callable[[str], Awaitable[Any]]) -> None:
+    """One side of one run, on a fresh topic, with the harness's inputs frozen."""
+    topic = await _topic(partitions)
+    with static_inputs():
+        rows.append(await run(topic))
+    await _drop(topic)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--envelopes", type=int, default=100_000)
@@ -381,33 +406,33 @@ async def main() -> None:
     args = parser.parse_args()
     async with keybus.connect(URL) as admin:
         await admin.ensure_topic(WARMUP_TOPIC, keybus.TopicConfig(partitions=1))
-    raw: list[tuple[float, float, float]] = []
-    raw_async: list[tuple[float, float, float]] = []
-    bus: list[tuple[float, float, float, int]] = []
+    raw: Rows = []
+    raw_async: Rows = []
+    bus: BusRows = []
     pub_only: list[float] = []
     con_only: list[float] = []
     try:
         for run in range(args.runs):
-            records = _records(_envelopes(args.envelopes, args.aggregates))
-            topic = await _topic(args.partitions)
-            with static_inputs():
-                raw.append(await asyncio.to_thread(raw_run, topic, records))
-            await _drop(topic)
-            topic = await _topic(args.partitions)
-            with static_inputs():
-                raw_async.append(await raw_asyncio_run(topic, records, args.aggregates))
-            await _drop(topic)
-            del records
             envelopes = _envelopes(args.envelopes, args.aggregates)
-            topic = await _topic(args.partitions)
-            with static_inputs():
-                bus.append(await keybus_run(topic, envelopes))
-            await _drop(topic)
+            records = _records(envelopes)
+
+            sides: list[tuple[list[Any], Callable[[str], Awaitable[Any]]]] = [
+                (raw, functools.partial(_raw_in_thread, records=records)),
+                (
+                    raw_async,
+                    functools.partial(raw_asyncio_run, records=records, aggregates=args.aggregates),
+                ),
+                (bus, functools.partial(keybus_run, envelopes=envelopes)),
+            ]
+            # Rotate the order so no side always runs first (on a colder process/broker).
+            for rows, measure in sides[run % 3 :] + sides[: run % 3]:
+                await _measure(args.partitions, rows, measure)
+            del sides, records  # the phases below do not use them
             line = (
                 f"run {run + 1}: raw {raw[-1][0]:>9,.0f}/s p99 {raw[-1][2]:7.1f} ms | "
                 f"raw asyncio {raw_async[-1][0]:>9,.0f}/s p99 {raw_async[-1][2]:7.1f} ms | "
                 f"keybus {bus[-1][0]:>9,.0f}/s p99 {bus[-1][2]:7.1f} ms, "
-                f"{bus[-1][3]} order violations"
+                f"{bus[-1][3]} order violations, {bus[-1][4]} duplicates, {bus[-1][5]} lost"
             )
             if args.phases:
                 topic = await _topic(args.partitions)
@@ -437,7 +462,12 @@ async def main() -> None:
         f"{args.partitions} partitions, median of {args.runs} runs:\n"
         + row("raw confluent-kafka", raw, "(threads, fire-and-forget produce)")
         + row("raw asyncio", raw_async, "(acks awaited, one sequential handler)")
-        + row("keybus (ordered)", bus, f"order violations {sum(b[3] for b in bus)}")
+        + row(
+            "keybus (ordered)",
+            bus,
+            f"order violations {sum(b[3] for b in bus)}, duplicates {sum(b[4] for b in bus)}, "
+            f"lost {sum(b[5] for b in bus)}",
+        )
         + f"  keybus / raw         {bus_rate / raw_rate:.2f}\n"
         f"  keybus / raw asyncio {bus_rate / async_rate:.2f}"
     )
@@ -448,8 +478,8 @@ async def main() -> None:
             f"  keybus consume only  {statistics.median(con_only):>9,.0f} envelopes/s"
             f"   (prefilled topic, from subscribe to last handled)"
         )
-    if sum(b[3] for b in bus):
-        raise SystemExit("order violated")
+    if sum(b[3] + b[5] for b in bus):
+        raise SystemExit("order violated or envelopes lost")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -45,7 +46,7 @@ from nats.js import api
 
 import keybus
 import nats
-from keybus.bench.scenario import static_inputs
+from keybus.bench.scenario import Deliveries, percentile, static_inputs
 from keybus.envelope import envelope_headers
 from keybus.transports.nats_headers import encode_headers
 
@@ -55,7 +56,7 @@ FETCH_BATCH = 512
 MAX_ACK_PENDING = 4096
 PRODUCER_DEPTH = 1  # publishes in flight per producer (each awaits its PubAck)
 
-Result = tuple[float, float]
+Result = tuple[float, float, int, int, int]  # rate, p99, order violations, duplicates, lost
 
 
 def _envelopes(total: int, aggregates: int) -> list[list[keybus.Envelope]]:
@@ -69,8 +70,23 @@ def _envelopes(total: int, aggregates: int) -> list[list[keybus.Envelope]]:
     ]
 
 
-def _result(count: int, started: float, finished: float, latencies: list[float]) -> Result:
-    return count / (finished - started), _p99(latencies)
+def _result(
+    count: int,
+    started: float,
+    finished: float,
+    latencies: list[float],
+    delivered: int,
+    violations: int = 0,
+) -> Result:
+    """``finished``: when the last distinct message was handled; ``latencies``: every
+    handler call, duplicates included."""
+    return (
+        delivered / (finished - started) if delivered else 0.0,
+        _p99(latencies),
+        violations,
+        len(latencies) - delivered,
+        count - delivered,
+    )
 
 
 async def run_keybus(total: int, aggregates: int) -> Result:
@@ -80,6 +96,8 @@ async def run_keybus(total: int, aggregates: int) -> Result:
         count = sum(map(len, batches))
         sent: dict[str, float] = {}
         handled: list[tuple[str, float]] = []
+        deliveries = Deliveries()
+        last = [0.0]  # when the last distinct envelope was handled
         done = asyncio.Event()
         clock = time.perf_counter
         async with (
@@ -89,9 +107,12 @@ async def run_keybus(total: int, aggregates: int) -> Result:
             await publisher.ensure_topic(topic, keybus.TopicConfig(partitions=PARTITIONS))
 
             async def handler(envelope: keybus.Envelope) -> None:
-                handled.append((envelope.event_id, clock()))
-                if len(handled) == count:
-                    done.set()
+                now = clock()
+                handled.append((envelope.event_id, now))
+                if deliveries.record(envelope.aggregate_id, envelope.event_version):
+                    last[0] = now
+                    if deliveries.delivered == count:
+                        done.set()
 
             await consumer.subscribe_envelope(topic, handler, max_concurrency=256)
 
@@ -102,11 +123,15 @@ async def run_keybus(total: int, aggregates: int) -> Result:
 
             started = clock()
             await asyncio.gather(*(produce(b) for b in batches))
-            await asyncio.wait_for(done.wait(), 300)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 300)
         async with keybus.connect(URL) as admin:
             await admin.delete_topic(topic)
             await admin.delete_topic(f"{topic}.dlq")
-        return _result(count, started, handled[-1][1], [t - sent[e] for e, t in handled])
+        latencies = [t - sent[e] for e, t in handled]
+        return _result(
+            count, started, last[0], latencies, deliveries.delivered, deliveries.order_violations
+        )
 
 
 async def run_baseline(total: int, aggregates: int, *, headers: bool = True) -> Result:
@@ -125,6 +150,8 @@ async def run_baseline(total: int, aggregates: int, *, headers: bool = True) -> 
         count = sum(map(len, messages))
         sent: dict[bytes, float] = {}
         handled: list[tuple[bytes, float]] = []
+        seen: set[bytes] = set()  # no order to check: the baseline does not keep one
+        last = [0.0]  # when the last distinct message was handled
         done = asyncio.Event()
         clock = time.perf_counter
 
@@ -148,7 +175,7 @@ async def run_baseline(total: int, aggregates: int, *, headers: bool = True) -> 
                     max_ack_pending=MAX_ACK_PENDING,
                 ),
             )
-            pullers.append(await _puller(nc, stream, name, handled, count, done))
+            pullers.append(await _puller(nc, stream, name, handled, seen, last, count, done))
         tasks = [asyncio.create_task(pull()) for pull, _ in pullers]
 
         async def produce(rows: list[tuple[str, bytes, dict[str, str] | None]]) -> None:
@@ -167,7 +194,7 @@ async def run_baseline(total: int, aggregates: int, *, headers: bool = True) -> 
         await asyncio.gather(*tasks, return_exceptions=True)
         await js.delete_stream(stream)
         await nc.close()
-        return _result(count, started, handled[-1][1], [t - sent[d] for d, t in handled])
+        return _result(count, started, last[0], [t - sent[d] for d, t in handled], len(seen))
 
 
 async def _puller(
@@ -175,6 +202,8 @@ async def _puller(
     stream: str,
     consumer: str,
     handled: list[tuple[bytes, float]],
+    seen: set[bytes],
+    handled_last: list[float],
     count: int,
     done: asyncio.Event,
 ) -> tuple[Callable[[], Coroutine[Any, Any, None]], Callable[[], Coroutine[Any, Any, None]]]:
@@ -191,14 +220,18 @@ async def _puller(
             state["requested"] = 0
             wake.set()
             return
-        handled.append((msg.data, clock()))
+        now = clock()
+        handled.append((msg.data, now))
+        if msg.data not in seen:
+            seen.add(msg.data)
+            handled_last[0] = now
         state["requested"] -= 1
         state["in_batch"] += 1
         last[0] = msg.reply
         if state["in_batch"] == FETCH_BATCH:
             state["in_batch"] = 0
             await nc.publish(msg.reply, b"+ACK")
-        if len(handled) == count:
+        if len(seen) == count:
             done.set()
         if state["requested"] <= FETCH_BATCH // 2:
             wake.set()
@@ -226,8 +259,7 @@ async def _puller(
 
 
 def _p99(values: list[float]) -> float:
-    values = sorted(values)
-    return values[int(len(values) * 0.99) - 1] if values else float("nan")
+    return percentile(sorted(values), 0.99)
 
 
 async def main() -> None:
@@ -248,6 +280,7 @@ async def main() -> None:
     if args.bare:
         sides["bare"] = bare
     results: dict[str, list[Result]] = {name: [] for name in sides}
+    failures = 0
     # Not counted: the first run of each side in a process is slower (imports, first
     # streams on a fresh store), and keybus would always pay it (it runs first).
     for name in sides:
@@ -256,21 +289,27 @@ async def main() -> None:
         # Alternate the order so neither side always runs on a warmer server.
         order = list(sides)[::-1] if run % 2 else list(sides)
         for name in order:
-            rate, p99 = await sides[name](args.messages, args.aggregates)
-            results[name].append((rate, p99))
+            result = await sides[name](args.messages, args.aggregates)
+            rate, p99, violations, duplicates, lost = result
+            results[name].append(result)
+            failures += violations + lost
             print(
-                f"run {run + 1} {name:8s} {rate:9.0f} msg/s  p99 {p99 * 1000:7.1f} ms", flush=True
+                f"run {run + 1} {name:8s} {rate:9.0f} msg/s  p99 {p99 * 1000:7.1f} ms  "
+                f"{violations} order violations, {duplicates} duplicates, {lost} lost",
+                flush=True,
             )
     print(f"\n{args.messages} envelopes, {args.aggregates} aggregates, medians of {args.runs}:")
     medians = {}
     for name, rows in results.items():
-        rate = statistics.median(r for r, _ in rows)
-        p99 = statistics.median(p for _, p in rows)
+        rate = statistics.median(r[0] for r in rows)
+        p99 = statistics.median(r[1] for r in rows)
         medians[name] = rate
         print(f"  {name:8s} {rate:9.0f} msg/s  p99 publish->handled {p99 * 1000:7.1f} ms")
     print(f"  keybus / baseline = {medians['keybus'] / medians['baseline']:.2f}")
     if "bare" in medians:
         print(f"  keybus / bare baseline (no headers) = {medians['keybus'] / medians['bare']:.2f}")
+    if failures:
+        raise SystemExit("order violated or messages lost")
 
 
 if __name__ == "__main__":

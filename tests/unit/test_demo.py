@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from typer.testing import CliRunner
 
 from keybus.bench.scenario import aggregates_for, percentile, run_scenario
@@ -20,6 +22,17 @@ async def test_scenario_delivers_everything_in_order_despite_injected_failures()
     assert result.throughput > 0
     assert result.latency(0.5) <= result.latency(0.99)
     assert result.ok
+
+
+async def test_scenario_clock_ends_when_the_last_handler_returned() -> None:
+    # One envelope per aggregate, handlers sleeping up to 0.3 s: every delivery starts at
+    # once, and the run lasts as long as the longest sleep.
+    started = time.perf_counter()
+    result = await run_scenario("memory://unit-clock", 50, aggregates=50, max_delay=0.3)
+    wall = time.perf_counter() - started
+    assert result.ok
+    assert 0.15 < result.seconds < wall
+    assert result.throughput == result.delivered / result.seconds
 
 
 def test_aggregate_rule_and_percentiles() -> None:

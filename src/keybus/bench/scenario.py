@@ -24,6 +24,7 @@ from keybus.testing.leaks import LeakChecker, LeakError
 
 __all__ = [
     "LEVELS",
+    "Deliveries",
     "ScenarioResult",
     "aggregates_for",
     "backend_url",
@@ -76,6 +77,34 @@ def percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[index]
+
+
+class Deliveries:
+    """What a benchmark's handler saw, per aggregate: distinct envelopes, duplicates and
+    order violations (a first delivery of a version lower than one already handled),
+    each counted on its own; what never came is ``expected - delivered``."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, int]] = set()
+        self.last: dict[str, int] = {}
+        self.duplicates = 0
+        self.order_violations = 0
+
+    @property
+    def delivered(self) -> int:
+        return len(self.seen)
+
+    def record(self, aggregate: str, version: int) -> bool:
+        """Note one handler call; True if this (aggregate, version) is new."""
+        key = (aggregate, version)
+        if key in self.seen:
+            self.duplicates += 1
+            return False
+        self.seen.add(key)
+        if version < self.last.get(aggregate, 0):
+            self.order_violations += 1
+        self.last[aggregate] = version
+        return True
 
 
 @dataclass
@@ -145,10 +174,11 @@ async def run_scenario(
     rng = random.Random(seed)
     first_publish = 0.0
     last_delivery = 0.0
+    completed = 0  # distinct envelopes whose handler returned
     all_delivered = asyncio.Event()
 
     async def handler(envelope: keybus.Envelope) -> None:
-        nonlocal last_delivery
+        nonlocal last_delivery, completed
         aggregate, version = envelope.aggregate_id, envelope.event_version
         if (aggregate, version) not in failed_once:
             result.latencies_ms.append((time.time() - envelope.timestamp.timestamp()) * 1000)
@@ -156,7 +186,8 @@ async def run_scenario(
                 failed_once.add((aggregate, version))
                 raise RuntimeError("injected failure")
         result.handled += 1
-        if (aggregate, version) in seen:
+        first = (aggregate, version) not in seen
+        if not first:
             result.duplicates += 1
         else:
             seen.add((aggregate, version))
@@ -166,11 +197,15 @@ async def run_scenario(
             result.delivered += 1
             if progress is not None:
                 progress(result.delivered)
-            if result.delivered == messages:
-                all_delivered.set()
         if max_delay:
             await asyncio.sleep(rng.random() * max_delay)
-        last_delivery = time.perf_counter()
+        if first:
+            # The run ends when the last distinct envelope's handler returned (not when it
+            # started, nor when a duplicate or an earlier handler finished).
+            last_delivery = time.perf_counter()
+            completed += 1
+            if completed == messages:
+                all_delivered.set()
 
     checker = LeakChecker(timeout=10)
     result.resources_before = checker.start().counts()
@@ -212,7 +247,7 @@ async def run_scenario(
             result.publish_seconds = time.perf_counter() - first_publish
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(all_delivered.wait(), timeout)
-            result.seconds = last_delivery - first_publish
+            result.seconds = last_delivery - first_publish if completed else 0.0
             result.retries = sum(s.stats.retries for s in subscriptions)
             result.dead_lettered = sum(s.stats.dead_lettered for s in subscriptions)
             checker.sample()

@@ -9,6 +9,7 @@ take a moment to be reaped), instead of sleeping a guessed time or comparing cou
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import os
 import threading
@@ -107,16 +108,45 @@ class Resources:
         return "\n".join(lines)
 
 
+def _idle_loop_workers() -> set[threading.Thread]:
+    """The running loop's default-executor workers (``asyncio.to_thread``,
+    ``run_in_executor(None, ...)``) when every one of them is idle: the loop owns them and
+    joins them only when it closes. While any of them still runs a call, none is left out."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return set()
+    executor = getattr(loop, "_default_executor", None)
+    if not isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+        return set()
+    workers = set(executor._threads)
+    if executor._work_queue.qsize() or executor._idle_semaphore._value < len(workers):
+        return set()
+    return workers
+
+
 def snapshot(*, exclude_task: asyncio.Task[object] | None = None) -> Resources:
     """Take a snapshot now (tasks only when called inside a running loop)."""
     try:
         tasks = {id(t): t for t in asyncio.all_tasks() if t is not exclude_task and not t.done()}
     except RuntimeError:
         tasks = {}
+    native = _native_threads()
+    live_tids = {tid for tid, _ in native}
+    idle = _idle_loop_workers()
+    idle_tids = {t.native_id for t in idle}
+
+    def alive(thread: threading.Thread) -> bool:
+        # A foreign thread that touched ``threading`` stays listed as a _DummyThread after
+        # it ended (is_alive() is always True): believe /proc/self/task instead.
+        if isinstance(thread, threading._DummyThread) and native:
+            return thread.native_id in live_tids
+        return thread.is_alive()
+
     return Resources(
         tasks=tasks,
-        threads={t.ident or 0: t for t in threading.enumerate() if t.is_alive()},
-        native_threads=_native_threads(),
+        threads={t.ident or 0: t for t in threading.enumerate() if t not in idle and alive(t)},
+        native_threads={k: v for k, v in native.items() if k[0] not in idle_tids},
         fds=_fds(),
     )
 
