@@ -51,6 +51,9 @@ class EventBus:
         self._subscriptions: set[Subscription] = set()
         self._ensured: set[str] = set()
         self._closing = False
+        # Publishes are refused once the subscriptions are drained, not when close()
+        # begins: the handlers it lets finish may still publish (follow-up events).
+        self._publish_closed = False
         self._close_task: asyncio.Task[None] | None = None
 
     @property
@@ -76,7 +79,7 @@ class EventBus:
         headers: Mapping[str, str | bytes] | None = None,
     ) -> None:
         """Send raw bytes; returns once the broker acknowledged them."""
-        if self._closing:
+        if self._publish_closed:
             raise BusClosedError("the bus is closed")
         if type(value) is not bytes:
             if not isinstance(value, bytes | bytearray | memoryview):
@@ -92,7 +95,7 @@ class EventBus:
     async def publish_envelope(self, topic: str, envelope: Envelope) -> None:
         """Send an envelope (validated at construction): key = aggregate id, headers
         X-Event-ID, X-Aggregate-ID, X-Event-Type, X-Event-Version (+ trace/correlation)."""
-        if self._closing:
+        if self._publish_closed:
             raise BusClosedError("the bus is closed")
         if not isinstance(envelope, Envelope):
             raise TypeError(f"expected an Envelope, got {type(envelope).__name__}")
@@ -135,11 +138,16 @@ class EventBus:
             raise BusClosedError("the bus is closed")
         if not callable(handler):
             raise TypeError("handler must be callable")
+        if type(topic) is not str:
+            raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
+        unknown = sorted(set(options) - set(SubscribeOptions.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown subscribe option(s): {unknown}")
         try:
             settings = SubscribeOptions(**options)
-        except TypeError as exc:
-            raise TypeError(f"unknown subscribe option: {exc}") from None
+        except TypeError as exc:  # e.g. max_attempts="3"
+            raise TypeError(f"invalid subscribe option: {exc}") from None
         sub = Subscription(
             topic,
             self.group,
@@ -150,6 +158,9 @@ class EventBus:
             on_closed=self._subscriptions.discard,
         )
         check_topic(sub.dead_letter_topic)
+        if sub.dead_letter_topic == topic:
+            # Its dead letters would come back to it: a poison message would loop forever.
+            raise ValueError(f"dead_letter_topic must differ from the topic {topic!r}")
         # Registered before the first await, so a close() racing this subscribe sees it
         # (and waits for its start) instead of leaving it running on a closed bus.
         self._subscriptions.add(sub)
@@ -186,14 +197,21 @@ class EventBus:
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop fetching, let in-flight handlers finish until ``timeout``, cancel those
-        still running, commit what completed, flush publishes and disconnect.
+        still running, commit what completed, flush publishes and disconnect. Publishing
+        (a draining handler's follow-up events, say) works until the handlers are done;
+        afterwards it raises :class:`BusClosedError`.
 
         Returns within ``timeout`` plus a small constant even if a handler never returns
         (Kafka with its broker unreachable: up to the consumer session timeout more, the
         time librdkafka holds a consumer's close; see docs/kafka.md).
         Idempotent, and safe to call from inside a handler; afterwards the bus owns no
         task, thread, socket or fd."""
-        if self._close_task is None:
+        if self._close_task is not None:
+            # Already closing: this call is bounded by its own timeout too.
+            deadline = time.monotonic() + max(0.0, timeout)
+            for sub in self._subscriptions:
+                sub._hasten(deadline)
+        else:
             self._closing = True
             # Its own task, shielded: a handler calling close() gets cancelled by the
             # close itself (it is a running handler) — the close must go on regardless.
@@ -215,6 +233,7 @@ class EventBus:
                     # Keep closing the rest: a failed subscription must not leak the
                     # transport.
                     log.error("keybus: closing %s failed: %r", sub.topic, result)
+        self._publish_closed = True
         try:
             await asyncio.wait_for(self._transport.close(), self._transport.close_budget)
         except TimeoutError:
@@ -239,6 +258,8 @@ class EventBus:
 def _header_bytes(headers: Mapping[str, str | bytes] | None) -> dict[str, bytes]:
     if not headers:
         return {}
+    if not isinstance(headers, Mapping):
+        raise TypeError(f"headers must be a mapping, got {type(headers).__name__}")
     out: dict[str, bytes] = {}
     for name, value in headers.items():
         if type(name) is not str:

@@ -56,6 +56,10 @@ class Connector:
         options = dict(self._options)
         bus_options = {k: options.pop(k) for k in _BUS_OPTIONS if k in options}
         connect_timeout = float(options.pop("connect_timeout", 10.0))
+        # Checked before connecting: raising afterwards would leave the transport open.
+        topic_config = bus_options.get("topic_config")
+        if topic_config is not None and not isinstance(topic_config, TopicConfig):
+            raise TypeError("topic_config must be a keybus.TopicConfig")
         transport = _make_transport(self._url, options)
         try:
             await asyncio.wait_for(transport.connect(), connect_timeout)
@@ -68,9 +72,6 @@ class Connector:
         except Exception as exc:
             await transport.close()
             raise ConnectError(self._url, str(exc) or type(exc).__name__) from exc
-        topic_config = bus_options.get("topic_config")
-        if topic_config is not None and not isinstance(topic_config, TopicConfig):
-            raise TypeError("topic_config must be a keybus.TopicConfig")
         return EventBus(transport, group=self._group, **bus_options)
 
     def __await__(self) -> Generator[Any, None, EventBus]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -133,6 +134,9 @@ class Subscription:
         self._closed = asyncio.Event()
         self._started = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
+        # When the stop gives up waiting for handlers; a later unsubscribe() or close()
+        # with an earlier deadline brings it forward (each is bounded by its own timeout).
+        self._deadline = math.inf
 
     @property
     def peak_concurrency(self) -> int:
@@ -154,6 +158,7 @@ class Subscription:
             await consumer.start()
         finally:
             self._started.set()
+            self._progress.set()  # a stop waiting for the start sees it now
 
     async def unsubscribe(self, timeout: float = 5.0) -> None:
         """Stop fetching, let running handlers finish until ``timeout``, cancel the rest,
@@ -162,38 +167,40 @@ class Subscription:
         await self._shutdown(time.monotonic() + max(0.0, timeout))
 
     async def _shutdown(self, deadline: float) -> None:
+        self._hasten(deadline)
         if self._shutdown_task is None:
             self._closing = True
             # The stop runs in a task of its own and is shielded: when a handler closes
             # its own subscription (or bus), the stop cancels that handler's worker —
             # which must not cancel the stop itself half-way.
             self._shutdown_task = asyncio.get_running_loop().create_task(
-                self._run_shutdown(deadline), name=f"keybus-unsubscribe:{self.topic}"
+                self._run_shutdown(), name=f"keybus-unsubscribe:{self.topic}"
             )
             self._shutdown_task.add_done_callback(_log_failure)
         await asyncio.shield(self._shutdown_task)
 
-    async def _run_shutdown(self, deadline: float) -> None:
+    def _hasten(self, deadline: float) -> None:
+        """Stop waiting for handlers at ``deadline`` at the latest."""
+        if deadline < self._deadline:
+            self._deadline = deadline
+            self._progress.set()  # the waits below recompute their time left
+
+    async def _run_shutdown(self) -> None:
         try:
-            await self._stop(deadline)
+            await self._stop()
         finally:
             self._closed.set()
             self._on_closed(self)
 
-    async def _stop(self, deadline: float) -> None:
+    async def _stop(self) -> None:
         consumer = self._consumer
         if consumer is not None:
-            if not self._started.is_set():  # closed while subscribe() was starting it
-                await _bounded(self._started.wait(), deadline, "consumer start")
-            await _bounded(consumer.stop(), deadline + 1.0, "consumer stop")
+            # Closed while subscribe() was starting it: wait for the start.
+            if not await self._wait_until_deadline(self._started.is_set):
+                log.error("keybus: consumer start did not finish in time")
+            await _bounded(consumer.stop(), self._deadline + 1.0, "consumer stop")
         # Drain what was already fetched until the deadline.
-        while self._in_flight and time.monotonic() < deadline:
-            self._progress.clear()
-            remaining = deadline - time.monotonic()
-            try:
-                await asyncio.wait_for(self._progress.wait(), remaining)
-            except TimeoutError:
-                break
+        await self._wait_until_deadline(lambda: not self._in_flight)
         stuck = await self._dispatcher.cancel(grace=0.5)
         self._progress.set()  # a revoke waiting for handlers sees the stop now
         for task in stuck:
@@ -204,6 +211,18 @@ class Subscription:
         if consumer is not None:
             await _bounded(consumer.flush(), time.monotonic() + 2.0, "commit flush")
             await _bounded(consumer.close(), time.monotonic() + 2.0, "consumer close")
+
+    async def _wait_until_deadline(self, condition: Callable[[], bool]) -> bool:
+        """Wait until ``condition`` holds (re-checked whenever progress is pulsed) or the
+        deadline, which may be brought forward meanwhile, passes."""
+        while not condition():
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
+        return True
 
     # -- Sink: called by the consumer ------------------------------------------------
 

@@ -13,6 +13,7 @@ as long as some bus uses it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ from keybus.transports.base import (
 )
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
+
+log = logging.getLogger("keybus")
 
 _FETCH_BATCH = 256
 _TRIM_EVERY = 4096  # drop a partition's committed prefix once this much has piled up
@@ -60,6 +63,45 @@ class _Group:
         self.members: list[MemoryConsumer] = []
         self.owner: dict[int, MemoryConsumer] = {}
         self.lock = asyncio.Lock()
+        self._changes: set[asyncio.Task[None]] = set()
+
+    async def change(
+        self, *, join: MemoryConsumer | None = None, leave: MemoryConsumer | None = None
+    ) -> None:
+        """Add or remove a member and rebalance, in a task of the group's own. A
+        rebalance may wait for another member's revoke (its running handlers, up to that
+        member's revoke_timeout); a caller that stops waiting (a close bounded to 2 s, a
+        cancelled subscribe) must not cut it half-way, which left a partition with no
+        owner, or owned by a member that no longer fetched it, until the next change."""
+        task = asyncio.get_running_loop().create_task(
+            self._change(join, leave), name=f"keybus-memory-rebalance:{self.topic.name}"
+        )
+        self._changes.add(task)
+        task.add_done_callback(self._changed)
+        await asyncio.shield(task)
+
+    def _changed(self, task: asyncio.Task[None]) -> None:
+        self._changes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("keybus: %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _change(self, join: MemoryConsumer | None, leave: MemoryConsumer | None) -> None:
+        async with self.lock:
+            if join is not None:
+                self.members.append(join)
+            if leave is not None and leave in self.members:
+                self.members.remove(leave)
+                leave._positions.clear()
+            await self.rebalance()
+            # Nobody can rejoin a private group: drop it, or its offsets would pin the
+            # topic's records forever (trimming waits for every group).
+            if (
+                leave is not None
+                and not self.members
+                and leave._group_name.startswith(ANONYMOUS_GROUP_PREFIX)
+                and self.topic.groups.get(leave._group_name) is self
+            ):
+                del self.topic.groups[leave._group_name]
 
     async def rebalance(self) -> None:
         """Give each partition to one member (round-robin in join order). Partitions that
@@ -183,6 +225,7 @@ class MemoryConsumer(Consumer):
         self._positions: dict[int, int] = {}  # owned partition -> next offset to fetch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self._left = False
 
     async def start(self) -> None:
@@ -190,9 +233,9 @@ class MemoryConsumer(Consumer):
         if group is None:
             group = self._topic.groups[self._group_name] = _Group(self._topic)
         self._group = group
-        async with group.lock:
-            group.members.append(self)
-            await group.rebalance()
+        await group.change(join=self)
+        if self._stopped:
+            return  # closed while joining: no feeder for a closed subscription
         self._task = start_feeder(self._fetch(), f"keybus-memory-fetch:{self._topic.name}")
 
     def _assign(self, partition: int, offset: int) -> None:
@@ -235,6 +278,7 @@ class MemoryConsumer(Consumer):
         return None  # commits are applied at once
 
     async def stop(self) -> None:
+        self._stopped = True
         task, self._task = self._task, None
         await cancel_and_wait(task)
 
@@ -244,18 +288,7 @@ class MemoryConsumer(Consumer):
         if group is None or self._left:
             return
         self._left = True
-        async with group.lock:
-            group.members.remove(self)
-            self._positions.clear()
-            await group.rebalance()
-            # Nobody can rejoin a private group: drop it, or its offsets would pin the
-            # topic's records forever (trimming waits for every group).
-            if (
-                not group.members
-                and self._group_name.startswith(ANONYMOUS_GROUP_PREFIX)
-                and self._topic.groups.get(self._group_name) is group
-            ):
-                del self._topic.groups[self._group_name]
+        await group.change(leave=self)
 
     @property
     def assigned(self) -> list[Partition]:

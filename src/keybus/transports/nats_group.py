@@ -244,8 +244,13 @@ class GroupMember(Consumer):
         try:
             # Local steps first (they cannot hang): our tasks end before any network step,
             # so a cancellation by the core's bound can only cut the network part short.
-            await cancel_and_wait(self._coordinator)
-            await cancel_and_wait(self._acker)
+            # Both are cancelled before either is waited for: a close cut short while
+            # waiting for the first must not leave the second running.
+            tasks = [t for t in (self._coordinator, self._acker) if t is not None]
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                await cancel_and_wait(task)
             for part in list(self._parts.values()):
                 await self._stop_pulling(part)
             if self._kv is not None:
@@ -273,7 +278,9 @@ class GroupMember(Consumer):
         """Run ``body`` (a loop that should never end); if it crashes, log it and run it
         again after a short pause, so an owned task never dies silently."""
         pause = 0.05
-        while True:
+        # Not ``while True``: should a cancellation ever get lost inside ``body`` (swallowed
+        # by some library on the way), the task still ends once the member is closed.
+        while not self._closed:
             try:
                 await body()
                 return
@@ -298,7 +305,7 @@ class GroupMember(Consumer):
         rounds and every network step of a round end when the lease does, and then the
         partitions are revoked before anyone else may take them."""
         heartbeat = self._options.heartbeat
-        while True:
+        while not self._closed:  # see _supervised
             self._wake.clear()
             try:
                 if self._parts and time.monotonic() >= self._lease_until:
@@ -695,7 +702,7 @@ class GroupMember(Consumer):
         nc, _ = self._transport.live()
         interval = self._options.ack_wait / 3
         keep_alive_at = time.monotonic() + interval
-        while True:
+        while not self._closed:  # see _supervised
             left = keep_alive_at - time.monotonic()
             if left > 0 and not self._ack_wake.is_set():
                 await _wait(self._ack_wake, left)
