@@ -3,23 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from keybus.transports.base import partition_for
 
 
 async def eventually(
-    predicate: Callable[[], bool], *, timeout: float = 20.0, what: str = "condition"
+    predicate: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float = 20.0,
+    what: str = "condition",
 ) -> None:
-    """Poll ``predicate`` until it holds; fail with ``what`` at the deadline."""
+    """Poll ``predicate`` until it holds; fail with ``what`` at the deadline. It may
+    return an awaitable (e.g. ``asyncio.to_thread`` of a blocking check)."""
     deadline = time.monotonic() + timeout
     delay = 0.002
-    while not predicate():
+    while True:
+        held = predicate()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def key_on(partition: int, partitions: int) -> str:
+    """A key that every backend puts on ``partition`` of a topic with ``partitions``."""
+    return next(
+        key
+        for key in (f"k{i}" for i in itertools.count())
+        if partition_for(key, partitions, iter(())) == partition
+    )
 
 
 def order_violations(seen: dict[str, list[int]]) -> int:

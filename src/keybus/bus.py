@@ -14,8 +14,8 @@ from typing import Any
 
 from keybus.envelope import Envelope, envelope_headers
 from keybus.errors import BusClosedError
-from keybus.subscription import Handler, SubscribeOptions, Subscription, _log_failure
-from keybus.transports.base import ANONYMOUS_GROUP_PREFIX, TopicConfig, Transport
+from keybus.subscription import Handler, SubscribeOptions, Subscription
+from keybus.transports.base import ANONYMOUS_GROUP_PREFIX, TopicConfig, Transport, log_failure
 
 __all__ = ["EventBus"]
 
@@ -218,7 +218,7 @@ class EventBus:
             self._close_task = asyncio.get_running_loop().create_task(
                 self._close(max(0.0, timeout)), name=f"keybus-close:{self.url}"
             )
-            self._close_task.add_done_callback(_log_failure)
+            self._close_task.add_done_callback(log_failure)
         await asyncio.shield(self._close_task)
 
     async def _close(self, timeout: float) -> None:

@@ -19,7 +19,7 @@ from keybus.envelope import Envelope
 from keybus.errors import BusClosedError, KeybusError
 from keybus.message import Message
 from keybus.positions import DoneTracker
-from keybus.transports.base import Consumer, Partition
+from keybus.transports.base import Consumer, Partition, log_failure
 from keybus.work import RUNNING, Work
 
 __all__ = ["Handler", "SubscribeOptions", "Subscription", "SubscriptionStats"]
@@ -176,7 +176,7 @@ class Subscription:
             self._shutdown_task = asyncio.get_running_loop().create_task(
                 self._run_shutdown(), name=f"keybus-unsubscribe:{self.topic}"
             )
-            self._shutdown_task.add_done_callback(_log_failure)
+            self._shutdown_task.add_done_callback(log_failure)
         await asyncio.shield(self._shutdown_task)
 
     def _hasten(self, deadline: float) -> None:
@@ -196,11 +196,11 @@ class Subscription:
         consumer = self._consumer
         if consumer is not None:
             # Closed while subscribe() was starting it: wait for the start.
-            if not await self._wait_until_deadline(self._started.is_set):
+            if not await self._wait_progress(self._started.is_set, self._stop_deadline):
                 log.error("keybus: consumer start did not finish in time")
             await _bounded(consumer.stop(), self._deadline + 1.0, "consumer stop")
         # Drain what was already fetched until the deadline.
-        await self._wait_until_deadline(lambda: not self._in_flight)
+        await self._wait_progress(lambda: not self._in_flight, self._stop_deadline)
         stuck = await self._dispatcher.cancel(grace=0.5)
         self._progress.set()  # a revoke waiting for handlers sees the stop now
         for task in stuck:
@@ -212,11 +212,16 @@ class Subscription:
             await _bounded(consumer.flush(), time.monotonic() + 2.0, "commit flush")
             await _bounded(consumer.close(), time.monotonic() + 2.0, "consumer close")
 
-    async def _wait_until_deadline(self, condition: Callable[[], bool]) -> bool:
-        """Wait until ``condition`` holds (re-checked whenever progress is pulsed) or the
-        deadline, which may be brought forward meanwhile, passes."""
+    def _stop_deadline(self) -> float:
+        return self._deadline
+
+    async def _wait_progress(
+        self, condition: Callable[[], bool], deadline: Callable[[], float]
+    ) -> bool:
+        """Wait until ``condition`` holds (re-checked whenever progress is pulsed) or
+        ``deadline()`` — which may be brought forward meanwhile — passes."""
         while not condition():
-            remaining = self._deadline - time.monotonic()
+            remaining = deadline() - time.monotonic()
             if remaining <= 0:
                 return False
             self._progress.clear()
@@ -280,19 +285,19 @@ class Subscription:
         ]
         # Lost partitions may already be another member's: no waiting for handlers then.
         deadline = time.monotonic() + (0.0 if lost else self.options.revoke_timeout)
-        while running:
-            remaining = deadline - time.monotonic()
+
+        def settled() -> bool:
+            nonlocal running
+            running = [w for w in running if w.state == RUNNING]
             # Once the stop cancelled the workers, nothing these handlers do is kept (a
             # cancelled work stays undone, RUNNING, for good): waiting on would hold the
             # consumer's rebalance callback, and the bounded close behind it, until
             # revoke_timeout.
-            if remaining <= 0 or self._dispatcher.closed:
-                await self._abandon(running, revoked)
-                break
-            self._progress.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), remaining)
-            running = [w for w in running if w.state == RUNNING]
+            return not running or self._dispatcher.closed
+
+        await self._wait_progress(settled, lambda: deadline)
+        if running:
+            await self._abandon(running, revoked)
         self._tracker.forget(revoked)
         self._release(0)  # intake may have waited for the uncommitted window
 
@@ -438,11 +443,6 @@ class Subscription:
 def _being_cancelled() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("keybus: %s failed", task.get_name(), exc_info=task.exception())
 
 
 async def _bounded(step: Awaitable[object], deadline: float, what: str) -> None:

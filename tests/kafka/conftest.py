@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -94,6 +95,26 @@ async def spawn() -> AsyncIterator[Spawn]:
     yield start
     for worker in workers:
         await worker.kill()
+
+
+class FakeRd:
+    """Stands in for the librdkafka consumer inside a rebalance callback: records what
+    the transport asks of it. (Recorded, not raised: the transport logs and survives a
+    failing commit, so an exception here would not fail a test.)"""
+
+    def __init__(self) -> None:
+        self.metadata_requests = 0
+        self.commits: list[Any] = []  # the offsets of each commit
+        self.unassigned: list[Any] = []
+
+    def list_topics(self, *args: Any, **kwargs: Any) -> None:
+        self.metadata_requests += 1
+
+    def commit(self, *args: Any, **kwargs: Any) -> None:
+        self.commits.append(kwargs.get("offsets"))
+
+    def incremental_unassign(self, partitions: list[Any]) -> None:
+        self.unassigned.extend(partitions)
 
 
 async def kafka_sh(command: str, timeout: float = 120.0) -> None:

@@ -20,23 +20,7 @@ from keybus.testing import LeakChecker
 from keybus.transports.kafka import KafkaConsumer, KafkaTransport, _GroupConsumer, _RecordHeaders
 from tests.conftest import Backend, unique
 from tests.helpers import Collected, eventually
-from tests.kafka.conftest import kafka_sh
-
-
-class _FakeRd:
-    """Stands in for the librdkafka consumer in a rebalance callback."""
-
-    def __init__(self) -> None:
-        self.unassigned: list[Any] = []
-        # Recorded, not raised: the transport logs and survives a failing commit, so an
-        # exception here would not fail the test.
-        self.commits: list[Any] = []
-
-    def incremental_unassign(self, partitions: list[Any]) -> None:
-        self.unassigned.extend(partitions)
-
-    def commit(self, *args: Any, **kwargs: Any) -> None:
-        self.commits.append((args, kwargs))
+from tests.kafka.conftest import FakeRd, kafka_sh
 
 
 async def test_on_lost_cancels_running_handlers_at_once(
@@ -71,7 +55,7 @@ async def test_on_lost_cancels_running_handlers_at_once(
     facade._assign([0])
     await sub.deliver([Message("t", b"x", "k", {}, 0, 5)])
     await eventually(started.is_set, what="handler running")
-    rd = _FakeRd()
+    rd = FakeRd()
     began = time.monotonic()
     # librdkafka calls on_lost on the consumer thread.
     thread = threading.Thread(target=shared._on_lost, args=(rd, [TopicPartition("t", 0)]))

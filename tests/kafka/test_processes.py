@@ -83,12 +83,18 @@ async def test_consumer_process_killed_mid_stream_successor_resumes_without_loss
         await first.ready()
         stream = Stream(publisher, topic, aggregates=30, minimum=60)
         await eventually(lambda: len(logs.read(log)) >= 400, timeout=60, what="first busy")
+
         # A commit must be seen before the kill, or "nothing redone that was committed"
         # below would hold for a member that never commits at all.
-        await eventually(
-            lambda: _committed(backend.url, group, topic) >= 100, timeout=30, what="a commit"
-        )
-        committed = _committed(backend.url, group, topic)
+        async def seen_committed() -> int:
+            # A blocking librdkafka call: off the loop, which runs the publishers.
+            return await asyncio.to_thread(_committed, backend.url, group, topic)
+
+        async def a_commit() -> bool:
+            return await seen_committed() >= 100
+
+        await eventually(a_commit, timeout=30, what="a commit")
+        committed = await seen_committed()
         await first.kill()  # SIGKILL: no close, no final commit
         before = logs.by_aggregate(logs.read(log))
         second = await spawn(backend.url, topic, group, "second", log, 0.001)

@@ -18,7 +18,7 @@ import nats
 from keybus.transports.nats_group import GroupMember
 from keybus.transports.nats_names import GROUPS_BUCKET, group_key, stream_name, subject_base
 from tests.conftest import Backend, BusFactory
-from tests.helpers import drop_topics, eventually
+from tests.helpers import eventually
 from tests.nats.proxy import NatsProxy
 
 
@@ -309,8 +309,6 @@ async def test_a_member_that_cannot_renew_revokes_before_its_lease_expires(
         started = time.monotonic()
     assert time.monotonic() - started < 3.0, "close with a silent server is bounded"
     nats_proxy.blackhole = False
-    async with keybus.connect(backend.url) as admin:
-        await drop_topics(admin, topic)
 
 
 # -- B10: bounded, leak-free close with a server that does not answer ------------------

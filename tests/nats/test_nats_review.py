@@ -4,26 +4,82 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 import keybus
-from keybus.transports.base import partition_for
+from keybus.transports.base import cancel_and_wait
 from keybus.transports.nats_group import GroupMember
 from tests.conftest import Backend, BusFactory
-from tests.helpers import drop_topics, eventually
+from tests.helpers import Collected, eventually, key_on
 from tests.nats.proxy import NatsProxy
 from tests.nats.test_nats_recovery import consumers
 
 
-def key_in(partition: int, partitions: int) -> str:
-    rr = itertools.count()
-    return next(
-        f"k{i}" for i in itertools.count() if partition_for(f"k{i}", partitions, rr) == partition
-    )
+class TwoMembers:
+    """What the two members of a hand-over see: member A's handlers hold until their
+    key's ``release`` is set (or they are cancelled); B records what it handles, and any
+    key it got while A's handler of that key still ran."""
+
+    def __init__(self) -> None:
+        self.k0, self.k1 = key_on(0, 2), key_on(1, 2)
+        self.release = {self.k0: asyncio.Event(), self.k1: asyncio.Event()}
+        self.running_in_a: set[str] = set()
+        self.overlaps: list[str] = []
+        self.handled_by_b: list[str] = []
+
+    async def handler_a(self, message: keybus.Message) -> None:
+        assert message.key is not None
+        self.running_in_a.add(message.key)
+        try:
+            await self.release[message.key].wait()
+        finally:
+            self.running_in_a.discard(message.key)
+
+    async def handler_b(self, message: keybus.Message) -> None:
+        assert message.key is not None
+        if message.key in self.running_in_a:
+            self.overlaps.append(message.key)
+        self.handled_by_b.append(message.key)
+
+
+@contextlib.asynccontextmanager
+async def a_revoking_partition_1(
+    nats_proxy: NatsProxy, open_bus: BusFactory, topic: str, group: str
+) -> AsyncIterator[tuple[TwoMembers, asyncio.Task[keybus.Subscription]]]:
+    """Member A (through the proxy) owns both partitions of ``topic`` with a handler
+    running on each; member B joins, and A is revoking partition 1, waiting for its
+    handler. Yields the members' record and B's pending subscribe."""
+    members = TwoMembers()
+    ttl, beat = 3.0, 0.5
+    admin = await open_bus()
+    await admin.ensure_topic(topic, keybus.TopicConfig(partitions=2))
+    bus_a = await keybus.connect(nats_proxy.url, group=group, lease_ttl=ttl, heartbeat=beat)
+    joining: asyncio.Task[keybus.Subscription] | None = None
+    try:
+        sub_a = await bus_a.subscribe(topic, members.handler_a)
+        member_a = sub_a._consumer
+        assert isinstance(member_a, GroupMember)
+        await admin.publish(topic, b"0", key=members.k0)
+        await admin.publish(topic, b"1", key=members.k1)
+        await eventually(
+            lambda: members.running_in_a == {members.k0, members.k1}, what="A's handlers run"
+        )
+        bus_b = await open_bus(group=group, lease_ttl=ttl, heartbeat=beat)
+        joining = asyncio.create_task(bus_b.subscribe(topic, members.handler_b))
+        # A stops pulling partition 1 and waits in the core's revoke for its handler.
+        await eventually(
+            lambda: 1 in member_a._parts and member_a._parts[1].task is None,
+            what="A revoking partition 1",
+        )
+        yield members, joining
+    finally:
+        nats_proxy.blackhole = False
+        await cancel_and_wait(joining)  # done already unless the test failed first
+        await bus_a.close(timeout=0.5)
 
 
 @pytest.mark.slow
@@ -37,53 +93,13 @@ async def test_a_lease_running_out_during_a_long_revoke_stops_every_handler_firs
     before that (its lease ends a heartbeat before the server's), not keep running them
     next to B until the revoke's own timeout."""
     topic = backend.topic("leaserevoke")
-    ttl, beat = 3.0, 0.5
-    k0, k1 = key_in(0, 2), key_in(1, 2)
-    running_in_a: set[str] = set()
-    overlaps: list[str] = []
-    handled_by_b: list[str] = []
-
-    async def handler_a(message: keybus.Message) -> None:
-        assert message.key is not None
-        running_in_a.add(message.key)
-        try:
-            await asyncio.Event().wait()  # hangs until cancelled
-        finally:
-            running_in_a.discard(message.key)
-
-    async def handler_b(message: keybus.Message) -> None:
-        assert message.key is not None
-        if message.key in running_in_a:
-            overlaps.append(message.key)
-        handled_by_b.append(message.key)
-
-    admin = await open_bus()
-    await admin.ensure_topic(topic, keybus.TopicConfig(partitions=2))
-    bus_a = await keybus.connect(nats_proxy.url, group="lr", lease_ttl=ttl, heartbeat=beat)
-    try:
-        sub_a = await bus_a.subscribe(topic, handler_a)
-        member_a = sub_a._consumer
-        assert isinstance(member_a, GroupMember)
-        await admin.publish(topic, b"0", key=k0)
-        await admin.publish(topic, b"1", key=k1)
-        await eventually(lambda: running_in_a == {k0, k1}, what="A's handlers hang")
-        bus_b = await open_bus(group="lr", lease_ttl=ttl, heartbeat=beat)
-        joining = asyncio.create_task(bus_b.subscribe(topic, handler_b))
-        # A stops pulling partition 1 and waits in the core's revoke for its handler.
-        await eventually(
-            lambda: 1 in member_a._parts and member_a._parts[1].task is None,
-            what="A revoking partition 1",
-        )
+    async with a_revoking_partition_1(nats_proxy, open_bus, topic, "lr") as (m, joining):
         nats_proxy.blackhole = True  # A's last renewal happened before now
         await joining
         await eventually(
-            lambda: {k0, k1} <= set(handled_by_b), what="B handles both keys", timeout=20
+            lambda: {m.k0, m.k1} <= set(m.handled_by_b), what="B handles both keys", timeout=20
         )
-        assert overlaps == [], f"A still ran handlers of {overlaps} while B handled them"
-    finally:
-        nats_proxy.blackhole = False
-        await bus_a.close(timeout=0.5)
-    await drop_topics(admin, topic)
+        assert m.overlaps == [], f"A still ran handlers of {m.overlaps} while B handled them"
 
 
 async def test_a_consumer_deleted_under_a_member_is_re_taken_not_polled_in_a_tight_loop(
@@ -98,12 +114,9 @@ async def test_a_consumer_deleted_under_a_member_is_re_taken_not_polled_in_a_tig
     admin = await open_bus()
     await admin.ensure_topic(topic, keybus.TopicConfig(partitions=1))
     bus = await open_bus(group="deleted", heartbeat=0.3, lease_ttl=1.5)
-    seen: list[bytes] = []
+    seen = Collected()
 
-    async def handler(message: keybus.Message) -> None:
-        seen.append(message.value)
-
-    await bus.subscribe(topic, handler)
+    await bus.subscribe(topic, seen)
     nc = bus._transport._nc  # type: ignore[attr-defined]
     pulls = 0
     publish = nc.publish
@@ -119,7 +132,7 @@ async def test_a_consumer_deleted_under_a_member_is_re_taken_not_polled_in_a_tig
     await admin.delete_topic(topic)
     await admin.ensure_topic(topic, keybus.TopicConfig(partitions=1))
     await admin.publish(topic, b"after", key="k")
-    await eventually(lambda: seen == [b"after"], what="the message on the new stream")
+    await eventually(lambda: seen.values() == [b"after"], what="the message on the new stream")
     took = time.monotonic() - started
     assert pulls < 50 + 20 * took, f"{pulls} pull requests in {took:.1f} s"
 
@@ -134,55 +147,12 @@ async def test_a_hand_over_ack_to_a_silent_server_does_not_outlast_the_lease(
     still holds), not after api_timeout (5 s) while B already took over partition 0,
     whose handler in A still runs."""
     topic = backend.topic("ackrevoke")
-    ttl, beat = 3.0, 0.5
-    k0, k1 = key_in(0, 2), key_in(1, 2)
-    running_in_a: set[str] = set()
-    overlaps: list[str] = []
-    handled_by_b: list[str] = []
-    finish_k1 = asyncio.Event()
-
-    async def handler_a(message: keybus.Message) -> None:
-        assert message.key is not None
-        running_in_a.add(message.key)
-        try:
-            if message.key == k1:
-                await finish_k1.wait()
-            else:
-                await asyncio.Event().wait()  # hangs until cancelled
-        finally:
-            running_in_a.discard(message.key)
-
-    async def handler_b(message: keybus.Message) -> None:
-        assert message.key is not None
-        if message.key in running_in_a:
-            overlaps.append(message.key)
-        handled_by_b.append(message.key)
-
-    admin = await open_bus()
-    await admin.ensure_topic(topic, keybus.TopicConfig(partitions=2))
-    bus_a = await keybus.connect(nats_proxy.url, group="ar", lease_ttl=ttl, heartbeat=beat)
-    try:
-        sub_a = await bus_a.subscribe(topic, handler_a)
-        member_a = sub_a._consumer
-        assert isinstance(member_a, GroupMember)
-        await admin.publish(topic, b"0", key=k0)
-        await admin.publish(topic, b"1", key=k1)
-        await eventually(lambda: running_in_a == {k0, k1}, what="A's handlers run")
-        bus_b = await open_bus(group="ar", lease_ttl=ttl, heartbeat=beat)
-        joining = asyncio.create_task(bus_b.subscribe(topic, handler_b))
-        await eventually(
-            lambda: 1 in member_a._parts and member_a._parts[1].task is None,
-            what="A revoking partition 1",
-        )
+    async with a_revoking_partition_1(nats_proxy, open_bus, topic, "ar") as (m, joining):
         nats_proxy.blackhole = True  # A's last renewal happened before now
-        finish_k1.set()  # the revoke ends; A acks partition 1 and hears nothing back
+        m.release[m.k1].set()  # the revoke ends; A acks partition 1 and hears nothing back
         await joining
-        await eventually(lambda: k0 in handled_by_b, what="B handles k0", timeout=20)
-        assert overlaps == [], f"A still ran handlers of {overlaps} while B handled them"
-    finally:
-        nats_proxy.blackhole = False
-        await bus_a.close(timeout=0.5)
-    await drop_topics(admin, topic)
+        await eventually(lambda: m.k0 in m.handled_by_b, what="B handles k0", timeout=20)
+        assert m.overlaps == [], f"A still ran handlers of {m.overlaps} while B handled them"
 
 
 async def test_an_anonymous_member_closed_while_taking_a_partition_leaves_no_durable(
@@ -217,4 +187,3 @@ async def test_an_anonymous_member_closed_while_taking_a_partition_leaves_no_dur
         await subscribing
     left = [c.name for c in await consumers(backend.url, topic)]
     assert left == [], f"durables left behind: {left}"
-    await drop_topics(admin, topic)

@@ -13,7 +13,7 @@ import nats
 from keybus.testing import LeakChecker
 from keybus.transports.nats_names import consumer_name, stream_name, subject_base, token
 from tests.conftest import Backend, BusFactory
-from tests.helpers import drop_topics, eventually
+from tests.helpers import eventually
 
 
 def test_topic_names_with_dots_do_not_collide() -> None:
@@ -155,5 +155,3 @@ async def test_open_close_cycles_leave_no_tasks_sockets_or_server_consumers(
         finally:
             await nc.close()
         assert left == [], "anonymous groups remove their durables when they leave"
-        async with keybus.connect(backend.url) as admin:
-            await drop_topics(admin, topic)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -39,8 +40,9 @@ async def test_a_cancellation_of_the_caller_is_not_swallowed(no_leaks: LeakCheck
 
 
 async def test_the_task_ends_before_it_returns_and_its_failure_is_retrieved(
-    no_leaks: LeakChecker,
+    no_leaks: LeakChecker, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="keybus")
     started = asyncio.Event()
 
     async def fails_on_cancel() -> None:
@@ -55,4 +57,5 @@ async def test_the_task_ends_before_it_returns_and_its_failure_is_retrieved(
     await cancel_and_wait(task)  # no RuntimeError leaks into the caller
     assert task.done()
     assert not task.cancelled()
+    assert "ended with RuntimeError('cleanup failed')" in caplog.text  # retrieved, said
     await cancel_and_wait(None)  # nothing to do

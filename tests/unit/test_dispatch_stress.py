@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import random
-import time
 from collections import defaultdict
 from collections.abc import Hashable
 
@@ -22,6 +21,7 @@ import pytest
 from keybus.dispatch import KeyedDispatcher
 from keybus.message import Message
 from keybus.work import QUEUED, Work
+from tests.helpers import eventually
 
 SEEDS = int(os.environ.get("KEYBUS_STRESS_SEEDS", "40"))
 
@@ -200,14 +200,6 @@ class _Model:
             self.errors.append(f"_waking went negative: {d._waking}")
 
 
-async def _until(predicate: object, what: str, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0)
-
-
 @pytest.mark.parametrize("seed", range(SEEDS))
 async def test_dispatcher_random_schedules_keep_order_concurrency_and_liveness(
     seed: int, caplog: pytest.LogCaptureFixture
@@ -219,7 +211,9 @@ async def test_dispatcher_random_schedules_keep_order_concurrency_and_liveness(
     for _ in range(250):
         action = rng.choice(actions)
         if action is None:
-            await _until(model.quiescent_and_live, f"quiescence (seed {seed})")
+            await eventually(
+                model.quiescent_and_live, timeout=3.0, what=f"quiescence (seed {seed})"
+            )
         else:
             action()
             for _ in range(rng.randint(0, 3)):
@@ -234,7 +228,7 @@ async def test_dispatcher_random_schedules_keep_order_concurrency_and_liveness(
                 item.gate.set()
         return not any(model.outstanding(i) for i in model.items.values())
 
-    await _until(drained, f"drain (seed {seed})")
+    await eventually(drained, timeout=3.0, what=f"drain (seed {seed})")
     model.check_structure()
     assert not model.errors, (seed, model.errors)
     for key, submitted in model.submitted.items():
@@ -269,17 +263,17 @@ async def test_dispatcher_wakes_parked_workers_after_they_all_parked() -> None:
     dispatcher._process = first
     for key in range(4):
         dispatcher.submit(Work(Message("t", b"", None, {}, 0, key), None, None), key)
-    await _until(lambda: dispatcher.running == 4, "four running")
+    await eventually(lambda: dispatcher.running == 4, timeout=3.0, what="four running")
     for event in blockers:
         event.set()
-    await _until(lambda: len(dispatcher._parked) == 4, "four parked")
+    await eventually(lambda: len(dispatcher._parked) == 4, timeout=3.0, what="four parked")
     dispatcher._process = process
     for key in range(10):
         dispatcher.submit(Work(Message("t", b"", None, {}, 0, 100 + key), None, None), key)
-    await _until(lambda: dispatcher.running == 4, "four running again")
+    await eventually(lambda: dispatcher.running == 4, timeout=3.0, what="four running again")
     assert len(dispatcher._workers) == 4
     gate.set()
-    await _until(lambda: len(finished) == 10, "all done")
+    await eventually(lambda: len(finished) == 10, timeout=3.0, what="all done")
     assert await dispatcher.cancel(grace=1.0) == []
 
 
@@ -305,7 +299,7 @@ async def test_dispatcher_abandoned_work_does_not_let_its_key_run_twice() -> Non
     dispatcher = KeyedDispatcher(process, 4, "unit")
     works = [Work(Message("t", b"", None, {}, 0, o), None, None) for o in range(3)]
     dispatcher.submit(works[0], "k")
-    await _until(lambda: dispatcher.running == 1, "first running")
+    await eventually(lambda: dispatcher.running == 1, timeout=3.0, what="first running")
     dispatcher.submit(works[1], "k")
     KeyedDispatcher.abandon([works[0]])
     await asyncio.wait_for(unwinding.wait(), 5)
@@ -313,12 +307,12 @@ async def test_dispatcher_abandoned_work_does_not_let_its_key_run_twice() -> Non
     # readied works[1] would have started before the probe finishes.
     probe = Work(Message("t", b"", None, {}, 0, 99), None, None)
     dispatcher.submit(probe, "probe")
-    await _until(lambda: ("end", 99) in log, "the probe done")
+    await eventually(lambda: ("end", 99) in log, timeout=3.0, what="the probe done")
     assert [e for e in log if e[1] != 99] == [("start", 0)], "the key ran beside the abandon"
     unwind.set()
-    await _until(lambda: ("end", 1) in log, "second done")
+    await eventually(lambda: ("end", 1) in log, timeout=3.0, what="second done")
     dispatcher.submit(works[2], "k")  # on a lane from the spare pool
-    await _until(lambda: ("end", 2) in log, "third done")
+    await eventually(lambda: ("end", 2) in log, timeout=3.0, what="third done")
     assert [e for e in log if e[1] != 99] == [
         ("start", 0),
         ("end", 0),

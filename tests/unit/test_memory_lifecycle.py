@@ -5,20 +5,13 @@ their bus drains."""
 from __future__ import annotations
 
 import asyncio
-import zlib
 
 import pytest
 
 import keybus
 from keybus.testing import LeakChecker
 from keybus.transports.memory import MemoryBroker
-from tests.helpers import Collected, eventually
-
-
-def _key_on(partition: int, partitions: int) -> str:
-    return next(
-        k for k in (f"k{i}" for i in range(100)) if zlib.crc32(k.encode()) % partitions == partition
-    )
+from tests.helpers import Collected, eventually, key_on
 
 
 async def test_a_leave_cut_short_by_the_bounded_close_still_hands_every_partition_on(
@@ -28,7 +21,7 @@ async def test_a_leave_cut_short_by_the_bounded_close_still_hands_every_partitio
     outlasts A's bounded consumer close (2 s). The rebalance must still complete: before,
     its cancellation left A's partition with no owner and B's revoked partition owned by
     B but fetched by nobody — both stalled until the next join or leave."""
-    keys = [_key_on(p, 3) for p in range(3)]
+    keys = [key_on(p, 3) for p in range(3)]
     release = asyncio.Event()
     b_entered = asyncio.Event()
     handled: list[bytes] = []
@@ -71,7 +64,7 @@ async def test_close_while_subscribe_waits_on_a_rebalance_leaks_nothing_and_stal
     """B's subscribe waits while A's revoke waits for A's running handler; B is closed
     meanwhile. Before, the join finished after B's close: B's feeder task was started on
     a closed bus (leaked) and B stayed owner of the partition, which A never got back."""
-    p0, p1 = _key_on(0, 2), _key_on(1, 2)
+    p0, p1 = key_on(0, 2), key_on(1, 2)
     release = asyncio.Event()
     a_entered = asyncio.Event()
     handled: list[bytes] = []

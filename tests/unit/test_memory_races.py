@@ -4,19 +4,14 @@ backend (its rebalance goes through the same core path as Kafka's)."""
 from __future__ import annotations
 
 import asyncio
-import threading
-import zlib
-
-import pytest
 
 import keybus
-from keybus.testing import LeakChecker, LeakError
+from keybus.testing import LeakChecker
 from keybus.transports.memory import MemoryBroker
-from tests.helpers import eventually
+from tests.helpers import eventually, key_on
 
-# Keys whose crc32 puts them on partition 0 and 1 of a 2-partition topic.
-P0 = next(k for k in "abcdefgh" if zlib.crc32(k.encode()) % 2 == 0)
-P1 = next(k for k in "abcdefgh" if zlib.crc32(k.encode()) % 2 == 1)
+# Keys on partition 0 and 1 of a 2-partition topic.
+P0, P1 = key_on(0, 2), key_on(1, 2)
 
 
 async def test_a_batch_held_by_backpressure_is_not_delivered_after_revoke_and_reassign(
@@ -116,7 +111,8 @@ async def test_a_handler_ignoring_cancellation_takes_no_more_work_after_close(
     await asyncio.wait_for(entered.wait(), 10)
     closing = True
     await bus.close(timeout=0.1)
-    assert not unwound.is_set(), "the premise: the handler outlives close()"
+    # The premise: the handler outlives close() (its worker still runs).
+    assert [t for t in asyncio.all_tasks() if "worker" in t.get_name()]
     release.set()
     await asyncio.wait_for(unwound.wait(), 5)
     # The stubborn worker ends now; it must not have picked up more on the way.
@@ -148,23 +144,6 @@ async def test_groups_of_closed_anonymous_buses_do_not_pin_the_log(
         topic = MemoryBroker.named("anon").topics["t"]
         await eventually(lambda: len(topic.logs[0].records) < 8192, what="the log trimmed")
         assert set(topic.groups) == {"live"}
-
-
-async def test_leak_checker_sees_a_new_thread_that_reuses_an_old_ident() -> None:
-    done = threading.Thread(target=lambda: None, name="kb-finished")
-    done.start()
-    done.join()
-    stop = threading.Event()
-    checker = LeakChecker(timeout=0.2)
-    checker.start()
-    fresh = threading.Thread(target=stop.wait, name="kb-fresh-thread")
-    fresh.start()
-    try:
-        with pytest.raises(LeakError, match="kb-fresh-thread"):
-            await checker.check()
-    finally:
-        stop.set()
-        fresh.join()
 
 
 async def test_lost_partitions_cancel_running_handlers_without_waiting(

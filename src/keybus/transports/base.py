@@ -32,6 +32,7 @@ __all__ = [
     "TopicConfig",
     "Transport",
     "cancel_and_wait",
+    "log_failure",
     "partition_for",
     "start_feeder",
 ]
@@ -66,18 +67,27 @@ def start_feeder(body: Coroutine[Any, Any, None], name: str) -> asyncio.Task[Non
     return task
 
 
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel ``task`` and wait until it has ended. Only the task's own cancellation is
-    absorbed: a cancellation of the *caller* while it waits still propagates, where
-    ``with suppress(CancelledError): await task`` would swallow it and let the caller
-    run on (e.g. a close that was itself cancelled would keep closing)."""
-    if task is None:
-        return
-    if not task.done():
+async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel ``tasks`` (all of them first) and wait until they have ended. Only their
+    own cancellation is absorbed: a cancellation of the *caller* while it waits still
+    propagates, where ``with suppress(CancelledError): await task`` would swallow it and
+    let the caller run on (e.g. a close that was itself cancelled would keep closing) —
+    and since every task was cancelled before the wait, none is left running then."""
+    owned = [task for task in tasks if task is not None]
+    pending = [task for task in owned if not task.done()]
+    for task in pending:
         task.cancel()
-        await asyncio.wait([task])
-    if not task.cancelled() and task.exception() is not None:  # retrieved: logged once
-        log.debug("keybus: %s ended with %r", task.get_name(), task.exception())
+    if pending:
+        await asyncio.wait(pending)
+    for task in owned:
+        if not task.cancelled() and task.exception() is not None:  # retrieved: logged once
+            log.debug("keybus: %s ended with %r", task.get_name(), task.exception())
+
+
+def log_failure(task: asyncio.Task[Any]) -> None:
+    """A done-callback for an owned task that should not fail: say so if it did."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("keybus: %s failed", task.get_name(), exc_info=task.exception())
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

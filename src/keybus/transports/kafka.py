@@ -343,32 +343,37 @@ class KafkaTransport(Transport):
     async def publish(
         self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
     ) -> None:
-        producer = self._producer
-        if producer is None:
-            if self._closed:
-                raise PublishError(topic, "the Kafka transport is closed")
-            try:
-                producer = KafkaProducer(self._producer_config, asyncio.get_running_loop())
-            except (KafkaException, TypeError, ValueError) as exc:  # e.g. a bad setting
-                reason = f"cannot create the Kafka producer: {_reason(exc)}"
-                raise PublishError(topic, reason) from exc
-            self._producer = producer
-        try:
-            future = producer.send(topic, value, key, headers)
-        except BufferError:
-            future = await producer.send_when_room(topic, value, key, headers)
-        await future
+        await self.send(topic, value, key, headers)
 
     def send(
         self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
     ) -> Awaitable[None]:
-        producer = self._producer
-        if producer is not None:
-            try:  # not contextlib.suppress: a Python-level context manager per publish
-                return producer.send(topic, value, key, headers)
-            except BufferError:
-                pass  # librdkafka's queue is full: publish() waits for room
-        return self.publish(topic, value, key, headers)
+        producer = self._producer or self._new_producer(topic)
+        try:  # not contextlib.suppress: a Python-level context manager per publish
+            return producer.send(topic, value, key, headers)
+        except BufferError:  # librdkafka's queue is full: wait for room, boundedly
+            return self._send_when_room(producer, topic, value, key, headers)
+
+    def _new_producer(self, topic: str) -> KafkaProducer:
+        if self._closed:
+            raise PublishError(topic, "the Kafka transport is closed")
+        try:
+            producer = KafkaProducer(self._producer_config, asyncio.get_running_loop())
+        except (KafkaException, TypeError, ValueError) as exc:  # e.g. a bad setting
+            reason = f"cannot create the Kafka producer: {_reason(exc)}"
+            raise PublishError(topic, reason) from exc
+        self._producer = producer
+        return producer
+
+    @staticmethod
+    async def _send_when_room(
+        producer: KafkaProducer,
+        topic: str,
+        value: bytes,
+        key: str | None,
+        headers: Mapping[str, bytes],
+    ) -> None:
+        await (await producer.send_when_room(topic, value, key, headers))
 
     # -- consume ---------------------------------------------------------------------
 

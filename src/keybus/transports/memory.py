@@ -13,7 +13,6 @@ as long as some bus uses it.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import weakref
 from collections.abc import Mapping
@@ -29,13 +28,12 @@ from keybus.transports.base import (
     TopicConfig,
     Transport,
     cancel_and_wait,
+    log_failure,
     partition_for,
     start_feeder,
 )
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
-
-log = logging.getLogger("keybus")
 
 _FETCH_BATCH = 256
 _TRIM_EVERY = 4096  # drop a partition's committed prefix once this much has piled up
@@ -82,8 +80,7 @@ class _Group:
 
     def _changed(self, task: asyncio.Task[None]) -> None:
         self._changes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("keybus: %s failed", task.get_name(), exc_info=task.exception())
+        log_failure(task)
 
     async def _change(self, join: MemoryConsumer | None, leave: MemoryConsumer | None) -> None:
         async with self.lock:

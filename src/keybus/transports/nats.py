@@ -50,9 +50,6 @@ log = logging.getLogger("keybus.nats")
 _PARTITIONS_META = "keybus.partitions"
 _TOPIC_META = "keybus.topic"
 
-# What a failing NATS call can raise: the client's errors (JetStream's derive from them),
-# timeouts and socket errors.
-
 
 @dataclass(frozen=True, slots=True)
 class NatsOptions:

@@ -73,11 +73,12 @@ __all__ = ["GroupMember"]
 
 log = logging.getLogger("keybus.nats")
 
+# What a failing NATS call can raise: the client's errors (JetStream's derive from them),
+# timeouts and socket errors.
 NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
-_ERRORS = NATS_ERRORS
 # A failed rebalance round is retried at the next heartbeat; these are what it may raise
 # (KeyError/ValueError: a group-state entry written by something else).
-_ROUND_ERRORS: tuple[type[BaseException], ...] = (*_ERRORS, KeybusError, KeyError, ValueError)
+_ROUND_ERRORS: tuple[type[BaseException], ...] = (*NATS_ERRORS, KeybusError, KeyError, ValueError)
 _ACK = b"+ACK"
 _IN_PROGRESS = b"+WPI"
 _CONSUMER_DELETED = "Consumer Deleted"  # the description of a 409 status
@@ -197,7 +198,7 @@ class GroupMember(Consumer):
             self._ping_sub = await nc.subscribe(self._ping, cb=self._on_ping)
         except KeybusError:
             raise
-        except _ERRORS as exc:
+        except NATS_ERRORS as exc:
             what = f"cannot join group {self._group!r} on topic {self._topic!r}"
             raise transport.admin_error(what, exc) from exc
         transport.register(self)
@@ -246,11 +247,7 @@ class GroupMember(Consumer):
             # so a cancellation by the core's bound can only cut the network part short.
             # Both are cancelled before either is waited for: a close cut short while
             # waiting for the first must not leave the second running.
-            tasks = [t for t in (self._coordinator, self._acker) if t is not None]
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                await cancel_and_wait(task)
+            await cancel_and_wait(self._coordinator, self._acker)
             for part in list(self._parts.values()):
                 await self._stop_pulling(part)
             if self._kv is not None:
@@ -648,7 +645,7 @@ class GroupMember(Consumer):
                 part.requested = 0  # no heartbeat: the server lost our request
             if part.requested <= batch // 2:
                 # Keep a second request queued so delivery never waits for a round trip.
-                with contextlib.suppress(*_ERRORS):
+                with contextlib.suppress(*NATS_ERRORS):
                     await nc.publish(request_subject, request, reply=inbox)
                     part.requested += batch
                     part.activity = time.monotonic()
@@ -716,7 +713,7 @@ class GroupMember(Consumer):
                 if part.committed > part.acked and not part.lost:
                     part.acked = part.committed
                     # AckPolicy.ALL: acking the end of the done prefix acks all before it.
-                    with contextlib.suppress(*_ERRORS):
+                    with contextlib.suppress(*NATS_ERRORS):
                         await nc.publish(part.commit_reply, _ACK)
             # Coalesce: at most one ack per partition per interval, however many commits
             # arrive meanwhile (flush and hand-overs ack synchronously, not through here).
@@ -737,7 +734,7 @@ class GroupMember(Consumer):
             except nats.errors.NoRespondersError:
                 # The consumer is gone (topic deleted, or taken over): nothing to ack.
                 log.debug("keybus: ack of %s/%d: no consumer", self._topic, seq)
-            except _ERRORS as exc:
+            except NATS_ERRORS as exc:
                 log.warning("keybus: ack of %s/%d failed: %r", self._topic, seq, exc)
             else:
                 part.synced = part.acked = max(part.acked, seq)
@@ -760,10 +757,10 @@ class GroupMember(Consumer):
                     break
                 for message in chunk:
                     if message.offset > committed:
-                        with contextlib.suppress(*_ERRORS):
+                        with contextlib.suppress(*NATS_ERRORS):
                             await publish(message.raw.reply, _IN_PROGRESS)
             for msg in list(part.buffer):  # received, waiting for room in the core
-                with contextlib.suppress(*_ERRORS):
+                with contextlib.suppress(*NATS_ERRORS):
                     await publish(msg.reply, _IN_PROGRESS)
 
 
@@ -827,5 +824,5 @@ async def _stop_pulling_now(part: _Part) -> None:
 async def _unsubscribe(sub: NatsSubscription) -> None:
     # nats-py removes the interest locally (and stops the subscription's task) before
     # its first await, which only queues an UNSUB: a cancellation cannot leave it behind.
-    with contextlib.suppress(*_ERRORS):
+    with contextlib.suppress(*NATS_ERRORS):
         await sub.unsubscribe()
