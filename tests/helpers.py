@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from keybus.transports.base import partition_for
+from keybus.partitioning import partition_for
 
 
 async def eventually(

@@ -5,7 +5,8 @@ retries in place and dead letters, and a bounded, leak-free close — on every b
 """
 
 from keybus.bus import EventBus
-from keybus.connect import connect
+from keybus.connect import Connector, connect
+from keybus.deadline import Deadline
 from keybus.envelope import Envelope
 from keybus.errors import (
     BusClosedError,
@@ -13,25 +14,40 @@ from keybus.errors import (
     EnvelopeError,
     KeybusError,
     PublishError,
+    SubscribeError,
+    TopicError,
 )
 from keybus.message import Message
-from keybus.subscription import SubscribeOptions, Subscription, SubscriptionStats
-from keybus.transports.base import TopicConfig
+from keybus.middleware import CallNext, Delivery, Middleware
+from keybus.options import SubscribeOptions
+from keybus.registry import register_transport
+from keybus.stats import SubscriptionStats
+from keybus.subscription import Subscription
+from keybus.topics import TopicConfig, TopicInfo
 
 __all__ = [
     "BusClosedError",
+    "CallNext",
     "ConnectError",
+    "Connector",
+    "Deadline",
+    "Delivery",
     "Envelope",
     "EnvelopeError",
     "EventBus",
     "KeybusError",
     "Message",
+    "Middleware",
     "PublishError",
+    "SubscribeError",
     "SubscribeOptions",
     "Subscription",
     "SubscriptionStats",
     "TopicConfig",
+    "TopicError",
+    "TopicInfo",
     "connect",
+    "register_transport",
 ]
 
 __version__ = "0.1.0"

@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import re
 import time
-import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from keybus._aio import log_failure
+from keybus.deadline import Deadline
+from keybus.engine import Handler, SubscriptionEngine
 from keybus.envelope import Envelope, envelope_headers
 from keybus.errors import BusClosedError
-from keybus.subscription import Handler, SubscribeOptions, Subscription
-from keybus.transports.base import ANONYMOUS_GROUP_PREFIX, TopicConfig, Transport, log_failure
+from keybus.groups import anonymous_group
+from keybus.middleware import Middleware, check_middleware
+from keybus.options import SubscribeOptions
+from keybus.subscription import Subscription
+from keybus.topics import TopicConfig, TopicInfo, check_topic
+
+if TYPE_CHECKING:
+    from keybus.transports.base import Transport
 
 __all__ = ["EventBus"]
 
 log = logging.getLogger("keybus")
-
-# Kafka's topic rule, the strictest of our backends: one name works everywhere.
-_TOPIC = re.compile(r"[A-Za-z0-9._\-]{1,249}")
-
-
-@functools.lru_cache(maxsize=4096)  # publish checks every call: keep it off the hot path
-def check_topic(topic: str) -> str:
-    if not _TOPIC.fullmatch(topic):
-        raise ValueError(f"invalid topic {topic!r}: use 1 to 249 characters of A-Z a-z 0-9 . _ -")
-    return topic
 
 
 class EventBus:
@@ -42,13 +38,16 @@ class EventBus:
         group: str | None = None,
         topic_config: TopicConfig | None = None,
         create_topics: bool = True,
+        middleware: Sequence[Middleware] | None = None,
     ) -> None:
         self._transport = transport
         # Without a group each bus is its own group: it sees every message (fan-out).
-        self.group = group or f"{ANONYMOUS_GROUP_PREFIX}{uuid.uuid4().hex[:12]}"
+        self.group = group or anonymous_group()
         self.topic_config = topic_config or TopicConfig()
         self.create_topics = create_topics
-        self._subscriptions: set[Subscription] = set()
+        # Wraps every subscription's own middleware (keybus.middleware).
+        self.middleware = check_middleware(middleware)
+        self._engines: dict[SubscriptionEngine, Subscription] = {}
         self._ensured: set[str] = set()
         self._closing = False
         # Publishes are refused once the subscriptions are drained, not when close()
@@ -66,7 +65,7 @@ class EventBus:
 
     @property
     def subscriptions(self) -> frozenset[Subscription]:
-        return frozenset(self._subscriptions)
+        return frozenset(self._engines.values())
 
     # -- publishing ------------------------------------------------------------------
 
@@ -121,7 +120,8 @@ class EventBus:
         doubled per attempt, at most ``max_retry_backoff``, 30 s), ``dead_letter_topic``
         (``f"{topic}.dlq"``), ``max_in_flight`` (taken in, not yet handled: max(1024,
         4 x max_concurrency)), ``max_uncommitted`` (taken in, not yet committed: 16 x
-        max_in_flight), ``revoke_timeout`` (10 s)."""
+        max_in_flight), ``revoke_timeout`` (10 s), ``middleware`` (a list run around each
+        attempt, inside the bus's own; see :mod:`keybus.middleware`)."""
         return await self._subscribe(topic, handler, options, envelopes=False)
 
     async def subscribe_envelope(
@@ -144,33 +144,38 @@ class EventBus:
         unknown = sorted(set(options) - set(SubscribeOptions.__dataclass_fields__))
         if unknown:
             raise TypeError(f"unknown subscribe option(s): {unknown}")
+        if "middleware" in options:
+            options["middleware"] = self.middleware + check_middleware(options["middleware"])
+        elif self.middleware:
+            options["middleware"] = self.middleware
         try:
             settings = SubscribeOptions(**options)
         except TypeError as exc:  # e.g. max_attempts="3"
             raise TypeError(f"invalid subscribe option: {exc}") from None
-        sub = Subscription(
+        engine = SubscriptionEngine(
             topic,
             self.group,
             handler,
             settings,
             envelopes=envelopes,
             publish=self._send_internal,
-            on_closed=self._subscriptions.discard,
+            on_closed=self._forget,
         )
-        check_topic(sub.dead_letter_topic)
-        if sub.dead_letter_topic == topic:
+        check_topic(engine.dead_letter_topic)
+        if engine.dead_letter_topic == topic:
             # Its dead letters would come back to it: a poison message would loop forever.
             raise ValueError(f"dead_letter_topic must differ from the topic {topic!r}")
+        sub = Subscription(engine)
         # Registered before the first await, so a close() racing this subscribe sees it
         # (and waits for its start) instead of leaving it running on a closed bus.
-        self._subscriptions.add(sub)
+        self._engines[engine] = sub
         try:
             if self.create_topics:
                 await self.ensure_topic(topic)
-                await self.ensure_topic(sub.dead_letter_topic)
+                await self.ensure_topic(engine.dead_letter_topic)
             if self._closing:
                 raise BusClosedError("the bus was closed while subscribing")
-            await sub._start(self._transport.consumer(topic, self.group, sub))
+            await engine.start(self._transport.consumer(topic, self.group, engine))
             if self._closing:
                 raise BusClosedError("the bus was closed while subscribing")
         except BaseException:
@@ -178,18 +183,33 @@ class EventBus:
             raise
         return sub
 
+    def _forget(self, engine: SubscriptionEngine) -> None:
+        self._engines.pop(engine, None)
+
     # -- topics ----------------------------------------------------------------------
 
     async def ensure_topic(self, topic: str, config: TopicConfig | None = None) -> None:
         """Create ``topic`` if missing, with ``config`` or the bus's default."""
-        check_topic(topic)
+        self._check_admin(topic)
         if topic in self._ensured and config is None:
             return
         await self._transport.ensure_topic(topic, config or self.topic_config)
         self._ensured.add(topic)
 
-    async def delete_topic(self, topic: str) -> None:
+    def _check_admin(self, topic: str) -> None:
         check_topic(topic)
+        # Like publishing: admin calls work while a close drains, not after it.
+        if self._publish_closed:
+            raise BusClosedError("the bus is closed")
+
+    async def describe_topic(self, topic: str) -> TopicInfo:
+        """The topic as the backend has it (partitions); :class:`TopicError` if missing."""
+        self._check_admin(topic)
+        return await self._transport.describe_topic(topic)
+
+    async def delete_topic(self, topic: str) -> None:
+        """Delete ``topic`` and its data if it exists (idempotent)."""
+        self._check_admin(topic)
         self._ensured.discard(topic)
         await self._transport.delete_topic(topic)
 
@@ -209,8 +229,8 @@ class EventBus:
         if self._close_task is not None:
             # Already closing: this call is bounded by its own timeout too.
             deadline = time.monotonic() + max(0.0, timeout)
-            for sub in self._subscriptions:
-                sub._hasten(deadline)
+            for engine in self._engines:
+                engine.hasten(deadline)
         else:
             self._closing = True
             # Its own task, shielded: a handler calling close() gets cancelled by the
@@ -223,19 +243,21 @@ class EventBus:
 
     async def _close(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        subs = list(self._subscriptions)
-        if subs:
+        engines = list(self._engines)
+        if engines:
             results = await asyncio.gather(
-                *(s._shutdown(deadline) for s in subs), return_exceptions=True
+                *(e.shutdown(deadline) for e in engines), return_exceptions=True
             )
-            for sub, result in zip(subs, results, strict=True):
+            for sub, result in zip(engines, results, strict=True):
                 if isinstance(result, BaseException):
                     # Keep closing the rest: a failed subscription must not leak the
                     # transport.
                     log.error("keybus: closing %s failed: %r", sub.topic, result)
         self._publish_closed = True
+        budget = self._transport.close_budget
         try:
-            await asyncio.wait_for(self._transport.close(), self._transport.close_budget)
+            # The transport sizes its steps from the deadline; the wait is the backstop.
+            await asyncio.wait_for(self._transport.close(Deadline.after(budget)), budget)
         except TimeoutError:
             log.error("keybus: transport %s did not close in time", self.url)
 

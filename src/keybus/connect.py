@@ -9,37 +9,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keybus.bus import EventBus
-from keybus.errors import ConnectError
-from keybus.transports.base import TopicConfig, Transport
+from keybus.deadline import Deadline
+from keybus.errors import ConnectError, KeybusError
+from keybus.registry import make_transport
+from keybus.topics import TopicConfig
 
 __all__ = ["Connector", "connect"]
 
-_BUS_OPTIONS = ("topic_config", "create_topics")
-
-
-def _make_transport(url: str, options: dict[str, Any]) -> Transport:
-    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
-    if scheme == "memory":
-        from keybus.transports.memory import MemoryTransport
-
-        if options:
-            raise TypeError(f"unknown options for memory://: {sorted(options)}")
-        return MemoryTransport(url, url.split("://", 1)[1].strip("/"))
-    if scheme == "kafka":
-        try:
-            from keybus.transports.kafka import KafkaTransport  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            raise ConnectError(url, f"the Kafka backend is not available: {exc}") from exc
-        transport: Transport = KafkaTransport(url, **options)
-        return transport
-    if scheme == "nats":
-        try:
-            from keybus.transports.nats import NatsTransport  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            raise ConnectError(url, f"the NATS backend is not available: {exc}") from exc
-        transport = NatsTransport(url, **options)
-        return transport
-    raise ConnectError(url, f"unknown scheme {scheme!r}: use memory://, kafka:// or nats://")
+_BUS_OPTIONS = ("topic_config", "create_topics", "middleware")
 
 
 class Connector:
@@ -60,18 +37,25 @@ class Connector:
         topic_config = bus_options.get("topic_config")
         if topic_config is not None and not isinstance(topic_config, TopicConfig):
             raise TypeError("topic_config must be a keybus.TopicConfig")
-        transport = _make_transport(self._url, options)
+        if connect_timeout <= 0:
+            raise ValueError("connect_timeout must be > 0")
+        url = self._url
+        scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+        transport = make_transport(url, scheme, options)
+        deadline = Deadline.after(connect_timeout)
         try:
-            await asyncio.wait_for(transport.connect(), connect_timeout)
-        except TimeoutError:
-            await transport.close()
-            raise ConnectError(self._url, f"no answer within {connect_timeout:g} s") from None
-        except ConnectError:
-            await transport.close()
-            raise
-        except Exception as exc:
-            await transport.close()
-            raise ConnectError(self._url, str(exc) or type(exc).__name__) from exc
+            # The transport sizes its steps from the deadline; the wait is the backstop.
+            await asyncio.wait_for(transport.connect(deadline), connect_timeout)
+        except BaseException as exc:
+            # Whatever happened, nothing the attempt started is left behind.
+            await transport.close(Deadline.after(transport.close_budget))
+            if isinstance(exc, TimeoutError):
+                raise ConnectError(url, f"no answer within {connect_timeout:g} s") from None
+            if isinstance(exc, ConnectError) or not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, KeybusError):
+                raise ConnectError(url, str(exc)) from exc
+            raise ConnectError(url, str(exc) or type(exc).__name__) from exc
         return EventBus(transport, group=self._group, **bus_options)
 
     def __await__(self) -> Generator[Any, None, EventBus]:
@@ -97,7 +81,9 @@ def connect(url: str, *, group: str | None = None, **options: Any) -> Connector:
     same group share the work of a subscription; different groups each get every message.
 
     Options: ``connect_timeout`` (s, default 10), ``topic_config`` (a :class:`TopicConfig`
-    for topics the bus creates), ``create_topics`` (default True), plus backend options.
+    for topics the bus creates), ``create_topics`` (default True), ``middleware`` (a list
+    run around every subscription's attempts, see :mod:`keybus.middleware`), plus the
+    backend's options.
     """
     if type(url) is not str:
         raise TypeError("url must be a str")

@@ -1,6 +1,33 @@
-"""The keybus error hierarchy: every error the library raises derives from KeybusError."""
+"""The keybus error tree. Every error keybus raises derives from :class:`KeybusError`,
+and the same event raises the same type on every backend (each transport translates
+its client library's errors at its boundary, in ``transports/<backend>/errors.py``)::
+
+    KeybusError
+    ├── ConnectError      connecting failed (unknown scheme, unreachable broker,
+    │                     refused credentials), or the connection is gone for good
+    ├── BusClosedError    the bus or subscription is closed (or closing) and no longer
+    │                     does what was asked
+    ├── EnvelopeError     an envelope is invalid or cannot be decoded (also a ValueError)
+    ├── PublishError      the broker refused a record or did not acknowledge it in time
+    ├── TopicError        creating, describing or deleting a topic failed
+    └── SubscribeError    a subscription could not join its group or get its partitions
+
+Where a client library's exception was the cause, it is chained (``__cause__``). Bad
+arguments (a non-bytes value, an unknown option) are Python's own ``TypeError`` /
+``ValueError``: programming errors, not events.
+"""
 
 from __future__ import annotations
+
+__all__ = [
+    "BusClosedError",
+    "ConnectError",
+    "EnvelopeError",
+    "KeybusError",
+    "PublishError",
+    "SubscribeError",
+    "TopicError",
+]
 
 
 class KeybusError(Exception):
@@ -8,12 +35,17 @@ class KeybusError(Exception):
 
 
 class ConnectError(KeybusError):
-    """The URL's scheme is unknown or its broker could not be reached in time."""
+    """The URL's scheme is unknown, its broker could not be reached in time, or the
+    connection to it is gone."""
 
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(f"cannot connect to {url!r}: {reason}")
         self.url = url
         self.reason = reason
+
+
+class BusClosedError(KeybusError):
+    """The bus (or subscription) was closed; it no longer publishes or subscribes."""
 
 
 class EnvelopeError(KeybusError, ValueError):
@@ -25,14 +57,32 @@ class EnvelopeError(KeybusError, ValueError):
         self.reason = reason
 
 
-class BusClosedError(KeybusError):
-    """The bus (or subscription) was closed; it no longer publishes or subscribes."""
-
-
 class PublishError(KeybusError):
     """The broker refused a message or did not acknowledge it in time (cause chained)."""
 
     def __init__(self, topic: str, reason: str) -> None:
         super().__init__(f"publish to {topic!r} failed: {reason}")
         self.topic = topic
+        self.reason = reason
+
+
+class TopicError(KeybusError):
+    """Creating, describing or deleting a topic failed (cause chained). ``action`` is
+    ``"create"``, ``"describe"`` or ``"delete"``."""
+
+    def __init__(self, topic: str, action: str, reason: str) -> None:
+        super().__init__(f"cannot {action} topic {topic!r}: {reason}")
+        self.topic = topic
+        self.action = action
+        self.reason = reason
+
+
+class SubscribeError(KeybusError):
+    """A subscription could not join its consumer group or get its partitions in time
+    (cause chained)."""
+
+    def __init__(self, topic: str, group: str, reason: str) -> None:
+        super().__init__(f"cannot subscribe to {topic!r} in group {group!r}: {reason}")
+        self.topic = topic
+        self.group = group
         self.reason = reason

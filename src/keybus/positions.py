@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterator
 
 from keybus.message import Message
-from keybus.transports.base import Partition
+from keybus.partitioning import Partition
 from keybus.work import DONE, Work
 
 

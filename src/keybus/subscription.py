@@ -1,456 +1,75 @@
-"""One subscription's core: intake with backpressure, keyed dispatch, retries in place,
-dead letters, done-tracking and a bounded stop. Written once for every backend."""
+"""The user's handle on a subscription: what it is, its counters, and how to stop it.
+
+The engine the transport drives (``assign``/``deliver``/``revoke``) lives apart, in
+:mod:`keybus.engine`: nothing a user holds can feed or revoke a subscription.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
-from inspect import isawaitable
-from types import CoroutineType
-from typing import Any
 
-from keybus.dispatch import KeyedDispatcher
-from keybus.envelope import Envelope
-from keybus.errors import BusClosedError, KeybusError
-from keybus.message import Message
-from keybus.positions import DoneTracker
-from keybus.transports.base import Consumer, Partition, log_failure
-from keybus.work import RUNNING, Work
+from keybus.engine import Handler, SubscriptionEngine
+from keybus.options import SubscribeOptions
+from keybus.stats import SubscriptionStats
 
 __all__ = ["Handler", "SubscribeOptions", "Subscription", "SubscriptionStats"]
-
-log = logging.getLogger("keybus")
-
-Handler = Callable[[Any], Awaitable[None] | None]
-Publish = Callable[[str, bytes, str | None, Mapping[str, bytes]], Awaitable[None]]
-
-_MAX_ERROR_TEXT = 2000  # header values stay small: brokers cap record size
-
-
-@dataclass(frozen=True, slots=True)
-class SubscribeOptions:
-    """Per-subscription settings (the keyword options of ``subscribe``)."""
-
-    max_concurrency: int = 256
-    max_attempts: int = 3
-    retry_backoff: float = 0.1
-    max_retry_backoff: float = 30.0
-    dead_letter_topic: str | None = None  # default: f"{topic}.dlq"
-    max_in_flight: int | None = None  # default: max(1024, 4 * max_concurrency)
-    # Taken in and not yet committed: handled messages wait behind an unfinished earlier
-    # one of their partition (a commit is a prefix), so a handler stuck forever would
-    # otherwise let them pile up without end. Default: 16 x the in-flight limit.
-    max_uncommitted: int | None = None
-    revoke_timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.max_concurrency < 1:
-            raise ValueError("max_concurrency must be >= 1")
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-        if self.retry_backoff < 0 or self.max_retry_backoff < 0:
-            raise ValueError("retry_backoff must be >= 0")
-        if self.max_in_flight is not None and self.max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
-        if self.max_uncommitted is not None and self.max_uncommitted < 1:
-            raise ValueError("max_uncommitted must be >= 1")
-
-    def in_flight_limit(self) -> int:
-        if self.max_in_flight is not None:
-            return self.max_in_flight
-        return max(1024, 4 * self.max_concurrency)
-
-    def uncommitted_limit(self) -> int:
-        if self.max_uncommitted is not None:
-            return self.max_uncommitted
-        return 16 * self.in_flight_limit()
-
-    def backoff(self, attempt: int) -> float:
-        return float(min(self.retry_backoff * 2 ** (attempt - 1), self.max_retry_backoff))
-
-
-@dataclass(slots=True)
-class SubscriptionStats:
-    """Counters of one subscription (cheap ints, read them any time)."""
-
-    delivered: int = 0  # messages taken from the broker
-    handled: int = 0  # handler succeeded
-    retries: int = 0  # failed attempts that were retried
-    dead_lettered: int = 0
-    dropped: int = 0  # queued messages released on revoke/close (redelivered later)
-    committed: int = 0  # commit points reported to the transport
-    errors: list[str] = field(default_factory=list)  # last few dead-letter reasons
-
-    def note_error(self, text: str) -> None:
-        self.errors.append(text)
-        del self.errors[:-20]
 
 
 class Subscription:
     """A live subscription. ``await sub.unsubscribe()`` stops it (bounded, idempotent)."""
 
-    def __init__(
-        self,
-        topic: str,
-        group: str,
-        handler: Handler,
-        options: SubscribeOptions,
-        *,
-        envelopes: bool,
-        publish: Publish,
-        on_closed: Callable[[Subscription], None],
-    ) -> None:
-        self.topic = topic
-        self.group = group
-        self.options = options
-        self.dead_letter_topic = options.dead_letter_topic or f"{topic}.dlq"
-        self.stats = SubscriptionStats()
-        self._handler = handler
-        self._envelopes = envelopes
-        self._publish = publish
-        self._on_closed = on_closed
-        self._consumer: Consumer | None = None
-        self._dispatcher = KeyedDispatcher(self._process, options.max_concurrency, topic)
-        self._tracker = DoneTracker(self._commit)
-        # Owned partitions -> the generation they were (last) assigned in. A deliver()
-        # that began before a partition's latest assignment carries records fetched
-        # under an older ownership: those are dropped, the new owner refetches them.
-        self._assigned: dict[Partition, int] = {}
-        self._generation = 0
-        self._in_flight = 0
-        self._limit = options.in_flight_limit()
-        self._resume_at = self._limit - max(1, self._limit // 4)
-        self._uncommitted_limit = options.uncommitted_limit()
-        self._uncommitted_resume = self._uncommitted_limit - max(1, self._uncommitted_limit // 4)
-        self._space = asyncio.Event()
-        self._space.set()
-        self._progress = asyncio.Event()  # pulsed whenever work finishes
-        self._closing = False
-        self._closed = asyncio.Event()
-        self._started = asyncio.Event()
-        self._shutdown_task: asyncio.Task[None] | None = None
-        # When the stop gives up waiting for handlers; a later unsubscribe() or close()
-        # with an earlier deadline brings it forward (each is bounded by its own timeout).
-        self._deadline = math.inf
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: SubscriptionEngine) -> None:
+        self._engine = engine
+
+    @property
+    def topic(self) -> str:
+        return self._engine.topic
+
+    @property
+    def group(self) -> str:
+        return self._engine.group
+
+    @property
+    def options(self) -> SubscribeOptions:
+        return self._engine.options
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self._engine.dead_letter_topic
+
+    @property
+    def stats(self) -> SubscriptionStats:
+        """Live counters: delivered, handled, retries, dead-lettered, dropped, committed."""
+        return self._engine.stats
 
     @property
     def peak_concurrency(self) -> int:
         """The most handlers that ran at once so far."""
-        return self._dispatcher.peak_concurrency
+        return self._engine.peak_concurrency
 
     @property
     def in_flight(self) -> int:
         """Messages taken from the broker and not yet done."""
-        return self._in_flight
+        return self._engine.in_flight
 
-    # -- lifecycle (called by the bus) -----------------------------------------------
+    @property
+    def running(self) -> int:
+        """Handlers running right now."""
+        return self._engine.running
 
-    async def _start(self, consumer: Consumer) -> None:
-        if self._closing:
-            raise BusClosedError("the subscription was closed while it started")
-        self._consumer = consumer
-        try:
-            await consumer.start()
-        finally:
-            self._started.set()
-            self._progress.set()  # a stop waiting for the start sees it now
+    @property
+    def closed(self) -> bool:
+        """True once it is stopping or stopped."""
+        return self._engine.closing
 
     async def unsubscribe(self, timeout: float = 5.0) -> None:
         """Stop fetching, let running handlers finish until ``timeout``, cancel the rest,
         commit what completed and leave the group. Idempotent; safe to call from inside
         this subscription's own handler."""
-        await self._shutdown(time.monotonic() + max(0.0, timeout))
+        await self._engine.shutdown(time.monotonic() + max(0.0, timeout))
 
-    async def _shutdown(self, deadline: float) -> None:
-        self._hasten(deadline)
-        if self._shutdown_task is None:
-            self._closing = True
-            # The stop runs in a task of its own and is shielded: when a handler closes
-            # its own subscription (or bus), the stop cancels that handler's worker —
-            # which must not cancel the stop itself half-way.
-            self._shutdown_task = asyncio.get_running_loop().create_task(
-                self._run_shutdown(), name=f"keybus-unsubscribe:{self.topic}"
-            )
-            self._shutdown_task.add_done_callback(log_failure)
-        await asyncio.shield(self._shutdown_task)
-
-    def _hasten(self, deadline: float) -> None:
-        """Stop waiting for handlers at ``deadline`` at the latest."""
-        if deadline < self._deadline:
-            self._deadline = deadline
-            self._progress.set()  # the waits below recompute their time left
-
-    async def _run_shutdown(self) -> None:
-        try:
-            await self._stop()
-        finally:
-            self._closed.set()
-            self._on_closed(self)
-
-    async def _stop(self) -> None:
-        consumer = self._consumer
-        if consumer is not None:
-            # Closed while subscribe() was starting it: wait for the start.
-            if not await self._wait_progress(self._started.is_set, self._stop_deadline):
-                log.error("keybus: consumer start did not finish in time")
-            await _bounded(consumer.stop(), self._deadline + 1.0, "consumer stop")
-        # Drain what was already fetched until the deadline.
-        await self._wait_progress(lambda: not self._in_flight, self._stop_deadline)
-        stuck = await self._dispatcher.cancel(grace=0.5)
-        self._progress.set()  # a revoke waiting for handlers sees the stop now
-        for task in stuck:
-            log.error("keybus: handler of %s ignored cancellation: %r", self.topic, task)
-        left = self._tracker.forget(list(self._assigned))
-        self.stats.dropped += len(left)
-        self._assigned.clear()
-        if consumer is not None:
-            await _bounded(consumer.flush(), time.monotonic() + 2.0, "commit flush")
-            await _bounded(consumer.close(), time.monotonic() + 2.0, "consumer close")
-
-    def _stop_deadline(self) -> float:
-        return self._deadline
-
-    async def _wait_progress(
-        self, condition: Callable[[], bool], deadline: Callable[[], float]
-    ) -> bool:
-        """Wait until ``condition`` holds (re-checked whenever progress is pulsed) or
-        ``deadline()`` — which may be brought forward meanwhile — passes."""
-        while not condition():
-            remaining = deadline() - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._progress.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), remaining)
-        return True
-
-    # -- Sink: called by the consumer ------------------------------------------------
-
-    def assign(self, partitions: Collection[Partition]) -> None:
-        if not self._closing:
-            self._generation += 1
-            for partition in partitions:
-                self._assigned[partition] = self._generation
-
-    async def deliver(self, messages: Sequence[Message]) -> None:
-        assigned = self._assigned
-        tracker = self._tracker
-        submit = self._dispatcher.submit
-        envelopes = self._envelopes
-        stats = self.stats
-        begun = self._generation
-        limit, uncommitted_limit = self._limit, self._uncommitted_limit
-        for message in messages:
-            while self._in_flight >= limit or tracker.size >= uncommitted_limit:
-                self._space.clear()
-                await self._space.wait()
-            # Checked after any wait: the partition may have been revoked (and even
-            # re-assigned) meanwhile.
-            where = (message.topic, message.partition)
-            generation = assigned.get(where)
-            if generation is None or generation > begun or self._closing:
-                continue
-            stats.delivered += 1
-            if envelopes:
-                try:
-                    envelope = Envelope.from_bytes(message.value)
-                except Exception as exc:  # EnvelopeError, or anything a bug lets through
-                    work = Work(message, None, exc, where)
-                    # Dead-lettered in its key's lane: the key's dead letters keep order.
-                    key: str | None = message.key
-                else:
-                    work = Work(message, envelope, None, where)
-                    key = message.key or envelope.aggregate_id
-            else:
-                work = Work(message, message, None, where)
-                key = message.key
-            self._in_flight += 1
-            tracker.add(work)
-            submit(work, key)
-
-    async def revoke(self, partitions: Collection[Partition], *, lost: bool = False) -> None:
-        revoked = set(partitions)
-        for partition in revoked:
-            self._assigned.pop(partition, None)
-        dropped = self._dispatcher.drop(lambda w: w.partition in revoked)
-        self.stats.dropped += len(dropped)
-        self._release(len(dropped))
-        running = [
-            w for w in self._tracker.open_work() if w.state == RUNNING and w.partition in revoked
-        ]
-        # Lost partitions may already be another member's: no waiting for handlers then.
-        deadline = time.monotonic() + (0.0 if lost else self.options.revoke_timeout)
-
-        def settled() -> bool:
-            nonlocal running
-            running = [w for w in running if w.state == RUNNING]
-            # Once the stop cancelled the workers, nothing these handlers do is kept (a
-            # cancelled work stays undone, RUNNING, for good): waiting on would hold the
-            # consumer's rebalance callback, and the bounded close behind it, until
-            # revoke_timeout.
-            return not running or self._dispatcher.closed
-
-        await self._wait_progress(settled, lambda: deadline)
-        if running:
-            await self._abandon(running, revoked)
-        self._tracker.forget(revoked)
-        self._release(0)  # intake may have waited for the uncommitted window
-
-    async def _abandon(self, running: list[Work], revoked: set[Partition]) -> None:
-        """The wait for a revoked partition's handlers ran out: cancel them, so the next
-        owner never runs an aggregate while this member still does. Their messages stay
-        uncommitted (the next owner redoes them)."""
-        log.warning(
-            "keybus: revoke of %s: cancelling %d running handler(s)",
-            sorted(revoked),
-            len(running),
-        )
-        self._dispatcher.abandon(running)
-        self.stats.dropped += len(running)
-        self._release(len(running))
-        # Cancellation lands on each handler's next step; give them a moment to unwind.
-        settled = self._dispatcher.abandoned_settled
-        deadline = time.monotonic() + 1.0
-        while any(w.task is not None for w in running):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            settled.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(settled.wait(), remaining)
-        for work in running:
-            if work.task is not None:
-                log.error("keybus: a handler of %s ignored cancellation", self.topic)
-
-    # -- processing ------------------------------------------------------------------
-
-    async def _process(self, work: Work) -> None:
-        if work.error is not None:
-            await self._dead_letter(work, work.error)
-        else:
-            # The first attempt is inlined: it is almost always the only one.
-            work.attempts = 1
-            try:
-                result = self._handler(work.payload)
-                if result is not None and (type(result) is CoroutineType or isawaitable(result)):
-                    await result
-            except Exception as exc:
-                if self._still_ours(work):
-                    await self._retry(work, exc)
-            except asyncio.CancelledError as exc:
-                if _being_cancelled():
-                    raise
-                # The handler *raised* CancelledError (e.g. it awaited a future someone
-                # else cancelled) while nobody cancelled us: that is a failure like any.
-                if self._still_ours(work):
-                    await self._retry(work, exc)
-            else:
-                self.stats.handled += 1
-        if work.state == RUNNING:  # not abandoned by a revoke meanwhile
-            self._tracker.done(work)
-            self._release(1)
-
-    async def _retry(self, work: Work, error: BaseException) -> None:
-        """Retry in place — this key's lane stays busy, so order survives — with
-        exponential backoff, then dead-letter."""
-        options = self.options
-        while work.attempts < options.max_attempts:
-            self.stats.retries += 1
-            await asyncio.sleep(options.backoff(work.attempts))
-            if not self._still_ours(work):
-                return
-            work.attempts += 1
-            try:
-                result = self._handler(work.payload)
-                if isawaitable(result):
-                    await result
-            except Exception as exc:
-                error = exc
-            except asyncio.CancelledError as exc:
-                if _being_cancelled():
-                    raise
-                error = exc
-            else:
-                self.stats.handled += 1
-                return
-        if self._still_ours(work):
-            await self._dead_letter(work, error)
-
-    def _still_ours(self, work: Work) -> bool:
-        """Whether a failed work may be retried or dead-lettered. Not once a revoke
-        abandoned it (the partition's next owner redoes it; returning leaves it undone),
-        nor once the subscription stopped — a handler that outlived the stop's
-        cancellation must not retry, dead-letter into a closed transport or commit:
-        BusClosedError leaves the work undone, to be redelivered."""
-        if self._dispatcher.closed:
-            raise BusClosedError("the subscription stopped; the message is redelivered")
-        return work.state == RUNNING
-
-    def _release(self, count: int) -> None:
-        """``count`` works finished or were given up (0: tracked work was forgotten).
-        Intake resumes once both windows have room again, and one of them a quarter of
-        it: waking the fetcher per finished message costs a task switch each."""
-        self._in_flight -= count
-        # Event.set() is cheap when already set; the checks keep it off the common path.
-        if not self._space.is_set():
-            in_flight, tracked = self._in_flight, self._tracker.size
-            if (in_flight <= self._resume_at and tracked < self._uncommitted_limit) or (
-                tracked <= self._uncommitted_resume and in_flight < self._limit
-            ):
-                self._space.set()
-        if count and not self._progress.is_set():
-            self._progress.set()
-
-    def _commit(self, message: Message) -> None:
-        self.stats.committed += 1
-        if self._consumer is not None:
-            self._consumer.commit(message)
-
-    async def _dead_letter(self, work: Work, error: BaseException) -> None:
-        message = work.message
-        reason = f"{type(error).__name__}: {error}"[:_MAX_ERROR_TEXT]
-        headers = dict(message.headers)
-        headers["X-Error"] = reason.encode()
-        headers["X-Original-Topic"] = message.topic.encode()
-        headers["X-Original-Partition"] = str(message.partition).encode()
-        headers["X-Original-Offset"] = str(message.offset).encode()
-        headers["X-Attempts"] = str(work.attempts).encode()
-        attempt = 0
-        while True:
-            # Nothing is dropped: until the dead letter is acknowledged the message stays
-            # undone (uncommitted), so a close or crash redelivers it instead of losing it.
-            try:
-                await self._publish(self.dead_letter_topic, message.value, message.key, headers)
-            except BusClosedError:
-                raise
-            except KeybusError as exc:
-                if not self._still_ours(work):
-                    return  # abandoned: undone, the partition's next owner redoes it
-                attempt += 1
-                log.warning("keybus: dead-lettering to %s failed: %s", self.dead_letter_topic, exc)
-                await asyncio.sleep(self.options.backoff(attempt))
-            else:
-                break
-        self.stats.dead_lettered += 1
-        self.stats.note_error(reason)
-
-
-def _being_cancelled() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-async def _bounded(step: Awaitable[object], deadline: float, what: str) -> None:
-    """One step of a stop: bounded, and never fatal to the steps after it (a failed
-    commit flush must not skip leaving the group and releasing the consumer)."""
-    try:
-        await asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
-    except TimeoutError:
-        log.error("keybus: %s did not finish in time", what)
-    except Exception:
-        log.exception("keybus: %s failed", what)
+    def __repr__(self) -> str:
+        state = "closed" if self._engine.closing else "open"
+        return f"<Subscription {self.topic!r} group={self.group!r} {state}>"

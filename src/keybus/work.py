@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from keybus.message import Message
-from keybus.transports.base import Partition
+from keybus.partitioning import Partition
 
 QUEUED = 0
 RUNNING = 1

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 import keybus
-from keybus.subscription import Subscription
+from keybus.engine import SubscriptionEngine
 from tests.conftest import Backend, BusFactory
 from tests.helpers import Collected, eventually, watch_dead_letters
 
@@ -84,19 +84,19 @@ async def test_a_crash_inside_the_core_intake_is_reported_by_name_at_once(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Only a keybus bug can make ``Subscription.deliver`` raise. Whatever task called it
+    """Only a keybus bug can make ``SubscriptionEngine.deliver`` raise. Whatever task called it
     must not die without a word: memory and Kafka log the dead feeder by name (the
     subscription stalls until reopened), NATS logs it and re-takes the partition."""
-    original = Subscription.deliver
+    original = SubscriptionEngine.deliver
     crashes: list[int] = []
 
-    async def deliver(self: Subscription, messages: Sequence[keybus.Message]) -> None:
+    async def deliver(self: SubscriptionEngine, messages: Sequence[keybus.Message]) -> None:
         if not crashes:
             crashes.append(len(messages))
             raise RuntimeError("a bug in the core")
         await original(self, messages)
 
-    monkeypatch.setattr(Subscription, "deliver", deliver)
+    monkeypatch.setattr(SubscriptionEngine, "deliver", deliver)
     bus = await open_bus()
     topic = backend.topic("intake")
     got = Collected()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import keybus
-from keybus.transports.base import cancel_and_wait
+from keybus._aio import cancel_and_wait
 from keybus.transports.nats_group import GroupMember
 from tests.conftest import Backend, BusFactory
 from tests.helpers import Collected, eventually, key_on

@@ -89,7 +89,7 @@ async def test_an_abandoned_work_is_not_retried_or_dead_lettered(no_leaks: LeakC
         "memory://converted-abandon", a_handler, entered, max_attempts=3, retry_backoff=0.0
     ) as (_, sub):
         # The abandoned work has unwound once its worker is no longer running it.
-        await eventually(lambda: sub._dispatcher.running == 0, what="abandon settled")
+        await eventually(lambda: sub.running == 0, what="abandon settled")
         assert calls == ["A"]
         assert sub.stats.dead_lettered == 0
         assert sub.stats.retries == 0
@@ -120,11 +120,11 @@ async def test_a_handler_outliving_close_neither_retries_nor_dead_letters(
     await bus.publish("t", b"x", key="k")
     await asyncio.wait_for(entered.wait(), 5)
     await bus.close(timeout=0.1)
-    assert sub._dispatcher.running == 1, "the premise: the handler outlives close()"
+    assert sub.running == 1, "the premise: the handler outlives close()"
     release.set()
     await asyncio.wait_for(unwound.wait(), 5)
     # no_leaks waits for the worker to end; it must not retry or dead-letter on the way.
-    await eventually(lambda: sub._dispatcher.running == 0, what="the late handler's end")
+    await eventually(lambda: sub.running == 0, what="the late handler's end")
     assert sub.stats.retries == 0
     assert sub.stats.dead_lettered == 0
     assert not [r for r in caplog.records if "dead-lettering" in r.getMessage()]

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
+from keybus._aio import cancel_and_wait
 from keybus.testing import LeakChecker
-from keybus.transports.base import cancel_and_wait
 from tests.helpers import eventually
 
 

@@ -156,7 +156,7 @@ async def test_close_is_bounded_by_its_own_timeout_while_an_unsubscribe_drains(
     async with keybus.connect("memory://close-vs-unsub", group="g") as bus:
         sub = await _stuck_subscription(bus)
         unsubscribing = asyncio.create_task(sub.unsubscribe(timeout=60))
-        await eventually(lambda: sub._shutdown_task is not None, what="unsubscribe started")
+        await eventually(lambda: sub.closed, what="unsubscribe started")
         await asyncio.wait_for(bus.close(timeout=0.1), 4)
         await asyncio.wait_for(unsubscribing, 1)
 

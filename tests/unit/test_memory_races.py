@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import keybus
+from keybus.deadline import Deadline
 from keybus.testing import LeakChecker
 from keybus.transports.memory import MemoryBroker
 from tests.helpers import eventually, key_on
@@ -166,6 +167,6 @@ async def test_lost_partitions_cancel_running_handlers_without_waiting(
         await asyncio.wait_for(entered.wait(), 10)
         partitions = [("t", p) for p in range(3)]
         # What a transport does when its session or lease expired: no 60 s wait.
-        await asyncio.wait_for(sub.revoke(partitions, lost=True), 5)
+        await asyncio.wait_for(sub._engine.revoke(partitions, Deadline.passed()), 5)
         assert cancelled.is_set()
         assert sub.in_flight == 0

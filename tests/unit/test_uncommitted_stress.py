@@ -24,11 +24,11 @@ from collections.abc import Callable, Collection, Mapping
 import pytest
 
 import keybus
-import keybus.subscription
+import keybus.engine
+from keybus.engine import SubscriptionEngine
+from keybus.partitioning import Partition
 from keybus.positions import DoneTracker
-from keybus.subscription import Subscription
 from keybus.testing import LeakChecker
-from keybus.transports.base import Partition
 from keybus.work import Work
 
 SEEDS = int(os.environ.get("KEYBUS_STRESS_SEEDS", "20"))
@@ -89,7 +89,7 @@ class _Scenario:
         self.completed: dict[str, set[int]] = defaultdict(set)
         self.prefix: dict[str, int] = defaultdict(int)  # first seq of a key not completed
         self.busy: set[str] = set()
-        self.subs: list[Subscription] = []
+        self.subs: list[SubscriptionEngine] = []
 
     def complete(self, key: str, seq: int) -> None:
         done = self.completed[key]
@@ -131,9 +131,9 @@ class _Scenario:
         bus._send_internal = send_and_note  # type: ignore[method-assign]
         return bus
 
-    async def subscribe(self, bus: keybus.EventBus) -> Subscription:
+    async def subscribe(self, bus: keybus.EventBus) -> keybus.Subscription:
         sub = await bus.subscribe("t", self.handle, **self.options)
-        self.subs.append(sub)
+        self.subs.append(sub._engine)  # white-box: the engine's windows are checked
         return sub
 
     async def publish(self, bus: keybus.EventBus) -> None:
@@ -193,7 +193,7 @@ async def test_intake_windows_under_random_rebalances_stay_counted_bounded_and_l
 ) -> None:
     caplog.set_level(logging.CRITICAL, logger="keybus")  # failures and abandons log
     errors: list[str] = []
-    monkeypatch.setattr(keybus.subscription, "DoneTracker", _checked_tracker(errors))
+    monkeypatch.setattr(keybus.engine, "DoneTracker", _checked_tracker(errors))
     s = _Scenario(seed, errors)
     rng = s.rng
     async with keybus.connect(s.url) as pub:

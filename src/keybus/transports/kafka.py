@@ -59,18 +59,13 @@ from confluent_kafka import KafkaError, KafkaException, TopicCollection, TopicPa
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from keybus.errors import ConnectError, KeybusError, PublishError
-from keybus.message import Message
-from keybus.transports.base import (
-    Consumer,
-    LazyHeaders,
-    Partition,
-    Sink,
-    TopicConfig,
-    Transport,
-    cancel_and_wait,
-    start_feeder,
-)
+from keybus._aio import cancel_and_wait, start_feeder
+from keybus.deadline import Deadline
+from keybus.errors import ConnectError, KeybusError, PublishError, TopicError
+from keybus.message import LazyHeaders, Message
+from keybus.partitioning import Partition
+from keybus.topics import TopicConfig, TopicInfo
+from keybus.transports.base import Consumer, Sink, Transport
 from keybus.transports.kafka_producer import KafkaProducer, _reason, _set_done
 
 __all__ = ["KafkaTransport"]
@@ -253,7 +248,7 @@ class KafkaTransport(Transport):
 
     # -- connect / admin -------------------------------------------------------------
 
-    async def connect(self) -> None:
+    async def connect(self, deadline: Deadline) -> None:
         try:
             self._admin = AdminClient(dict(self._admin_config))
         except KafkaException as exc:
@@ -314,6 +309,15 @@ class KafkaTransport(Transport):
         # The controller acknowledged; wait until the broker serves the topic's metadata,
         # so a consumer subscribing next sees every partition in its first metadata reply.
         await self._until(lambda: self._topic_state(topic), present=True, topic=topic)
+
+    async def describe_topic(self, topic: str) -> TopicInfo:
+        try:
+            partitions = await self._topic_state(topic)
+        except KafkaException as exc:
+            raise TopicError(topic, "describe", _reason(exc)) from exc
+        if partitions is None:
+            raise TopicError(topic, "describe", "no such topic")
+        return TopicInfo(topic, partitions)
 
     async def delete_topic(self, topic: str) -> None:
         futures = self._admin_client().delete_topics([topic], request_timeout=10.0)
@@ -407,7 +411,7 @@ class KafkaTransport(Transport):
 
     # -- close -----------------------------------------------------------------------
 
-    async def close(self) -> None:
+    async def close(self, deadline: Deadline) -> None:
         if self._closed:
             return
         self._closed = True
@@ -969,7 +973,7 @@ class KafkaConsumer(Consumer):
         self._shared = shared
         self.topic = topic
         self._sink = sink
-        self.revoke_timeout = float(getattr(getattr(sink, "options", None), "revoke_timeout", 10.0))
+        self.revoke_timeout = sink.revoke_timeout
         self.owned: set[int] = set()  # partitions the core was told about (loop side)
         # Records handed over by the thread and not yet accepted by the core: each counter
         # has one writer (pushed: the thread, taken: the loop), so no update is lost.
@@ -1034,7 +1038,8 @@ class KafkaConsumer(Consumer):
                 kept.append(rest)
         self._queue = kept
         try:
-            await self._sink.revoke([(self.topic, p) for p in partitions], lost=lost)
+            deadline = Deadline.passed() if lost else Deadline.after(self.revoke_timeout)
+            await self._sink.revoke([(self.topic, p) for p in partitions], deadline)
         finally:
             # Even if the core's revoke failed or was cut short: nothing the core reports
             # for these partitions from now on may be committed by this member.
@@ -1069,10 +1074,10 @@ class KafkaConsumer(Consumer):
             self._shared.record_commit(self.topic, partition, message.offset + 1)
         # else: no longer ours; the new owner redoes it (at-least-once)
 
-    async def flush(self) -> None:
+    async def flush(self, deadline: Deadline) -> None:
         await self._shared.flush()
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: Deadline) -> None:
         if self.stopped:
             return
         self.stopped = True  # the thread pauses our partitions and drops late records
@@ -1085,8 +1090,8 @@ class KafkaConsumer(Consumer):
             self.taken += len(chunk)
         self._queue.clear()
 
-    async def close(self) -> None:
-        await self.stop()
+    async def close(self, deadline: Deadline) -> None:
+        await self.stop(deadline)
         if self._closed:
             return
         self._closed = True

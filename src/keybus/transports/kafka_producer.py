@@ -30,8 +30,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka import Producer as _RdProducer
 
+from keybus._aio import cancel_and_wait
 from keybus.errors import PublishError
-from keybus.transports.base import cancel_and_wait
 
 __all__ = ["KafkaProducer"]
 

@@ -18,20 +18,14 @@ import weakref
 from collections.abc import Mapping
 from itertools import count
 
-from keybus.errors import ConnectError
+from keybus._aio import cancel_and_wait, log_failure, start_feeder
+from keybus.deadline import Deadline
+from keybus.errors import BusClosedError, ConnectError, TopicError
+from keybus.groups import is_anonymous
 from keybus.message import Message
-from keybus.transports.base import (
-    ANONYMOUS_GROUP_PREFIX,
-    Consumer,
-    Partition,
-    Sink,
-    TopicConfig,
-    Transport,
-    cancel_and_wait,
-    log_failure,
-    partition_for,
-    start_feeder,
-)
+from keybus.partitioning import Partition, assign_partitions, partition_for
+from keybus.topics import TopicConfig, TopicInfo
+from keybus.transports.base import Consumer, Sink, Transport
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
 
@@ -95,7 +89,7 @@ class _Group:
             if (
                 leave is not None
                 and not self.members
-                and leave._group_name.startswith(ANONYMOUS_GROUP_PREFIX)
+                and is_anonymous(leave._group_name)
                 and self.topic.groups.get(leave._group_name) is self
             ):
                 del self.topic.groups[leave._group_name]
@@ -105,8 +99,7 @@ class _Group:
         move are revoked from the old owner (through its core) before the new one gets
         them, so no partition is ever processed by two members at once."""
         members = self.members
-        partitions = range(len(self.topic.logs))
-        desired = {p: members[p % len(members)] for p in partitions} if members else {}
+        desired = assign_partitions(members, len(self.topic.logs))
         for member in list({id(m): m for m in self.owner.values()}.values()):
             lost = {p for p, m in self.owner.items() if m is member and desired.get(p) is not m}
             if lost and member in members:
@@ -172,28 +165,38 @@ class MemoryBroker:
 
 
 class MemoryTransport(Transport):
-    def __init__(self, url: str, name: str) -> None:
+    """``memory://[NAME]``. It takes no options."""
+
+    def __init__(self, url: str, **options: object) -> None:
+        if options:
+            raise TypeError(f"unknown options for memory://: {sorted(options)}")
         self.url = url
-        self._name = name
+        self._name = url.split("://", 1)[1].strip("/") if "://" in url else url
         self._broker: MemoryBroker | None = None
+        self._closed = False
         self._published = 0
 
-    async def connect(self) -> None:
+    async def connect(self, deadline: Deadline) -> None:
         if self._name.strip() != self._name:
             raise ConnectError(self.url, "memory broker names cannot have surrounding spaces")
         self._broker = MemoryBroker.named(self._name)
 
     def _live(self) -> MemoryBroker:
         if self._broker is None:
-            raise ConnectError(self.url, "transport is not connected")
+            raise self._gone()
         return self._broker
+
+    def _gone(self) -> Exception:
+        if self._closed:
+            return BusClosedError(f"the memory transport {self.url} is closed")
+        return ConnectError(self.url, "transport is not connected")
 
     async def publish(
         self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
     ) -> None:
         broker = self._broker
         if broker is None:
-            raise ConnectError(self.url, "transport is not connected")
+            raise self._gone()
         log = broker.topics.get(topic) or broker.topic(topic)
         log.append(value, key, headers)
         self._published += 1
@@ -203,13 +206,20 @@ class MemoryTransport(Transport):
     async def ensure_topic(self, topic: str, config: TopicConfig) -> None:
         self._live().topic(topic, config)
 
+    async def describe_topic(self, topic: str) -> TopicInfo:
+        known = self._live().topics.get(topic)
+        if known is None:
+            raise TopicError(topic, "describe", "no such topic")
+        return TopicInfo(topic, len(known.logs))
+
     async def delete_topic(self, topic: str) -> None:
         self._live().topics.pop(topic, None)
 
     def consumer(self, topic: str, group: str, sink: Sink) -> Consumer:
         return MemoryConsumer(self._live().topic(topic), group, sink)
 
-    async def close(self) -> None:
+    async def close(self, deadline: Deadline) -> None:
+        self._closed = True
         self._broker = None  # the broker lives on while another bus uses it
 
 
@@ -243,7 +253,8 @@ class MemoryConsumer(Consumer):
     async def _revoke(self, partitions: set[int]) -> None:
         for p in partitions:
             self._positions.pop(p, None)
-        await self._sink.revoke([(self._topic.name, p) for p in partitions])
+        deadline = Deadline.after(self._sink.revoke_timeout)
+        await self._sink.revoke([(self._topic.name, p) for p in partitions], deadline)
 
     async def _fetch(self) -> None:
         logs = self._topic.logs
@@ -271,16 +282,16 @@ class MemoryConsumer(Consumer):
             group.committed[message.partition] = offset
             self._topic.committed(message.partition, offset)
 
-    async def flush(self) -> None:
+    async def flush(self, deadline: Deadline) -> None:
         return None  # commits are applied at once
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: Deadline) -> None:
         self._stopped = True
         task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await cancel_and_wait(task)  # a feeder does no I/O: it ends at once
 
-    async def close(self) -> None:
-        await self.stop()
+    async def close(self, deadline: Deadline) -> None:
+        await self.stop(deadline)
         group = self._group
         if group is None or self._left:
             return

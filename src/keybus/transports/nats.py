@@ -36,8 +36,11 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
 
 import nats
-from keybus.errors import ConnectError, PublishError
-from keybus.transports.base import Consumer, Sink, TopicConfig, Transport, partition_for
+from keybus.deadline import Deadline
+from keybus.errors import ConnectError, PublishError, TopicError
+from keybus.partitioning import partition_for
+from keybus.topics import TopicConfig, TopicInfo
+from keybus.transports.base import Consumer, Sink, Transport
 from keybus.transports.nats_group import NATS_ERRORS, GroupMember
 from keybus.transports.nats_headers import decode_headers, encode_headers
 from keybus.transports.nats_names import stream_name, subject_base
@@ -153,7 +156,7 @@ class NatsTransport(Transport):
 
     # -- connection ------------------------------------------------------------------
 
-    async def connect(self) -> None:
+    async def connect(self, deadline: Deadline) -> None:
         nc = self._nc = NatsClient()
         server = "nats://" + self.url.split("://", 1)[1]
         try:
@@ -208,7 +211,7 @@ class NatsTransport(Transport):
             raise ConnectError(self.url, "transport is not connected")
         return self._nc, self._js
 
-    async def close(self) -> None:
+    async def close(self, deadline: Deadline) -> None:
         # The bus gives this 5 s in all. Budgets: publishes drain for at most
         # _CLOSE_DRAIN s, the client closes in at most _CLOSE_CLIENT s (then its socket is
         # aborted), and the client is closed whatever happens before (try/finally).
@@ -290,6 +293,16 @@ class NatsTransport(Transport):
         except nats.js.errors.NotFoundError:
             # Publishing to a topic nobody created yet creates it (as Kafka auto-creates).
             return await self._ensure(topic, TopicConfig())
+
+    async def describe_topic(self, topic: str) -> TopicInfo:
+        _, js = self.live()
+        try:
+            info = self._remember(topic, await js.stream_info(stream_name(topic)))
+        except nats.js.errors.NotFoundError as exc:
+            raise TopicError(topic, "describe", "no such topic") from exc
+        except NATS_ERRORS as exc:
+            raise TopicError(topic, "describe", str(exc) or repr(exc)) from exc
+        return TopicInfo(topic, info.partitions)
 
     async def delete_topic(self, topic: str) -> None:
         _, js = self.live()

@@ -54,9 +54,13 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import api
 from nats.js.kv import KeyValue
 
+from keybus._aio import cancel_and_wait
+from keybus.deadline import Deadline
 from keybus.errors import KeybusError
+from keybus.groups import ANONYMOUS_GROUP_PREFIX
 from keybus.message import Message
-from keybus.transports.base import ANONYMOUS_GROUP_PREFIX, Consumer, Sink, cancel_and_wait
+from keybus.partitioning import assign_partitions
+from keybus.transports.base import Consumer, Sink
 from keybus.transports.nats_headers import NatsHeaders, decode_key
 from keybus.transports.nats_names import (
     GROUPS_BUCKET,
@@ -230,15 +234,15 @@ class GroupMember(Consumer):
         if not self._ack_wake.is_set():
             self._ack_wake.set()
 
-    async def flush(self) -> None:
+    async def flush(self, deadline: Deadline) -> None:
         await self._sync_acks(list(self._parts.values()), min(_FLUSH_BUDGET, self._api_timeout()))
 
-    async def stop(self) -> None:
+    async def stop(self, deadline: Deadline) -> None:
         self._stopping = True
         for part in list(self._parts.values()):
             await self._stop_pulling(part)
 
-    async def close(self) -> None:
+    async def close(self, deadline: Deadline) -> None:
         if self._closed:
             return
         self._closed = self._stopping = True
@@ -366,8 +370,7 @@ class GroupMember(Consumer):
         assert self._info is not None
         members = state["m"]
         order = sorted(members, key=lambda m: (members[m][0], m))
-        n = self._info.partitions
-        return {p: order[p % len(order)] for p in range(n)} if order else {}
+        return assign_partitions(order, self._info.partitions)
 
     async def _leave(self) -> None:
         state = await self._round(leaving=True)
@@ -462,7 +465,8 @@ class GroupMember(Consumer):
         try:
             # The core drops their queued messages, waits for their running handlers and
             # reports the done prefix (commit) before this returns.
-            await self._sink.revoke([(self._topic, part.partition) for part in parts], lost=lost)
+            deadline = Deadline.passed() if lost else Deadline.after(self._sink.revoke_timeout)
+            await self._sink.revoke([(self._topic, part.partition) for part in parts], deadline)
         finally:
             await cancel_and_wait(keeper)
         # Bounded by the lease too: the keeper has stopped, and the partitions we keep must
@@ -505,7 +509,7 @@ class GroupMember(Consumer):
                     if part.task is not None:
                         part.task.cancel()
                 await self._sink.revoke(
-                    [(self._topic, part.partition) for part in parts], lost=True
+                    [(self._topic, part.partition) for part in parts], Deadline.passed()
                 )
                 return
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 from nats.aio.msg import Msg
 
-from keybus.transports.base import LazyHeaders
+from keybus.message import LazyHeaders
 
 __all__ = ["NatsHeaders", "decode_headers", "decode_key", "encode_headers"]
 

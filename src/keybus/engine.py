@@ -1,0 +1,438 @@
+"""The engine behind one subscription: intake with backpressure, keyed dispatch, retries
+in place, dead letters, done-tracking and a bounded stop. Written once for every backend.
+
+It is the :class:`~keybus.transports.base.Sink` its consumer drives (``assign``,
+``deliver``, ``revoke``); users hold a :class:`~keybus.subscription.Subscription`, the
+handle that only shows what is theirs to use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from inspect import isawaitable
+from types import CoroutineType
+from typing import TYPE_CHECKING, Any
+
+from keybus._aio import log_failure, wait_event
+from keybus.deadline import (
+    ABANDON_GRACE,
+    CANCEL_GRACE,
+    CONSUMER_CLOSE_BUDGET,
+    FLUSH_BUDGET,
+    STOP_MARGIN,
+    Deadline,
+)
+from keybus.dispatch import KeyedDispatcher
+from keybus.envelope import Envelope
+from keybus.errors import BusClosedError, KeybusError
+from keybus.message import Message
+from keybus.middleware import CallNext, Delivery, chain
+from keybus.options import SubscribeOptions
+from keybus.partitioning import Partition
+from keybus.positions import DoneTracker
+from keybus.stats import SubscriptionStats
+from keybus.work import RUNNING, Work
+
+if TYPE_CHECKING:
+    from keybus.transports.base import Consumer
+
+__all__ = ["Handler", "Publish", "SubscriptionEngine"]
+
+log = logging.getLogger("keybus")
+
+Handler = Callable[[Any], Awaitable[None] | None]
+Publish = Callable[[str, bytes, str | None, Mapping[str, bytes]], Awaitable[None]]
+
+_MAX_ERROR_TEXT = 2000  # header values stay small: brokers cap record size
+
+
+class SubscriptionEngine:
+    """One subscription's core, driven by its consumer (the ``Sink`` it feeds)."""
+
+    def __init__(
+        self,
+        topic: str,
+        group: str,
+        handler: Handler,
+        options: SubscribeOptions,
+        *,
+        envelopes: bool,
+        publish: Publish,
+        on_closed: Callable[[SubscriptionEngine], None],
+    ) -> None:
+        self.topic = topic
+        self.group = group
+        self.options = options
+        self.dead_letter_topic = options.dead_letter_topic or f"{topic}.dlq"
+        self.stats = SubscriptionStats()
+        self._handler = handler
+        # With middleware, each attempt runs through the chain built once here; without,
+        # the handler is called directly (the hot path stays as it was).
+        self._chain: CallNext | None = (
+            chain(handler, options.middleware) if options.middleware else None
+        )
+        self._envelopes = envelopes
+        self._publish = publish
+        self._on_closed = on_closed
+        self._consumer: Consumer | None = None
+        self._dispatcher = KeyedDispatcher(self._process, options.max_concurrency, topic)
+        self._tracker = DoneTracker(self._commit)
+        # Owned partitions -> the generation they were (last) assigned in. A deliver()
+        # that began before a partition's latest assignment carries records fetched
+        # under an older ownership: those are dropped, the new owner refetches them.
+        self._assigned: dict[Partition, int] = {}
+        self._generation = 0
+        self._in_flight = 0
+        self._limit = options.in_flight_limit()
+        self._resume_at = self._limit - max(1, self._limit // 4)
+        self._uncommitted_limit = options.uncommitted_limit()
+        self._uncommitted_resume = self._uncommitted_limit - max(1, self._uncommitted_limit // 4)
+        self._space = asyncio.Event()
+        self._space.set()
+        self._progress = asyncio.Event()  # pulsed whenever work finishes
+        self._closing = False
+        self._closed = asyncio.Event()
+        self._started = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
+        # When the stop gives up waiting for handlers; a later unsubscribe() or close()
+        # with an earlier deadline brings it forward (each is bounded by its own timeout).
+        self._deadline = math.inf
+
+    @property
+    def peak_concurrency(self) -> int:
+        """The most handlers that ran at once so far."""
+        return self._dispatcher.peak_concurrency
+
+    @property
+    def in_flight(self) -> int:
+        """Messages taken from the broker and not yet done."""
+        return self._in_flight
+
+    @property
+    def running(self) -> int:
+        return self._dispatcher.running
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def revoke_timeout(self) -> float:
+        return self.options.revoke_timeout
+
+    # -- lifecycle (called by the bus) -----------------------------------------------
+
+    async def start(self, consumer: Consumer) -> None:
+        if self._closing:
+            raise BusClosedError("the subscription was closed while it started")
+        self._consumer = consumer
+        try:
+            await consumer.start()
+        finally:
+            self._started.set()
+            self._progress.set()  # a stop waiting for the start sees it now
+
+    async def shutdown(self, deadline: float) -> None:
+        """Stop: handlers may run until ``deadline`` (monotonic); bounded, idempotent."""
+        self.hasten(deadline)
+        if self._shutdown_task is None:
+            self._closing = True
+            # The stop runs in a task of its own and is shielded: when a handler closes
+            # its own subscription (or bus), the stop cancels that handler's worker —
+            # which must not cancel the stop itself half-way.
+            self._shutdown_task = asyncio.get_running_loop().create_task(
+                self._run_shutdown(), name=f"keybus-unsubscribe:{self.topic}"
+            )
+            self._shutdown_task.add_done_callback(log_failure)
+        await asyncio.shield(self._shutdown_task)
+
+    def hasten(self, deadline: float) -> None:
+        """Stop waiting for handlers at ``deadline`` at the latest."""
+        if deadline < self._deadline:
+            self._deadline = deadline
+            self._progress.set()  # the waits below recompute their time left
+
+    async def _run_shutdown(self) -> None:
+        try:
+            await self._stop()
+        finally:
+            self._closed.set()
+            self._on_closed(self)
+
+    async def _stop(self) -> None:
+        # Every step's deadline comes from keybus.deadline's close-time budget.
+        consumer = self._consumer
+        if consumer is not None:
+            # Closed while subscribe() was starting it: wait for the start.
+            if not await self._wait_progress(self._started.is_set, self._stop_deadline):
+                log.error("keybus: consumer start did not finish in time")
+            stop_by = Deadline(self._deadline).later(STOP_MARGIN)
+            await _bounded(consumer.stop, stop_by, "consumer stop")
+        # Drain what was already fetched until the deadline.
+        await self._wait_progress(lambda: not self._in_flight, self._stop_deadline)
+        stuck = await self._dispatcher.cancel(grace=CANCEL_GRACE)
+        self._progress.set()  # a revoke waiting for handlers sees the stop now
+        for task in stuck:
+            log.error("keybus: handler of %s ignored cancellation: %r", self.topic, task)
+        left = self._tracker.forget(list(self._assigned))
+        self.stats.dropped += len(left)
+        self._assigned.clear()
+        if consumer is not None:
+            await _bounded(consumer.flush, Deadline.after(FLUSH_BUDGET), "commit flush")
+            await _bounded(consumer.close, Deadline.after(CONSUMER_CLOSE_BUDGET), "consumer close")
+
+    def _stop_deadline(self) -> float:
+        return self._deadline
+
+    async def _wait_progress(
+        self, condition: Callable[[], bool], deadline: Callable[[], float]
+    ) -> bool:
+        """Wait until ``condition`` holds (re-checked whenever progress is pulsed) or
+        ``deadline()`` — which may be brought forward meanwhile — passes."""
+        while not condition():
+            remaining = deadline() - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._progress.clear()
+            await wait_event(self._progress, remaining)
+        return True
+
+    # -- Sink: called by the consumer ------------------------------------------------
+
+    def assign(self, partitions: Collection[Partition]) -> None:
+        if not self._closing:
+            self._generation += 1
+            for partition in partitions:
+                self._assigned[partition] = self._generation
+
+    async def deliver(self, messages: Sequence[Message]) -> None:
+        assigned = self._assigned
+        tracker = self._tracker
+        submit = self._dispatcher.submit
+        envelopes = self._envelopes
+        stats = self.stats
+        begun = self._generation
+        limit, uncommitted_limit = self._limit, self._uncommitted_limit
+        for message in messages:
+            while self._in_flight >= limit or tracker.size >= uncommitted_limit:
+                self._space.clear()
+                await self._space.wait()
+            # Checked after any wait: the partition may have been revoked (and even
+            # re-assigned) meanwhile.
+            where = (message.topic, message.partition)
+            generation = assigned.get(where)
+            if generation is None or generation > begun or self._closing:
+                continue
+            stats.delivered += 1
+            if envelopes:
+                try:
+                    envelope = Envelope.from_bytes(message.value)
+                except Exception as exc:  # EnvelopeError, or anything a bug lets through
+                    work = Work(message, None, exc, where)
+                    # Dead-lettered in its key's lane: the key's dead letters keep order.
+                    key: str | None = message.key
+                else:
+                    work = Work(message, envelope, None, where)
+                    key = message.key or envelope.aggregate_id
+            else:
+                work = Work(message, message, None, where)
+                key = message.key
+            self._in_flight += 1
+            tracker.add(work)
+            submit(work, key)
+
+    async def revoke(self, partitions: Collection[Partition], deadline: Deadline) -> None:
+        revoked = set(partitions)
+        for partition in revoked:
+            self._assigned.pop(partition, None)
+        dropped = self._dispatcher.drop(lambda w: w.partition in revoked)
+        self.stats.dropped += len(dropped)
+        self._release(len(dropped))
+        running = [
+            w for w in self._tracker.open_work() if w.state == RUNNING and w.partition in revoked
+        ]
+
+        def settled() -> bool:
+            nonlocal running
+            running = [w for w in running if w.state == RUNNING]
+            # Once the stop cancelled the workers, nothing these handlers do is kept (a
+            # cancelled work stays undone, RUNNING, for good): waiting on would hold the
+            # consumer's rebalance callback, and the bounded close behind it, until
+            # revoke_timeout.
+            return not running or self._dispatcher.closed
+
+        # A lost partition comes with a passed deadline: no waiting for handlers then.
+        await self._wait_progress(settled, lambda: deadline.at)
+        if running:
+            await self._abandon(running, revoked)
+        self._tracker.forget(revoked)
+        self._release(0)  # intake may have waited for the uncommitted window
+
+    async def _abandon(self, running: list[Work], revoked: set[Partition]) -> None:
+        """The wait for a revoked partition's handlers ran out: cancel them, so the next
+        owner never runs an aggregate while this member still does. Their messages stay
+        uncommitted (the next owner redoes them)."""
+        log.warning(
+            "keybus: revoke of %s: cancelling %d running handler(s)",
+            sorted(revoked),
+            len(running),
+        )
+        self._dispatcher.abandon(running)
+        self.stats.dropped += len(running)
+        self._release(len(running))
+        # Cancellation lands on each handler's next step; give them a moment to unwind.
+        settled = self._dispatcher.abandoned_settled
+        unwound_by = Deadline.after(ABANDON_GRACE)
+        while any(w.task is not None for w in running) and not unwound_by.expired:
+            settled.clear()
+            await wait_event(settled, unwound_by)
+        for work in running:
+            if work.task is not None:
+                log.error("keybus: a handler of %s ignored cancellation", self.topic)
+
+    # -- processing ------------------------------------------------------------------
+
+    async def _process(self, work: Work) -> None:
+        if work.error is not None:
+            await self._dead_letter(work, work.error)
+        else:
+            # The first attempt is inlined: it is almost always the only one.
+            work.attempts = 1
+            try:
+                if self._chain is None:
+                    result = self._handler(work.payload)
+                    if result is not None and (
+                        type(result) is CoroutineType or isawaitable(result)
+                    ):
+                        await result
+                else:
+                    await self._chain(Delivery(work.message, work.payload, 1))
+            except Exception as exc:
+                if self._still_ours(work):
+                    await self._retry(work, exc)
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                # The handler *raised* CancelledError (e.g. it awaited a future someone
+                # else cancelled) while nobody cancelled us: that is a failure like any.
+                if self._still_ours(work):
+                    await self._retry(work, exc)
+            else:
+                self.stats.handled += 1
+        if work.state == RUNNING:  # not abandoned by a revoke meanwhile
+            self._tracker.done(work)
+            self._release(1)
+
+    async def _attempt(self, work: Work) -> None:
+        """One more attempt (the first is inlined in :meth:`_process`)."""
+        if self._chain is not None:
+            await self._chain(Delivery(work.message, work.payload, work.attempts))
+            return
+        result = self._handler(work.payload)
+        if isawaitable(result):
+            await result
+
+    async def _retry(self, work: Work, error: BaseException) -> None:
+        """Retry in place — this key's lane stays busy, so order survives — with
+        exponential backoff, then dead-letter."""
+        options = self.options
+        while work.attempts < options.max_attempts:
+            self.stats.retries += 1
+            await asyncio.sleep(options.backoff(work.attempts))
+            if not self._still_ours(work):
+                return
+            work.attempts += 1
+            try:
+                await self._attempt(work)
+            except Exception as exc:
+                error = exc
+            except asyncio.CancelledError as exc:
+                if _being_cancelled():
+                    raise
+                error = exc
+            else:
+                self.stats.handled += 1
+                return
+        if self._still_ours(work):
+            await self._dead_letter(work, error)
+
+    def _still_ours(self, work: Work) -> bool:
+        """Whether a failed work may be retried or dead-lettered. Not once a revoke
+        abandoned it (the partition's next owner redoes it; returning leaves it undone),
+        nor once the subscription stopped — a handler that outlived the stop's
+        cancellation must not retry, dead-letter into a closed transport or commit:
+        BusClosedError leaves the work undone, to be redelivered."""
+        if self._dispatcher.closed:
+            raise BusClosedError("the subscription stopped; the message is redelivered")
+        return work.state == RUNNING
+
+    def _release(self, count: int) -> None:
+        """``count`` works finished or were given up (0: tracked work was forgotten).
+        Intake resumes once both windows have room again, and one of them a quarter of
+        it: waking the fetcher per finished message costs a task switch each."""
+        self._in_flight -= count
+        # Event.set() is cheap when already set; the checks keep it off the common path.
+        if not self._space.is_set():
+            in_flight, tracked = self._in_flight, self._tracker.size
+            if (in_flight <= self._resume_at and tracked < self._uncommitted_limit) or (
+                tracked <= self._uncommitted_resume and in_flight < self._limit
+            ):
+                self._space.set()
+        if count and not self._progress.is_set():
+            self._progress.set()
+
+    def _commit(self, message: Message) -> None:
+        self.stats.committed += 1
+        if self._consumer is not None:
+            self._consumer.commit(message)
+
+    async def _dead_letter(self, work: Work, error: BaseException) -> None:
+        message = work.message
+        reason = f"{type(error).__name__}: {error}"[:_MAX_ERROR_TEXT]
+        headers = dict(message.headers)
+        headers["X-Error"] = reason.encode()
+        headers["X-Original-Topic"] = message.topic.encode()
+        headers["X-Original-Partition"] = str(message.partition).encode()
+        headers["X-Original-Offset"] = str(message.offset).encode()
+        headers["X-Attempts"] = str(work.attempts).encode()
+        attempt = 0
+        while True:
+            # Nothing is dropped: until the dead letter is acknowledged the message stays
+            # undone (uncommitted), so a close or crash redelivers it instead of losing it.
+            try:
+                await self._publish(self.dead_letter_topic, message.value, message.key, headers)
+            except BusClosedError:
+                raise
+            except KeybusError as exc:
+                if not self._still_ours(work):
+                    return  # abandoned: undone, the partition's next owner redoes it
+                attempt += 1
+                log.warning("keybus: dead-lettering to %s failed: %s", self.dead_letter_topic, exc)
+                await asyncio.sleep(self.options.backoff(attempt))
+            else:
+                break
+        self.stats.dead_lettered += 1
+        self.stats.note_error(reason)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _bounded(
+    step: Callable[[Deadline], Awaitable[object]], deadline: Deadline, what: str
+) -> None:
+    """One step of a stop, given its deadline and cut off at it; never fatal to the steps
+    after it (a failed commit flush must not skip leaving the group and releasing the
+    consumer)."""
+    try:
+        await asyncio.wait_for(step(deadline), deadline.remaining())
+    except TimeoutError:
+        log.error("keybus: %s did not finish in time", what)
+    except Exception:
+        log.exception("keybus: %s failed", what)

@@ -1,0 +1,115 @@
+"""The handler middleware hook: code that runs around each handling attempt.
+
+A middleware is an async callable ``middleware(call_next, delivery)`` that calls
+``await call_next(delivery)`` to run the rest of the chain (the next middleware, and
+finally the handler) and may do work before and after it::
+
+    async def timing(call_next: keybus.CallNext, delivery: keybus.Delivery) -> None:
+        started = time.perf_counter()
+        try:
+            await call_next(delivery)
+        finally:
+            observe(time.perf_counter() - started)
+
+It runs inside the key's lane, once per attempt (a retried message passes through it
+again with ``delivery.attempt`` one higher), so order holds around it. What it raises
+counts as the handler's failure (retried, then dead-lettered); an exception it swallows
+counts as success. Retries, dead letters and commits stay in the core: a middleware
+observes and decorates an attempt, it cannot skip the commit of a message it did not
+handle. Bus-wide middleware (``connect(..., middleware=[...])``) wraps the
+subscription's own (``subscribe(..., middleware=[...])``), the first of each list
+outermost. Metrics and tracing are written this way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from inspect import isawaitable
+from typing import Any
+
+from keybus.message import Message
+
+__all__ = ["CallNext", "Delivery", "Middleware", "chain"]
+
+
+class Delivery:
+    """One handling attempt of one message, as a middleware sees it. ``payload`` is what
+    the handler gets: the :class:`~keybus.Message` itself, or its decoded
+    :class:`~keybus.Envelope`. A middleware may pass a changed copy to ``call_next``."""
+
+    __slots__ = ("attempt", "message", "payload")
+
+    def __init__(self, message: Message, payload: Any, attempt: int) -> None:
+        self.message = message
+        self.payload = payload
+        self.attempt = attempt  # 1-based
+
+    @property
+    def topic(self) -> str:
+        return self.message.topic
+
+    @property
+    def partition(self) -> int:
+        return self.message.partition
+
+    @property
+    def offset(self) -> int:
+        return self.message.offset
+
+    @property
+    def key(self) -> str | None:
+        """The record key (an envelope's aggregate id on keybus's publishes)."""
+        return self.message.key
+
+    def __repr__(self) -> str:
+        return (
+            f"<Delivery {self.topic}[{self.partition}]@{self.offset} key={self.key!r} "
+            f"attempt={self.attempt}>"
+        )
+
+
+CallNext = Callable[[Delivery], Awaitable[None]]
+"""The rest of the chain: the next middleware, and finally the handler."""
+
+Middleware = Callable[[CallNext, Delivery], Awaitable[None]]
+"""``async def middleware(call_next, delivery) -> None``."""
+
+
+def check_middleware(middleware: object) -> tuple[Middleware, ...]:
+    """A list of middleware as given to ``subscribe``/``connect``, checked."""
+    if middleware is None:
+        return ()
+    if (
+        callable(middleware)
+        or isinstance(middleware, str | bytes)
+        or not isinstance(middleware, Sequence)
+    ):
+        raise TypeError("middleware must be a list of callables")
+    for item in middleware:
+        if not callable(item):
+            raise TypeError(f"middleware must be callables, got {type(item).__name__}")
+    return tuple(middleware)
+
+
+def chain(
+    handler: Callable[[Any], Awaitable[None] | None], middleware: Sequence[Middleware]
+) -> CallNext:
+    """``handler`` wrapped in ``middleware``, the first outermost: one callable that
+    runs a whole attempt for a :class:`Delivery`. Built once per subscription."""
+
+    async def call_handler(delivery: Delivery) -> None:
+        result = handler(delivery.payload)
+        if isawaitable(result):
+            await result
+
+    call: CallNext = call_handler
+    for outer in reversed(middleware):
+        call = _wrap(outer, call)
+    return call
+
+
+def _wrap(middleware: Middleware, call_next: CallNext) -> CallNext:
+    async def step(delivery: Delivery) -> None:
+        await middleware(call_next, delivery)
+
+    return step

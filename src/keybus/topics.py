@@ -1,0 +1,53 @@
+"""Topics: how they are named and how they are created."""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+__all__ = ["TopicConfig", "TopicInfo", "check_topic"]
+
+# Kafka's topic rule, the strictest of our backends: one name works everywhere.
+_TOPIC = re.compile(r"[A-Za-z0-9._\-]{1,249}")
+
+
+@functools.lru_cache(maxsize=4096)  # publish checks every call: keep it off the hot path
+def check_topic(topic: str) -> str:
+    """``topic`` if it is a valid name on every backend, else ``ValueError``."""
+    if not _TOPIC.fullmatch(topic):
+        raise ValueError(f"invalid topic {topic!r}: use 1 to 249 characters of A-Z a-z 0-9 . _ -")
+    return topic
+
+
+@dataclass(frozen=True, slots=True)
+class TopicConfig:
+    """How a topic (Kafka topic, JetStream stream, memory log) is created.
+
+    ``ephemeral`` topics trade durability for speed: short retention on Kafka, memory
+    storage on NATS. ``retention_seconds=None`` keeps the backend's default.
+    """
+
+    partitions: int = 3
+    replication_factor: int = 1
+    retention_seconds: float | None = None
+    compression: str | None = None
+    ephemeral: bool = False
+
+    def __post_init__(self) -> None:
+        if type(self.partitions) is not int or self.partitions < 1:
+            raise ValueError(f"partitions must be an int >= 1, got {self.partitions!r}")
+        if type(self.replication_factor) is not int or self.replication_factor < 1:
+            raise ValueError(
+                f"replication_factor must be an int >= 1, got {self.replication_factor!r}"
+            )
+        if self.retention_seconds is not None and not self.retention_seconds > 0:
+            raise ValueError(f"retention_seconds must be > 0, got {self.retention_seconds!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    """What a backend reports about an existing topic."""
+
+    name: str
+    partitions: int
