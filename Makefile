@@ -11,9 +11,10 @@ export KEYBUS_BACKENDS
 
 .PHONY: demo test check lint typecheck bench brokers brokers-down clean
 
+# The demo needs the library and its command line (the `cli` extra), no broker client.
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e .
+	$(PIP) install -e '.[cli]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml

@@ -58,10 +58,10 @@ from confluent_kafka import Consumer, Producer
 import keybus
 from keybus.bench.scenario import Deliveries, backend_url, percentile, static_inputs
 from keybus.envelope import envelope_headers
-from keybus.transports.kafka import _bootstrap
+from keybus.transports.kafka import bootstrap_servers
 
 URL = backend_url("kafka")  # KEYBUS_KAFKA_URL, else the broker `make brokers` starts
-BOOTSTRAP = _bootstrap(URL)
+BOOTSTRAP = bootstrap_servers(URL)
 PRODUCER = {
     "bootstrap.servers": BOOTSTRAP,
     "enable.idempotence": True,
@@ -69,6 +69,7 @@ PRODUCER = {
     "compression.type": "lz4",
     "linger.ms": 2,
     "batch.num.messages": 10000,
+    "partitioner": "fnv1a_random",  # as keybus's producer
 }
 WARMUP_TOPIC = f"kb-bench-warmup-{uuid.uuid4().hex[:6]}"
 

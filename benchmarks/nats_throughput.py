@@ -48,7 +48,7 @@ import keybus
 import nats
 from keybus.bench.scenario import Deliveries, percentile, static_inputs
 from keybus.envelope import envelope_headers
-from keybus.transports.nats_headers import encode_headers
+from keybus.transports.nats import encode_headers
 
 URL = os.environ.get("KEYBUS_NATS_URL", "nats://127.0.0.1:4222")
 PARTITIONS = 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+import keybus
+from keybus.partitioning import Partition
+from keybus.transports.kafka.group_consumer import GroupConsumer
+from keybus.transports.kafka.topic_feed import KafkaConsumer
 from tests.conftest import Backend, backend_fixture, enabled_backends
+from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SH = ROOT / "tools" / "kafka" / "kafka.sh"
@@ -115,6 +121,37 @@ class FakeRd:
 
     def incremental_unassign(self, partitions: list[Any]) -> None:
         self.unassigned.extend(partitions)
+
+
+async def on_consumer_thread(callback: Callable[..., object], *args: Any) -> None:
+    """Run a librdkafka callback of ours the way librdkafka does: on a thread of its own
+    (the consumer thread), while the loop goes on serving what the callback asks of it."""
+    thread = threading.Thread(target=callback, args=args)
+    thread.start()
+    await eventually(lambda: not thread.is_alive(), timeout=15.0, what="the callback returned")
+    thread.join()
+
+
+# White-box access, in one place: the user's handle shows neither the partitions the core
+# holds nor the transport behind it.
+
+
+def core_partitions(sub: keybus.Subscription) -> set[Partition]:
+    """The partitions the core holds for ``sub`` (dropped as soon as a revoke begins)."""
+    return set(sub._engine._assigned)
+
+
+def feed_of(sub: keybus.Subscription) -> KafkaConsumer:
+    """The Kafka consumer (topic feed) behind ``sub``."""
+    consumer = sub._engine._consumer
+    assert isinstance(consumer, KafkaConsumer)
+    return consumer
+
+
+def group_consumers(bus: keybus.EventBus) -> list[GroupConsumer]:
+    """The bus's group consumers whose thread may still run."""
+    shared: list[GroupConsumer] = bus._transport._shared  # type: ignore[attr-defined]
+    return shared
 
 
 async def kafka_sh(command: str, timeout: float = 120.0) -> None:

@@ -11,7 +11,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 import keybus
 from keybus.testing import LeakChecker
-from keybus.transports.kafka import _bootstrap
+from keybus.transports.kafka import bootstrap_servers
 from tests.conftest import Backend, unique
 from tests.helpers import eventually
 from tests.kafka import logs
@@ -58,7 +58,7 @@ def _committed(url: str, group: str, topic: str, partitions: int = 3) -> int:
     """Records the group has committed on ``topic``: offsets of a fresh, non-transactional
     topic are dense, so the committed offsets add up to a record count. (Reading them
     joins no group; the handle is closed, and its threads gone, before this returns.)"""
-    reader = Consumer({"bootstrap.servers": _bootstrap(url), "group.id": group})
+    reader = Consumer({"bootstrap.servers": bootstrap_servers(url), "group.id": group})
     try:
         wanted = [TopicPartition(topic, p) for p in range(partitions)]
         return sum(max(tp.offset, 0) for tp in reader.committed(wanted, timeout=10))

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 from confluent_kafka import TopicPartition
 
 import keybus
+from keybus.deadline import Deadline
 from keybus.testing import LeakChecker
-from keybus.transports.kafka import KafkaConsumer, KafkaTransport, _GroupConsumer
+from keybus.transports.kafka.config import KafkaSettings
+from keybus.transports.kafka.group_consumer import GroupConsumer, _ConsumerThread
 from tests.conftest import Backend, BusFactory, unique
 from tests.helpers import Collected, eventually
-from tests.kafka.conftest import FakeRd
+from tests.kafka.conftest import (
+    FakeRd,
+    core_partitions,
+    feed_of,
+    group_consumers,
+    on_consumer_thread,
+)
 
 
 async def test_close_during_a_revoke_waiting_for_a_slow_handler_is_bounded(
@@ -31,7 +38,6 @@ async def test_close_during_a_revoke_waiting_for_a_slow_handler_is_bounded(
         await asyncio.Event().wait()  # cancellable, never returns by itself
 
     sub = await first.subscribe(topic, slow)
-    assert len(sub._assigned) == 3
     # A handler running on every partition, whichever the rebalance moves.
     await asyncio.gather(*(publisher.publish(topic, b"x", key=f"k{i}") for i in range(60)))
     await eventually(lambda: running == {0, 1, 2}, what="a handler on every partition")
@@ -39,7 +45,7 @@ async def test_close_during_a_revoke_waiting_for_a_slow_handler_is_bounded(
     # handler of the partition that moves.
     second = await open_bus(group=group)
     joining = asyncio.create_task(second.subscribe(topic, Collected()))
-    await eventually(lambda: len(sub._assigned) < 3, what="the revoke began")
+    await eventually(lambda: len(core_partitions(sub)) < 3, what="the revoke began")
     started = time.monotonic()
     await first.close(timeout=0.5)
     took = time.monotonic() - started
@@ -55,14 +61,12 @@ async def test_a_revoke_after_the_stop_never_probes_the_broker_inside_the_callba
     # rebalance callback calls it; that call's next callback then aborts the process
     # ("CallState_get: Assertion `cs != NULL' failed"). The close test above hit it:
     # close() set the stop while the revoke waited, and the revoke then probed.
-    shared = _GroupConsumer(KafkaTransport(backend.url), "g")
-    shared._wanted[("t", 0)] = 7
-    shared._stop.set()  # close() began while the revoke was running
+    # White-box: the group consumer's thread side, driven by hand (no librdkafka).
+    shared = GroupConsumer(KafkaSettings(url=backend.url), "g")
+    shared.record_commit("t", 0, 7)
+    await shared.shutdown(Deadline.after(2.0))  # close() began while the revoke was running
     rd = FakeRd()
-    thread = threading.Thread(target=shared._on_revoke, args=(rd, [TopicPartition("t", 0)]))
-    thread.start()
-    await eventually(lambda: not thread.is_alive(), what="on_revoke returned")
-    thread.join()
+    await on_consumer_thread(_ConsumerThread(shared)._on_revoke, rd, [TopicPartition("t", 0)])
     assert rd.metadata_requests == 0
     assert [[(tp.topic, tp.partition, tp.offset) for tp in c] for c in rd.commits] == [
         [("t", 0, 7)]
@@ -90,13 +94,13 @@ async def test_resubscribe_on_a_member_that_owned_none_of_the_topic(
         await owner.subscribe(topic, Collected())
         await bus.subscribe(other, Collected())
         old = await bus.subscribe(topic, Collected())
-        assert not old._assigned  # the owner keeps the partition (sticky)
+        assert not feed_of(old).assigned  # the owner keeps the partition (sticky)
         await old.unsubscribe()
         await bus.subscribe(topic, Collected())  # raised KeybusError after 10 s
-        shared = bus._transport._shared  # type: ignore[attr-defined]
         # The old subscription leaves nothing behind once its removal was applied.
         await eventually(
-            lambda: not any(s.detaching(topic) for s in shared), what="the old facade forgotten"
+            lambda: not any(s.detaching(topic) for s in group_consumers(bus)),
+            what="the old feed forgotten",
         )
 
 
@@ -127,22 +131,21 @@ async def test_resubscribe_while_another_topics_revoke_holds_the_consumer_thread
 
         slow_sub = await first.subscribe(slow_topic, slow)
         old = await first.subscribe(topic, Collected())
-        assert len(old._assigned) == 3
+        feed = feed_of(old)
+        assert len(feed.assigned) == 3
         await asyncio.gather(*(publisher.publish(slow_topic, b"x", key=f"k{i}") for i in range(60)))
         await eventually(lambda: running == {0, 1, 2}, what="a handler on every partition")
         # A second member joins for slow_topic: first's consumer thread now waits in the
         # revoke callback for the handler of the partition that moves (revoke_timeout 10 s).
         joining = asyncio.create_task(second.subscribe(slow_topic, Collected()))
-        await eventually(lambda: len(slow_sub._assigned) < 3, what="the revoke began")
-        facade = old._consumer
-        assert isinstance(facade, KafkaConsumer)
+        await eventually(lambda: len(core_partitions(slow_sub)) < 3, what="the revoke began")
         await old.unsubscribe()  # gave up waiting for the release after ~2 s:
-        assert facade.owned == {0, 1, 2}  # the thread is still in that revoke
+        assert len(feed.assigned) == 3  # the thread is still in that revoke
         got = Collected()
         resubscribing = asyncio.create_task(first.subscribe(topic, got))
-        shared = first._transport._shared  # type: ignore[attr-defined]
         await eventually(
-            lambda: any(topic in s.facades for s in shared), what="the topic subscribed again"
+            lambda: any(topic in s.facades for s in group_consumers(first)),
+            what="the topic subscribed again",
         )
         gate.set()  # the revoke finishes; the consumer thread applies both changes
         await joining

@@ -4,13 +4,17 @@
 ``proxy.blackhole = True`` silently drops everything the server sends (the client's
 bytes still reach the server: a connection whose replies vanish, as in a half-broken
 network); ``proxy.cut()`` closes every connection (the client reconnects through the
-proxy). Leaving the block closes the listener, every connection and every task.
+proxy); ``proxy.drop = predicate`` drops each message the server sends (``MSG``/``HMSG``)
+whose payload the predicate accepts — a delivery lost on the wire, which the server
+counts as delivered. Leaving the block closes the listener, every connection and every
+task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -20,6 +24,7 @@ class NatsProxy:
         parts = urlsplit(upstream)
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 4222)
         self.blackhole = False
+        self.drop: Callable[[bytes], bool] | None = None
         self.connections = 0  # accepted so far
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -60,10 +65,14 @@ class NatsProxy:
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_server: bool
     ) -> None:
+        held = bytearray()  # the start of a server message not wholly read yet
         try:
             while data := await reader.read(65536):
                 if from_server and self.blackhole:
                     continue
+                if from_server and (self.drop is not None or held):
+                    held += data
+                    data = self._without_dropped(held)
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -71,6 +80,32 @@ class NatsProxy:
         finally:
             self._writers.discard(writer)
             writer.close()
+
+    def _without_dropped(self, held: bytearray) -> bytes:
+        """The complete protocol frames at the front of ``held`` (taken out of it), less
+        the messages ``drop`` accepts. Server frames are lines, except ``MSG``/``HMSG``:
+        a line ending in the byte count (headers and payload for ``HMSG``, whose header
+        count comes before it), then that many bytes and CRLF."""
+        out = bytearray()
+        start = 0
+        while (end := held.find(b"\r\n", start)) >= 0:
+            line = bytes(held[start:end])
+            fields = line.split()
+            stop = end + 2
+            payload = None
+            if fields and fields[0].upper() in (b"MSG", b"HMSG"):
+                size = int(fields[-1])
+                if len(held) < stop + size + 2:
+                    break  # the rest comes with the next read
+                header_size = int(fields[-2]) if fields[0].upper() == b"HMSG" else 0
+                payload = bytes(held[stop + header_size : stop + size])
+                stop += size + 2
+            drop = self.drop
+            if payload is None or drop is None or not drop(payload):
+                out += held[start:stop]
+            start = stop
+        del held[:start]
+        return bytes(out)
 
     def cut(self) -> None:
         """Close every open connection (new ones are still accepted)."""

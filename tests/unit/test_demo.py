@@ -7,7 +7,7 @@ import time
 from typer.testing import CliRunner
 
 from keybus.bench.scenario import aggregates_for, percentile, run_scenario
-from keybus.cli import app
+from keybus.cli.app import app
 
 
 async def test_scenario_delivers_everything_in_order_despite_injected_failures() -> None:

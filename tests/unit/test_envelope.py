@@ -110,9 +110,13 @@ def test_decodes_what_the_go_services_emit() -> None:
         b'"payload":{"amount":12.5},"trace_id":"t","correlation_id":"","tenant_id":9}'
     )
     envelope = Envelope.from_bytes(go)
+    # The microseconds as a datetime holds them (truncated, never rounded: a rounded
+    # .999999999 would roll into the next second), the nanoseconds kept beside them.
     assert envelope.timestamp == datetime(
-        2025, 10, 14, 10, 20, 30, 123457, tzinfo=timezone(timedelta(hours=8))
+        2025, 10, 14, 10, 20, 30, 123456, tzinfo=timezone(timedelta(hours=8))
     )
+    assert envelope.timestamp_ns == 1760408430123456789
+    assert b'"timestamp":"2025-10-14T10:20:30.123456789+08:00"' in envelope.to_bytes()
     assert envelope.payload == {"amount": 12.5}
     assert envelope.trace_id == "t"
     assert envelope.correlation_id is None  # Go's "" means unset

@@ -86,3 +86,39 @@ async def test_a_new_fd_with_the_number_of_one_that_was_closed_is_reported() -> 
     finally:
         os.close(new_read)
         os.close(new_write)
+
+
+async def test_leak_checker_reports_a_task_left_running() -> None:
+    leaked = asyncio.Event()
+    checker = LeakChecker(timeout=0.2)
+    with pytest.raises(LeakError, match="keybus-test-leak"):
+        async with checker:
+            task = asyncio.create_task(leaked.wait(), name="keybus-test-leak")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_leak_checker_names_leaked_threads_and_fds() -> None:
+    stop = threading.Event()
+    checker = LeakChecker(timeout=0.2)
+    read_fd = write_fd = -1
+    checker.start()
+    thread = threading.Thread(target=stop.wait, name="kb-leaky-thread")
+    thread.start()
+    read_fd, write_fd = os.pipe()
+    with pytest.raises(LeakError) as info:
+        await checker.check()
+    stop.set()
+    thread.join()
+    os.close(read_fd)
+    os.close(write_fd)
+    report = str(info.value)
+    assert "kb-leaky-thread" in report
+    assert "native thread" in report
+    assert f"fd {read_fd} -> pipe:" in report
+
+
+async def test_leak_checker_waits_for_resources_that_go_away_in_time() -> None:
+    async with LeakChecker(timeout=5):
+        task = asyncio.create_task(asyncio.sleep(0.05))
+    assert task.done()

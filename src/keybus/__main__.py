@@ -1,0 +1,5 @@
+"""``python -m keybus``: the command line."""
+
+from keybus.cli import main
+
+main()

@@ -1,0 +1,60 @@
+"""What a backend can do, as the conformance suite needs to know it.
+
+The suite decides what to run from these flags and facts, never from a backend's name:
+a test whose property a backend declares it does not have is skipped with the flag's
+name, and placement and timing come from here instead of being hard-coded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from keybus.partitioning import partition_for
+
+__all__ = ["Features", "keybus_partition"]
+
+
+def keybus_partition(key: str, partitions: int) -> int:
+    """Where keybus's own placement puts ``key`` (memory, NATS; librdkafka's default
+    ``consistent_random`` partitioner agrees: crc32 of the key)."""
+    return partition_for(key, partitions, iter(()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Features:
+    """Capability flags and facts of one backend. The defaults are the full contract
+    (every flag but ``retakes_crashed_partition`` on): a backend switches off what it
+    cannot do, and the tests that need it are skipped, naming the flag."""
+
+    consumer_groups: bool = True
+    """Members of one group share a topic's partitions (each message handled by one of
+    them, a key by one member); separate groups each get every message."""
+
+    rebalance: bool = True
+    """A member may join a group mid-stream: partitions move to it without losing a
+    message, reordering a key, or two members handling one key at once."""
+
+    restart_resumes: bool = True
+    """A group's position outlives its members: a new member (a restarted service)
+    resumes at the first message not committed, including one whose handler never
+    finished when the previous member closed."""
+
+    retakes_crashed_partition: bool = False
+    """After a crash inside the core's intake (a keybus bug), the backend re-takes the
+    partition and delivers the message again, instead of only reporting the crash (the
+    subscription then stalls until reopened — also allowed)."""
+
+    partition_for: Callable[[str, int], int] = keybus_partition
+    """``partition_for(key, partitions)``: the partition a keyed record lands on in a
+    topic of ``partitions`` partitions. Tests that need keys on given partitions get
+    them from here, and one test checks the backend places keys this way."""
+
+    handover_timeout: float = 20.0
+    """Seconds within which a partition reaches another member: one joining mid-stream,
+    a successor after a close, a re-take after a crash. The suite's deadline for those."""
+
+    @classmethod
+    def flags(cls) -> frozenset[str]:
+        """The names of the boolean capability flags."""
+        return frozenset(f.name for f in fields(cls) if f.type in (bool, "bool"))

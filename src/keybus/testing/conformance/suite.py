@@ -1,0 +1,20 @@
+"""The whole conformance suite as one base class."""
+
+from __future__ import annotations
+
+from keybus.testing.conformance.suite_errors import ErrorsSuite
+from keybus.testing.conformance.suite_failures import FailuresSuite
+from keybus.testing.conformance.suite_lifecycle import LifecycleSuite
+from keybus.testing.conformance.suite_middleware import MiddlewareSuite
+from keybus.testing.conformance.suite_pubsub import PubSubSuite
+from keybus.testing.conformance.suite_robustness import RobustnessSuite
+
+__all__ = ["Conformance"]
+
+
+# pytest runs inherited tests base by base in reverse MRO: listed last, run first.
+class Conformance(
+    MiddlewareSuite, ErrorsSuite, RobustnessSuite, LifecycleSuite, FailuresSuite, PubSubSuite
+):
+    """Every conformance test. Subclass it as ``Test<Backend>`` and name the backend
+    (see :mod:`keybus.testing.conformance`)."""

@@ -1,0 +1,179 @@
+"""The bus's admin client: the connect probe, and topics created, described, deleted.
+
+It needs no thread of ours: AdminClient futures are completed by librdkafka's own
+background thread and bridged with ``asyncio.wrap_future``. The client has no
+``close()``: dropping the last reference destroys the handle and joins its native
+threads (:meth:`KafkaAdmin.close`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from keybus.deadline import Deadline
+from keybus.topics import TopicConfig, TopicInfo
+from keybus.transports.kafka.errors import Action, closed, error_code, translate
+
+__all__ = ["KafkaAdmin"]
+
+_EPHEMERAL_RETENTION_MS = 15 * 60 * 1000  # "short retention" for TopicConfig(ephemeral=True)
+# The interface gives topic calls no deadline; these bound each request and the wait for
+# its effect so that a silent broker fails a call instead of hanging it.
+_DESCRIBE_TIMEOUT = 5.0
+_CHANGE_TIMEOUT = 10.0  # create / delete: the controller may take a while under load
+_VISIBLE_TIMEOUT = 15.0  # until the brokers serve the change in their metadata
+# librdkafka reports a request that timed out a little after its request timeout: the
+# probe's own wait allows this much more, so librdkafka's reason arrives first.
+_ANSWER_MARGIN = 1.0
+
+
+class KafkaAdmin:
+    """The AdminClient of one transport, created by :meth:`connect`."""
+
+    def __init__(self, url: str, config: dict[str, Any], probe_timeout: float) -> None:
+        self._url = url
+        self._config = config
+        self._probe_timeout = probe_timeout
+        self._client: AdminClient | None = None
+        self._closed = False
+
+    async def connect(self, deadline: Deadline) -> None:
+        """Create the client and prove the broker answers, by ``deadline``."""
+        try:
+            self._client = AdminClient(dict(self._config))
+        except KafkaException as exc:
+            raise translate(exc, "connect", self._url) from exc
+        # librdkafka retries unreachable brokers forever; a metadata request with a
+        # deadline is what tells "down" from "slow" within a bounded time. It gets what
+        # the connect's deadline leaves (probe_timeout at most), minus the margin for
+        # librdkafka's own report of a timeout.
+        left = deadline.remaining()
+        request = min(self._probe_timeout, max(left - _ANSWER_MARGIN, left / 2))
+        future = self._client.describe_cluster(request_timeout=request)
+        try:
+            async with asyncio.timeout(deadline.within(request + _ANSWER_MARGIN).remaining()):
+                await asyncio.wrap_future(future)
+        except TimeoutError:
+            future.cancel()
+            raise translate(
+                f"no Kafka broker answered within {request:g} s", "connect", self._url
+            ) from None
+        except KafkaException as exc:
+            raise translate(exc, "connect", self._url) from exc
+        finally:
+            self._client.poll(0)
+
+    def close(self) -> None:
+        """Destroy the client (idempotent); later calls raise ``BusClosedError``."""
+        self._closed = True
+        if self._client is not None:
+            # The admin client has no close(): dropping the last reference destroys the
+            # handle (and joins its native threads); collect in case a cycle holds it.
+            self._client = None
+            gc.collect()
+
+    def _live(self) -> AdminClient:
+        if self._closed:
+            raise closed(self._url)
+        if self._client is None:
+            raise translate("the transport is not connected", "connect", self._url)
+        self._client.poll(0)  # hand queued librdkafka log lines to logging
+        return self._client
+
+    async def ensure_topic(self, topic: str, config: TopicConfig) -> None:
+        settings: dict[str, str] = {}
+        if config.retention_seconds is not None:
+            settings["retention.ms"] = str(int(config.retention_seconds * 1000))
+        elif config.ephemeral:
+            settings["retention.ms"] = str(_EPHEMERAL_RETENTION_MS)
+        if config.compression:
+            settings["compression.type"] = config.compression
+        new = NewTopic(
+            topic,
+            num_partitions=max(1, config.partitions),
+            replication_factor=max(1, config.replication_factor),
+            config=settings,
+        )
+        await self._change(
+            topic,
+            "create",
+            lambda admin: admin.create_topics([new], request_timeout=_CHANGE_TIMEOUT),
+            already=KafkaError.TOPIC_ALREADY_EXISTS,
+        )
+
+    async def describe_topic(self, topic: str) -> TopicInfo:
+        try:
+            partitions = await self._partitions(topic)
+        except KafkaException as exc:
+            raise translate(exc, "describe", topic) from exc
+        if partitions is None:
+            raise translate("no such topic", "describe", topic)
+        return TopicInfo(topic, partitions)
+
+    async def delete_topic(self, topic: str) -> None:
+        await self._change(
+            topic,
+            "delete",
+            lambda admin: admin.delete_topics([topic], request_timeout=_CHANGE_TIMEOUT),
+            already=KafkaError.UNKNOWN_TOPIC_OR_PART,
+        )
+
+    async def _change(
+        self,
+        topic: str,
+        action: Action,
+        request: Callable[[AdminClient], dict[str, Any]],
+        *,
+        already: int,
+    ) -> None:
+        """Send a create/delete request; ``already`` is the error code that means "it is
+        so already" (idempotent). Then wait until the brokers' metadata shows the change,
+        so a consumer subscribing next sees every partition in its first metadata reply
+        (and a deleted topic is gone for whoever asks next)."""
+        try:
+            await asyncio.wrap_future(request(self._live())[topic])
+        except KafkaException as exc:
+            if error_code(exc) != already:
+                raise translate(exc, action, topic) from exc
+        await self._until_visible(topic, action)
+
+    async def _partitions(self, topic: str) -> int | None:
+        """The topic's partition count once every partition has a leader, else None."""
+        futures = self._live().describe_topics(
+            TopicCollection([topic]), request_timeout=_DESCRIBE_TIMEOUT
+        )
+        try:
+            description = await asyncio.wrap_future(futures[topic])
+        except KafkaException as exc:
+            if error_code(exc) == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                return None
+            raise
+        partitions = description.partitions
+        if not partitions or any(p.leader is None for p in partitions):
+            return None
+        return len(partitions)
+
+    async def _until_visible(self, topic: str, action: Action) -> None:
+        present = action == "create"
+        deadline = time.monotonic() + _VISIBLE_TIMEOUT
+        delay = 0.005
+        while True:
+            try:
+                exists = (await self._partitions(topic)) is not None
+            except KafkaException:
+                exists = not present  # a transient admin error: ask again
+            if exists == present:
+                return
+            if time.monotonic() > deadline:
+                what = "appear" if present else "disappear"
+                raise translate(f"did not {what} within {_VISIBLE_TIMEOUT:g} s", action, topic)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)

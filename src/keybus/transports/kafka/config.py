@@ -1,0 +1,160 @@
+"""The transport's options, checked once, and the librdkafka configs built from them.
+
+Our librdkafka defaults live here with the reason for each; a user's
+``producer_config`` / ``consumer_config`` / ``admin_config`` is merged over them. Every
+callback a config carries is wrapped by :func:`guard` (see there why).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from keybus.transports.kafka.errors import translate
+
+__all__ = ["STEP_MARGIN", "KafkaSettings", "bootstrap_servers", "guard", "guarded"]
+
+log = logging.getLogger("keybus.kafka")
+_librdkafka_log = logging.getLogger("keybus.kafka.librdkafka")
+
+STEP_MARGIN = 0.2
+"""How long before its deadline a step of ours stops waiting: the core cuts a step off
+at its deadline, and one that ends just before it still reports why it gave up (and
+does what it must after the wait) instead of being cancelled mid-way."""
+
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "enable.idempotence": True,  # no duplicates or reordering from the producer's retries
+    "acks": "all",
+    "compression.type": "lz4",
+    "linger.ms": 2,  # concurrent publishes share batches
+    "batch.num.messages": 10000,
+    # A publish resolves (ack or PublishError) within this, also while the broker is away.
+    "message.timeout.ms": 30000,
+    "socket.timeout.ms": 10000,
+    "topic.metadata.refresh.interval.ms": 10000,
+    # Keys land where the Go services' sarama producer puts them (FNV-1a; librdkafka's
+    # default CRC32 splits an aggregate published by both across partitions), and where
+    # keybus.partitioning puts them on the other backends. docs/interop.md.
+    "partitioner": "fnv1a_random",
+}
+
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "partition.assignment.strategy": "cooperative-sticky",
+    "enable.auto.commit": False,  # only the core's done prefix is ever committed
+    "enable.auto.offset.store": False,
+    # A new group starts at the earliest record: a message published after subscribe()
+    # returned is then never skipped, even if it was written before this member's fetch
+    # position was resolved ("latest" would resolve to an offset after it).
+    "auto.offset.reset": "earliest",
+    # librdkafka's heartbeat thread keeps the session; short timeouts so a crashed member's
+    # partitions move within seconds, and a quick heartbeat so members see a rebalance soon.
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 250,
+    "socket.timeout.ms": 10000,
+    "topic.metadata.refresh.interval.ms": 5000,
+    "fetch.wait.max.ms": 100,
+    "queued.max.messages.kbytes": 16384,
+    "enable.partition.eof": False,
+}
+
+ADMIN_DEFAULTS: dict[str, Any] = {"socket.timeout.ms": 10000}
+
+_CALLBACKS = ("error_cb", "stats_cb", "throttle_cb", "oauth_cb")
+
+
+def bootstrap_servers(url: str) -> str:
+    """``kafka://h1:9092,h2:9092/...`` -> ``h1:9092,h2:9092``."""
+    rest = url.split("://", 1)[1] if "://" in url else url
+    servers = rest.split("/", 1)[0].split("?", 1)[0]
+    if not servers:
+        raise translate("no bootstrap server in the URL", "connect", url)
+    return servers
+
+
+def guard(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """A callback that raises inside ``consume`` makes confluent-kafka discard the batch
+    it fetched in that call — records skipped without being handled. Log instead."""
+
+    def guarded(*args: Any) -> Any:
+        try:
+            return callback(*args)
+        except Exception:
+            log.exception("keybus: Kafka callback %r failed", callback)
+            return None
+
+    return guarded
+
+
+def guarded(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with a user's librdkafka callbacks wrapped by :func:`guard` (not
+    ``oauth_cb``: its exceptions are librdkafka's way to report a token failure)."""
+    out = dict(config)
+    for name in _CALLBACKS:
+        if name != "oauth_cb" and callable(out.get(name)):
+            out[name] = guard(out[name])
+    return out
+
+
+@dataclass(kw_only=True)
+class KafkaSettings:
+    """The Kafka transport's options (``keybus.connect(url, **options)``; an unknown one
+    is a ``TypeError``):
+
+    ``producer_config`` / ``consumer_config`` / ``admin_config``: librdkafka settings
+    merged over ours; ``commit_interval`` (s, 0.5): how often done offsets are committed
+    asynchronously; ``fetch_batch`` (500): records per ``consume`` call;
+    ``assign_timeout`` (s, 30): bound on a subscribe's group join; ``join_settle``
+    (s, 3): how long a joining member that got no partition in the first round of a
+    cooperative rebalance waits for the second; ``probe_timeout`` (s, 5): the most the
+    metadata request that proves the broker reachable at connect may take (the connect's
+    deadline may cut it shorter).
+
+    After construction, ``producer``, ``consumer`` and ``admin`` are the librdkafka
+    configs (bootstrap servers from the URL, our defaults, the user's settings) and
+    ``session_timeout`` the consumer's session timeout in seconds.
+    """
+
+    url: str
+    producer_config: Mapping[str, Any] | None = None
+    consumer_config: Mapping[str, Any] | None = None
+    admin_config: Mapping[str, Any] | None = None
+    commit_interval: float = 0.5
+    fetch_batch: int = 500
+    assign_timeout: float = 30.0
+    join_settle: float = 3.0
+    probe_timeout: float = 5.0
+    producer: dict[str, Any] = field(init=False, repr=False)
+    consumer: dict[str, Any] = field(init=False, repr=False)
+    admin: dict[str, Any] = field(init=False, repr=False)
+    session_timeout: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        servers = bootstrap_servers(self.url)
+        if (
+            self.commit_interval <= 0
+            or self.fetch_batch < 1
+            or self.assign_timeout <= 0
+            or self.probe_timeout <= 0
+        ):
+            raise ValueError("commit_interval, fetch_batch, assign_timeout, probe_timeout > 0")
+        self.commit_interval = float(self.commit_interval)
+        self.fetch_batch = int(self.fetch_batch)
+        self.assign_timeout = float(self.assign_timeout)
+        self.join_settle = max(0.0, float(self.join_settle))
+        self.probe_timeout = float(self.probe_timeout)
+        # librdkafka's own log lines go to Python logging (served by the polling threads;
+        # the admin client's when we poll it after a request) instead of raw stderr.
+        base = {
+            "bootstrap.servers": servers,
+            "client.id": "keybus",
+            "logger": _librdkafka_log,
+        }
+        self.producer = {**base, **PRODUCER_DEFAULTS, **dict(self.producer_config or {})}
+        self.consumer = {**base, **CONSUMER_DEFAULTS, **dict(self.consumer_config or {})}
+        self.admin = {**base, **ADMIN_DEFAULTS, **dict(self.admin_config or {})}
+        try:
+            self.session_timeout = float(self.consumer.get("session.timeout.ms", 45000)) / 1000
+        except (TypeError, ValueError):  # librdkafka rejects it when the consumer is made
+            self.session_timeout = 45.0

@@ -1,0 +1,96 @@
+"""confluent-kafka's errors, translated into keybus's at the transport's boundary.
+
+Every place the transport turns a librdkafka failure (or one of its own, such as a wait
+that ran out) into a :mod:`keybus.errors` type goes through :func:`translate`, so the
+same event raises the same type here as on the other backends::
+
+    connect      ConnectError(url, reason)            the probe or the admin client failed
+    publish      PublishError(topic, reason)          refused, not acknowledged, purged
+    subscribe    SubscribeError(topic, group, reason) no consumer, no assignment in time
+    create, describe, delete
+                 TopicError(topic, action, reason)    an admin request failed or timed out
+
+and a call on a closed transport raises :func:`closed` (``BusClosedError``). A reason
+keeps librdkafka's error name and text (``MSG_SIZE_TOO_LARGE: ...``); the library's
+exception is chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from confluent_kafka import KafkaError, KafkaException
+
+from keybus.errors import (
+    BusClosedError,
+    ConnectError,
+    KeybusError,
+    PublishError,
+    SubscribeError,
+    TopicError,
+)
+
+__all__ = ["Action", "closed", "error_code", "is_fatal", "reason", "translate"]
+
+Action = Literal["connect", "publish", "subscribe", "create", "describe", "delete"]
+
+
+def reason(err: Any) -> str:
+    """librdkafka's error name and text, or a Python exception's text."""
+    if isinstance(err, KafkaException) and err.args and isinstance(err.args[0], KafkaError):
+        err = err.args[0]
+    if isinstance(err, KafkaError):
+        return f"{err.name()}: {err.str()}"
+    return str(err) or type(err).__name__
+
+
+def error_code(exc: BaseException) -> int | None:
+    """The librdkafka error code of a ``KafkaException``, else None."""
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        code: int = exc.args[0].code()
+        return code
+    return None
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """librdkafka raised a fatal error: the handle is unusable from now on."""
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return bool(exc.args[0].fatal())
+    return False
+
+
+def translate(
+    cause: BaseException | KafkaError | str,
+    action: Action,
+    subject: str,
+    *,
+    group: str = "",
+    context: str = "",
+) -> KeybusError:
+    """The keybus error for ``action`` on ``subject`` (the URL for ``connect``, else the
+    topic; ``group`` for ``subscribe``) failing because of ``cause``: a confluent-kafka
+    exception, a ``KafkaError`` from a delivery report, any other exception (a bad
+    setting), or the transport's own words. ``context`` prefixes the reason (what was
+    being done). The caller raises (or sets) what this returns."""
+    text = reason(cause) if not isinstance(cause, str) else cause
+    if context:
+        text = f"{context}: {text}"
+    error: KeybusError
+    if action == "publish":
+        error = PublishError(subject, text)
+    elif action == "connect":
+        error = ConnectError(subject, text)
+    elif action == "subscribe":
+        error = SubscribeError(subject, group, text)
+    else:
+        error = TopicError(subject, action, text)
+    if isinstance(cause, KafkaError):  # a delivery report's error is no exception
+        error.__cause__ = KafkaException(cause)
+    elif isinstance(cause, BaseException):
+        error.__cause__ = cause
+    return error
+
+
+def closed(url: str) -> BusClosedError:
+    """What a call on a closed transport raises (publish, consumer(), admin)."""
+    return BusClosedError(f"the Kafka transport {url} is closed")

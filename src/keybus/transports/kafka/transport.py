@@ -1,0 +1,150 @@
+"""KafkaTransport: connect, publish, consumer(), close — the wiring of the package's
+parts (admin client, loop-served producer, one group consumer per bus and group)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Mapping
+from typing import Any
+
+from confluent_kafka import KafkaException
+
+from keybus.deadline import TRANSPORT_CLOSE_BUDGET, Deadline
+from keybus.topics import TopicConfig, TopicInfo
+from keybus.transports.base import Consumer, Sink, Transport
+from keybus.transports.kafka.admin import KafkaAdmin
+from keybus.transports.kafka.config import KafkaSettings
+from keybus.transports.kafka.errors import closed, translate
+from keybus.transports.kafka.group_consumer import GroupConsumer
+from keybus.transports.kafka.producer import KafkaProducer
+from keybus.transports.kafka.topic_feed import KafkaConsumer
+
+__all__ = ["KafkaTransport"]
+
+# close_budget: librdkafka holds a consumer's close, and no deadline of ours can cut it
+# short, until the session times out when an asynchronous commit was outstanding as the
+# broker went away; the close waits for it (returning earlier would leave the consumer
+# thread and librdkafka's native threads running after close()), so the budget covers the
+# session timeout plus this much for the leave and the thread's end.
+_CLOSE_MARGIN = 2.5
+
+
+class KafkaTransport(Transport):
+    """``kafka://host:port[,host:port]``; options: see
+    :class:`~keybus.transports.kafka.config.KafkaSettings` (an unknown one is a
+    ``TypeError``)."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.url = url
+        self._settings = KafkaSettings(url=url, **options)
+        self.close_budget = max(
+            TRANSPORT_CLOSE_BUDGET, self._settings.session_timeout + _CLOSE_MARGIN
+        )
+        self._admin = KafkaAdmin(url, self._settings.admin, self._settings.probe_timeout)
+        self._producer: KafkaProducer | None = None
+        self._groups: dict[str, list[GroupConsumer]] = {}
+        self._shared: list[GroupConsumer] = []  # every group consumer whose thread may run
+        self._closed = False
+
+    # -- connect / admin -------------------------------------------------------------
+
+    async def connect(self, deadline: Deadline) -> None:
+        await self._admin.connect(deadline)
+
+    async def ensure_topic(self, topic: str, config: TopicConfig) -> None:
+        await self._admin.ensure_topic(topic, config)
+
+    async def describe_topic(self, topic: str) -> TopicInfo:
+        return await self._admin.describe_topic(topic)
+
+    async def delete_topic(self, topic: str) -> None:
+        await self._admin.delete_topic(topic)
+
+    # -- publish ---------------------------------------------------------------------
+
+    async def publish(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> None:
+        await self.send(topic, value, key, headers)
+
+    def send(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> Awaitable[None]:
+        producer = self._producer or self._new_producer(topic)
+        try:  # not contextlib.suppress: a Python-level context manager per publish
+            return producer.send(topic, value, key, headers)
+        except BufferError:  # librdkafka's queue is full: wait for room, boundedly
+            return self._send_when_room(producer, topic, value, key, headers)
+
+    def _new_producer(self, topic: str) -> KafkaProducer:
+        if self._closed:
+            raise closed(self.url)
+        try:
+            producer = KafkaProducer(self._settings.producer, asyncio.get_running_loop(), self.url)
+        except (KafkaException, TypeError, ValueError) as exc:  # e.g. a bad setting
+            raise translate(
+                exc, "publish", topic, context="cannot create the Kafka producer"
+            ) from exc
+        self._producer = producer
+        return producer
+
+    @staticmethod
+    async def _send_when_room(
+        producer: KafkaProducer,
+        topic: str,
+        value: bytes,
+        key: str | None,
+        headers: Mapping[str, bytes],
+    ) -> None:
+        await (await producer.send_when_room(topic, value, key, headers))
+
+    # -- consume ---------------------------------------------------------------------
+
+    def consumer(self, topic: str, group: str, sink: Sink) -> Consumer:
+        if self._closed:
+            raise closed(self.url)
+        members = self._groups.setdefault(group, [])
+        # One shared consumer per group for every topic; a second subscription to the same
+        # topic in the same group is a second member, like another process would be. So is
+        # a member whose previous subscription to the topic is not yet out of librdkafka's
+        # subscription or still holds its partitions (an unsubscribe gave up waiting for
+        # the release): there the removal and the re-add would reach librdkafka as one
+        # unchanged subscribe() - no revoke, no assignment for the new subscription, and
+        # the old one's partitions fetched for a subscription that owns none of them.
+        for shared in members:
+            if not shared.closing and topic not in shared.facades and not shared.detaching(topic):
+                break
+        else:
+            shared = GroupConsumer(self._settings, group, self._forget)
+            members.append(shared)
+            self._shared.append(shared)
+        return KafkaConsumer(shared, topic, sink)
+
+    def _forget(self, shared: GroupConsumer) -> None:
+        # Called as a group consumer begins to close: no new subscription joins it.
+        self._shared = [s for s in self._shared if not s.finished or s is shared]
+        members = self._groups.get(shared.group)
+        if members and shared in members:
+            members.remove(shared)
+            if not members:
+                del self._groups[shared.group]
+
+    # -- close -----------------------------------------------------------------------
+
+    async def close(self, deadline: Deadline) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Also those already shutting down (forgotten by their group): a thread that
+        # outlives its subscription's close deadline is waited for here.
+        shared = [s for s in self._shared if not s.finished]
+        self._shared.clear()
+        self._groups.clear()
+        producer, self._producer = self._producer, None
+        # Side by side, each sized from this close's deadline: the consumer threads wait
+        # until shortly before it, the producer splits it between flush, purge and destroy.
+        await asyncio.gather(
+            *(s.shutdown(deadline) for s in shared),
+            *([producer.close(deadline)] if producer else []),
+        )
+        self._admin.close()

@@ -1,0 +1,40 @@
+"""The options of ``keybus.connect("nats://...", **options)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["NatsOptions"]
+
+
+@dataclass(frozen=True, slots=True)
+class NatsOptions:
+    """Transport options (keyword arguments of ``keybus.connect("nats://...")``).
+
+    ``ack_wait``: seconds JetStream waits for an ack before redelivering; long handlers
+    are kept alive with in-progress acks every ``ack_wait / 3``. ``max_ack_pending``: per
+    partition, delivered-but-unacknowledged messages before JetStream pauses it.
+    ``lease_ttl``: how long a crashed member keeps its partitions before others take them
+    over; leases are renewed every ``heartbeat`` seconds.
+    """
+
+    publish_timeout: float = 10.0
+    ack_wait: float = 30.0
+    max_ack_pending: int = 4096
+    fetch_batch: int = 512
+    fetch_expires: float = 10.0
+    idle_heartbeat: float = 2.0
+    lease_ttl: float = 6.0
+    heartbeat: float = 1.0
+    reconnect_wait: float = 0.25
+    duplicate_window: float = 120.0
+    max_pending_publishes: int = 8192
+    api_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.heartbeat * 3 > self.lease_ttl:
+            raise ValueError("lease_ttl must be at least 3 heartbeats")
+        if self.idle_heartbeat * 2 > self.fetch_expires:
+            raise ValueError("fetch_expires must be at least 2 idle heartbeats")
+        if self.ack_wait <= 0 or self.max_ack_pending < 1 or self.fetch_batch < 1:
+            raise ValueError("ack_wait, max_ack_pending and fetch_batch must be positive")

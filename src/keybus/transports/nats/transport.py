@@ -1,0 +1,211 @@
+"""The NATS JetStream transport: connect and close, topics, publishing, consumers.
+
+Layout on the server (see ``docs/nats.md`` for the why and the cost):
+
+* a topic is one stream ``KB_<token>`` over subjects ``kb.<token>.<partition>``; a
+  record's partition is a hash of its key (like Kafka and the memory backend), so one
+  partition is a strictly ordered sub-stream;
+* a group reads a partition through one durable pull consumer
+  ``<group>_p<partition>_<epoch>`` (a new epoch per take-over) with ``AckPolicy.ALL``:
+  committing "the contiguous done prefix ends at seq S" is one ack;
+* each partition is owned by one member of the group at a time. Members and leases live
+  in one JetStream key-value entry per (topic, group), changed only by compare-and-set,
+  with a deterministic assignment (:mod:`.group`, :mod:`.group_state`);
+* whenever a member takes a partition it recreates the durable at ``ack_floor + 1``. That
+  drops every delivery the previous owner left pending, so nothing can be delivered out
+  of stream order and an ack can never cover an unprocessed gap (JetStream would
+  otherwise hand out newer messages before the redeliveries, and ack-all would swallow
+  the gap).
+
+Everything else — order per key, retries, dead letters, done-tracking — is the core's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from itertools import count
+from typing import Any
+
+import nats.js.errors
+from nats.js import api
+
+from keybus.deadline import Deadline
+from keybus.partitioning import partition_for
+from keybus.topics import TopicConfig, TopicInfo
+from keybus.transports.base import Consumer, Sink, Transport
+from keybus.transports.nats.bucket import forget_topic
+from keybus.transports.nats.client import Connection, Stream, close_client
+from keybus.transports.nats.errors import NATS_ERRORS, translate
+from keybus.transports.nats.group import GroupMember
+from keybus.transports.nats.headers import encode_headers
+from keybus.transports.nats.names import stream_name, subject_base
+from keybus.transports.nats.options import NatsOptions
+from keybus.transports.nats.publisher import Publisher
+
+__all__ = ["NatsTransport"]
+
+_PARTITIONS_META = "keybus.partitions"
+_TOPIC_META = "keybus.topic"
+# Shares of the close deadline (the time left when close begins; 5 s from the core):
+# outstanding PubAcks drain for at most the first, nats-py's own close gets the second,
+# and the rest is room for the abort path — local, and what releases the socket when the
+# client's close hangs, so it must never be what the core's bound cuts off.
+_DRAIN_SHARE = 0.2
+_CLIENT_CLOSE_SHARE = 0.3
+
+
+class NatsTransport(Transport):
+    """A connection to one NATS server (JetStream enabled)."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.url = url
+        try:
+            self.options = NatsOptions(**options)
+        except TypeError as exc:
+            raise TypeError(f"unknown options for nats://: {exc}") from None
+        self._conn = Connection(url, self.options, self._stream)
+        self._publisher: Publisher | None = None
+        self._topics: dict[str, Stream] = {}
+        self._round_robin = count()
+
+    @property
+    def reconnects(self) -> int:
+        """How often the client reconnected since :meth:`connect`."""
+        return self._conn.reconnects
+
+    # -- connection ------------------------------------------------------------------
+
+    async def connect(self, deadline: Deadline) -> None:
+        nc, _ = await self._conn.open(deadline)
+        publisher = Publisher(nc, self.options.publish_timeout, self.options.max_pending_publishes)
+        try:
+            await publisher.start()
+        except NATS_ERRORS as exc:
+            raise translate(exc, "connect", self.url, context="no PubAck subscription") from exc
+        self._publisher = publisher
+
+    async def close(self, deadline: Deadline) -> None:
+        budget = deadline.remaining()
+        publisher, self._publisher = self._publisher, None
+        nc, members = self._conn.shut()
+        if nc is None:
+            return
+        try:
+            # Consumers are closed before; one whose close was cut short by the core's
+            # bound may still own tasks: end them now rather than leave them running.
+            for member in members:
+                member.abort()
+            drained_by = Deadline.after(budget * _DRAIN_SHARE)
+            if publisher is not None:
+                await publisher.close(drained_by)
+            for member in members:
+                await member.aborted(drained_by)
+        finally:
+            await close_client(nc, Deadline.after(budget * _CLIENT_CLOSE_SHARE))
+
+    # -- topics ----------------------------------------------------------------------
+
+    async def ensure_topic(self, topic: str, config: TopicConfig) -> None:
+        try:
+            await self._ensure(topic, config)
+        except NATS_ERRORS as exc:
+            raise translate(exc, "create", topic) from exc
+
+    async def _ensure(self, topic: str, config: TopicConfig) -> Stream:
+        _, js = self._conn.live()
+        name = stream_name(topic)
+        partitions = max(1, config.partitions)
+        # persistent: file storage, kept by limits (age) — survives restarts and crashes.
+        # ephemeral: memory storage — faster, gone when the server restarts.
+        stream = api.StreamConfig(
+            name=name,
+            subjects=[f"{subject_base(topic)}.*"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.MEMORY if config.ephemeral else api.StorageType.FILE,
+            max_age=config.retention_seconds,
+            num_replicas=max(1, config.replication_factor),
+            duplicate_window=self.options.duplicate_window,
+            compression=api.StoreCompression.S2 if config.compression else None,
+            metadata={_TOPIC_META: topic, _PARTITIONS_META: str(partitions)},
+        )
+        try:
+            info = await js.add_stream(stream)
+        except nats.js.errors.BadRequestError:
+            # It exists with other settings. The partition count of an existing topic is
+            # kept: changing it would move keys to other partitions and break their order.
+            info = await js.stream_info(name)
+        return self._remember(topic, info)
+
+    def _remember(self, topic: str, info: api.StreamInfo) -> Stream:
+        metadata = info.config.metadata or {}
+        partitions = int(metadata.get(_PARTITIONS_META, "1"))
+        known = Stream(info.config.name or stream_name(topic), subject_base(topic), partitions)
+        self._topics[topic] = known
+        return known
+
+    async def _stream(self, topic: str) -> Stream:
+        """The topic's stream, from the cache or the server; raises NATS errors (the
+        caller translates them for what it was doing)."""
+        known = self._topics.get(topic)
+        if known is not None:
+            return known
+        _, js = self._conn.live()
+        try:
+            return self._remember(topic, await js.stream_info(stream_name(topic)))
+        except nats.js.errors.NotFoundError:
+            # Publishing to a topic nobody created yet creates it (as Kafka auto-creates).
+            return await self._ensure(topic, TopicConfig())
+
+    async def describe_topic(self, topic: str) -> TopicInfo:
+        _, js = self._conn.live()
+        try:
+            known = self._remember(topic, await js.stream_info(stream_name(topic)))
+        except nats.js.errors.NotFoundError as exc:
+            raise translate(exc, "describe", topic, context="no such topic") from exc
+        except NATS_ERRORS as exc:
+            raise translate(exc, "describe", topic) from exc
+        return TopicInfo(topic, known.partitions)
+
+    async def delete_topic(self, topic: str) -> None:
+        _, js = self._conn.live()
+        self._topics.pop(topic, None)
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.delete_stream(stream_name(topic))
+            await forget_topic(js, topic)
+        except NATS_ERRORS as exc:
+            raise translate(exc, "delete", topic) from exc
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def publish(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> None:
+        publisher = self._publisher
+        if publisher is None:
+            raise self._conn.gone()
+        try:
+            info = self._topics.get(topic) or await self._stream(topic)
+        except NATS_ERRORS as exc:
+            raise translate(exc, "publish", topic, context="cannot look up its stream") from exc
+        partition = partition_for(key, info.partitions, self._round_robin)
+        nats_headers = encode_headers(key, headers)
+        event_id = headers.get("X-Event-ID")
+        if event_id is not None:
+            # JetStream drops a re-publish of the same event within the duplicate window.
+            nats_headers["Nats-Msg-Id"] = event_id.decode(errors="replace")
+        try:
+            # Many publishes in flight on one reply subscription, each resolved by its
+            # own PubAck — no round trip per message.
+            await publisher.publish(f"{info.subject_base}.{partition}", value, nats_headers)
+        except NATS_ERRORS as exc:
+            if isinstance(exc, nats.js.errors.NoStreamResponseError):
+                self._topics.pop(topic, None)  # deleted meanwhile: the next publish recreates
+            raise translate(exc, "publish", topic, timeout=self.options.publish_timeout) from exc
+
+    # -- consuming -------------------------------------------------------------------
+
+    def consumer(self, topic: str, group: str, sink: Sink) -> Consumer:
+        self._conn.live()
+        return GroupMember(self._conn, topic, group, sink)

@@ -1,0 +1,51 @@
+"""The backends this repository runs the conformance kit on, each with its features, and
+which of them are enabled (``KEYBUS_BACKENDS``: memory only by default; ``make test``
+sets ``memory,kafka,nats``; ``KEYBUS_KAFKA_URL`` / ``KEYBUS_NATS_URL`` move the brokers)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from keybus.bench.scenario import backend_url
+from keybus.testing.conformance import Backend, Features
+from keybus.testing.conformance.helpers import unused_port
+
+ALL_BACKENDS = ("memory", "kafka", "nats")
+
+FEATURES = {
+    # A partitioned log in the process, shaped like Kafka: groups, rebalances, committed
+    # offsets that outlive a member while the broker (any bus of that name) is open. A
+    # crashed intake is reported; the subscription stalls until reopened.
+    "memory": Features(),
+    # librdkafka's default partitioner (consistent_random: crc32 of the key) places keys
+    # as keybus does; if the transport changes it, partition_for changes here with it.
+    "kafka": Features(),
+    # Leases per partition; a crashed pull task makes the member re-take its partition.
+    "nats": Features(retakes_crashed_partition=True),
+}
+
+
+def enabled_backends() -> list[str]:
+    """Backends the suite runs on: ``KEYBUS_BACKENDS`` (comma separated), default memory
+    only; ``make test`` enables the brokers it starts."""
+    names = [b.strip() for b in os.environ.get("KEYBUS_BACKENDS", "memory").split(",")]
+    unknown = set(names) - set(ALL_BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"unknown backends in KEYBUS_BACKENDS: {sorted(unknown)}")
+    return [b for b in names if b]
+
+
+def skip_unless_enabled(name: str) -> None:
+    """Skip the calling test module unless ``name`` is in ``KEYBUS_BACKENDS``."""
+    if name not in enabled_backends():
+        pytest.skip(f"{name} is not in KEYBUS_BACKENDS", allow_module_level=True)
+
+
+def descriptor(name: str) -> Backend:
+    """The backend ``name`` under test: its URL (a fresh broker name for memory), its
+    features and, for a broker, a URL of its scheme on a port nothing listens on."""
+    url = backend_url(name)
+    unreachable = None if name == "memory" else f"{name}://127.0.0.1:{unused_port()}"
+    return Backend(name, url, FEATURES[name], unreachable)
