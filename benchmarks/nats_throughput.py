@@ -5,11 +5,12 @@
 
 Both sides move the same messages the same way, in the same process, alternating order:
 
-* **Messages**: 100k envelopes of 1000 aggregates, 4 partitions (subject by crc32 of the
-  aggregate id, as keybus routes keys), file storage. The baseline sends exactly the bytes
-  keybus puts on the wire — the encoded envelope plus keybus's NATS headers (key, event
-  headers, ``Nats-Msg-Id``) — pre-encoded before the clock starts. ``--bare`` adds a
-  baseline without headers (the old figure) as a third row.
+* **Messages**: 100k envelopes of 1000 aggregates, 4 partitions (subject by the hash keybus
+  routes keys with, ``keybus.partitioning.key_partition`` of the aggregate id), file
+  storage. The baseline sends exactly the bytes keybus puts on the wire — the encoded
+  envelope plus keybus's NATS headers (key, event headers, ``Nats-Msg-Id``) —
+  pre-encoded before the clock starts. ``--bare`` adds a baseline without headers (the
+  old figure) as a third row.
 * **Publishing**: 1000 producers (one per aggregate, all concurrent), each publishing its
   envelopes in order and awaiting each PubAck before the next (pipelining depth 1000).
   keybus: ``publish_envelope``; baseline: nats-py ``js.publish_async`` + await the future.
@@ -36,7 +37,6 @@ import os
 import statistics
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -48,6 +48,7 @@ import keybus
 import nats
 from keybus.bench.scenario import Deliveries, percentile, static_inputs
 from keybus.envelope import envelope_headers
+from keybus.partitioning import key_partition
 from keybus.transports.nats import encode_headers
 
 URL = os.environ.get("KEYBUS_NATS_URL", "nats://127.0.0.1:4222")
@@ -143,7 +144,7 @@ async def run_baseline(total: int, aggregates: int, *, headers: bool = True) -> 
         for e in batch:
             wire = encode_headers(e.aggregate_id, envelope_headers(e))
             wire["Nats-Msg-Id"] = e.event_id
-            partition = zlib.crc32(e.aggregate_id.encode()) % PARTITIONS
+            partition = key_partition(e.aggregate_id, PARTITIONS)
             rows.append((f"{stream}.{partition}", e.to_bytes(), wire if headers else None))
         messages.append(rows)
     with static_inputs():  # the pre-built messages are no part of the run

@@ -19,7 +19,10 @@ arguments (a non-bytes value, an unknown option) are Python's own ``TypeError`` 
 
 from __future__ import annotations
 
+from typing import Literal
+
 __all__ = [
+    "Action",
     "BusClosedError",
     "ConnectError",
     "EnvelopeError",
@@ -27,7 +30,11 @@ __all__ = [
     "PublishError",
     "SubscribeError",
     "TopicError",
+    "error_for",
 ]
+
+Action = Literal["connect", "publish", "subscribe", "create", "describe", "delete"]
+"""What a transport was doing when it failed: decides the error's type."""
 
 
 class KeybusError(Exception):
@@ -86,3 +93,17 @@ class SubscribeError(KeybusError):
         self.topic = topic
         self.group = group
         self.reason = reason
+
+
+def error_for(action: Action, subject: str, reason: str, *, group: str = "") -> KeybusError:
+    """The error a transport raises when ``action`` on ``subject`` (the URL for
+    ``connect``, else the topic; ``group`` for ``subscribe``) failed for ``reason``: one
+    mapping, so every backend raises the same type for the same event. The transport
+    chains its client's exception."""
+    if action == "publish":
+        return PublishError(subject, reason)
+    if action == "connect":
+        return ConnectError(subject, reason)
+    if action == "subscribe":
+        return SubscribeError(subject, group, reason)
+    return TopicError(subject, action, reason)

@@ -19,8 +19,8 @@ FEATURES = {
     # offsets that outlive a member while the broker (any bus of that name) is open. A
     # crashed intake is reported; the subscription stalls until reopened.
     "memory": Features(),
-    # librdkafka's default partitioner (consistent_random: crc32 of the key) places keys
-    # as keybus does; if the transport changes it, partition_for changes here with it.
+    # librdkafka places keys with fnv1a_random (the transport's setting), as keybus and
+    # the Go SDK's sarama do; if the transport changes it, partition_for changes here.
     "kafka": Features(),
     # Leases per partition; a crashed pull task makes the member re-take its partition.
     "nats": Features(retakes_crashed_partition=True),

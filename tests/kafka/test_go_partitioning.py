@@ -30,8 +30,11 @@ async def test_every_golden_key_lands_where_sarama_puts_it(
             sub = await bus.subscribe(topic, got)
             for key in keys:
                 await bus.publish(topic, key.encode(), key=key)
-            await eventually(lambda: len(got) >= len(keys), what=f"{len(keys)} records")
+            expected_count = len(keys)
+            await eventually(
+                lambda got=got, n=expected_count: len(got) >= n, what=f"{expected_count} records"
+            )
             placed = {m.key: m.partition for m in got}
-            wrong = {k: (placed[k], p) for k, p in keys.items() if placed[k] != p}
+            wrong = {k: (placed[k], want) for k, want in keys.items() if placed[k] != want}
             assert not wrong, f"{partitions} partitions: (keybus, sarama) {wrong}"
             await sub.unsubscribe()

@@ -52,7 +52,7 @@ pytest.register_assert_rewrite(
 )
 
 from keybus.testing.conformance.backend import Backend, unique  # noqa: E402
-from keybus.testing.conformance.features import Features, keybus_partition  # noqa: E402
+from keybus.testing.conformance.features import Features  # noqa: E402
 from keybus.testing.conformance.fixtures import (  # noqa: E402
     BackendFixtures,
     BusFactory,
@@ -79,6 +79,5 @@ __all__ = [
     "PubSubSuite",
     "RobustnessSuite",
     "bus_factory",
-    "keybus_partition",
     "unique",
 ]

@@ -10,15 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from keybus.partitioning import partition_for
+from keybus.partitioning import key_partition
 
-__all__ = ["Features", "keybus_partition"]
-
-
-def keybus_partition(key: str, partitions: int) -> int:
-    """Where keybus's own placement puts ``key`` (memory, NATS; librdkafka's default
-    ``consistent_random`` partitioner agrees: crc32 of the key)."""
-    return partition_for(key, partitions, iter(()))
+__all__ = ["Features"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,10 +39,12 @@ class Features:
     partition and delivers the message again, instead of only reporting the crash (the
     subscription then stalls until reopened — also allowed)."""
 
-    partition_for: Callable[[str, int], int] = keybus_partition
+    partition_for: Callable[[str, int], int] = key_partition
     """``partition_for(key, partitions)``: the partition a keyed record lands on in a
-    topic of ``partitions`` partitions. Tests that need keys on given partitions get
-    them from here, and one test checks the backend places keys this way."""
+    topic of ``partitions`` partitions. Default: keybus's own placement (sarama's FNV-1a,
+    as the Go SDK's services place keys; :func:`keybus.partitioning.key_partition`).
+    Tests that need keys on given partitions get them from here, and one test checks
+    that the backend places keys this way."""
 
     handover_timeout: float = 20.0
     """Seconds within which a partition reaches another member: one joining mid-stream,

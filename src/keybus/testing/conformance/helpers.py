@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from keybus.envelope import Envelope
-from keybus.testing.conformance.features import keybus_partition
+from keybus.partitioning import key_partition
 
 if TYPE_CHECKING:
     from keybus.bus import EventBus
@@ -56,7 +56,7 @@ async def eventually(
 def key_on(
     partition: int,
     partitions: int,
-    partition_for: Callable[[str, int], int] = keybus_partition,
+    partition_for: Callable[[str, int], int] = key_partition,
 ) -> str:
     """A key that ``partition_for`` (a backend's :attr:`Features.partition_for`; keybus's
     own placement by default) puts on ``partition`` of a topic with ``partitions``."""

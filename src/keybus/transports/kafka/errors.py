@@ -17,22 +17,13 @@ exception is chained as ``__cause__``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
-from keybus.errors import (
-    BusClosedError,
-    ConnectError,
-    KeybusError,
-    PublishError,
-    SubscribeError,
-    TopicError,
-)
+from keybus.errors import Action, BusClosedError, KeybusError, error_for
 
 __all__ = ["Action", "closed", "error_code", "is_fatal", "reason", "translate"]
-
-Action = Literal["connect", "publish", "subscribe", "create", "describe", "delete"]
 
 
 def reason(err: Any) -> str:
@@ -75,15 +66,7 @@ def translate(
     text = reason(cause) if not isinstance(cause, str) else cause
     if context:
         text = f"{context}: {text}"
-    error: KeybusError
-    if action == "publish":
-        error = PublishError(subject, text)
-    elif action == "connect":
-        error = ConnectError(subject, text)
-    elif action == "subscribe":
-        error = SubscribeError(subject, group, text)
-    else:
-        error = TopicError(subject, action, text)
+    error = error_for(action, subject, text, group=group)
     if isinstance(cause, KafkaError):  # a delivery report's error is no exception
         error.__cause__ = KafkaException(cause)
     elif isinstance(cause, BaseException):

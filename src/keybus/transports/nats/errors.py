@@ -19,27 +19,16 @@ exception is chained as ``__cause__``.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import nats.errors
 import nats.js.errors
 
-from keybus.errors import (
-    BusClosedError,
-    ConnectError,
-    KeybusError,
-    PublishError,
-    SubscribeError,
-    TopicError,
-)
+from keybus.errors import Action, BusClosedError, KeybusError, error_for
 
 __all__ = ["NATS_ERRORS", "Action", "closed", "reason", "translate"]
 
 NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
 """What a failing NATS call can raise: the client's errors (JetStream's derive from
 them), timeouts and socket errors."""
-
-Action = Literal["connect", "publish", "subscribe", "create", "describe", "delete"]
 
 
 def reason(exc: BaseException, timeout: float | None = None) -> str:
@@ -83,15 +72,7 @@ def translate(
         text = reason(cause, timeout)
     if context:
         text = f"{context}: {text}"
-    error: KeybusError
-    if action == "publish":
-        error = PublishError(subject, text)
-    elif action == "connect":
-        error = ConnectError(subject, text)
-    elif action == "subscribe":
-        error = SubscribeError(subject, group, text)
-    else:
-        error = TopicError(subject, action, text)
+    error = error_for(action, subject, text, group=group)
     if isinstance(cause, BaseException):
         error.__cause__ = cause
     return error
