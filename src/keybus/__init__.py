@@ -7,6 +7,7 @@ retries in place and dead letters, and a bounded, leak-free close — on every b
 from keybus.bus import EventBus
 from keybus.connect import Connector, connect
 from keybus.deadline import Deadline
+from keybus.delivery import Delivery, current_delivery
 from keybus.envelope import Envelope
 from keybus.errors import (
     BusClosedError,
@@ -18,7 +19,7 @@ from keybus.errors import (
     TopicError,
 )
 from keybus.message import Message
-from keybus.middleware import CallNext, Delivery, Middleware
+from keybus.middleware import CallNext, Middleware
 from keybus.options import SubscribeOptions
 from keybus.registry import register_transport
 from keybus.stats import SubscriptionStats
@@ -47,6 +48,7 @@ __all__ = [
     "TopicError",
     "TopicInfo",
     "connect",
+    "current_delivery",
     "register_transport",
 ]
 

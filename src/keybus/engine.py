@@ -9,6 +9,7 @@ handle that only shows what is theirs to use.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -26,16 +27,17 @@ from keybus.deadline import (
     STOP_MARGIN,
     Deadline,
 )
+from keybus.delivery import CURRENT
 from keybus.dispatch import KeyedDispatcher
 from keybus.envelope import Envelope
-from keybus.errors import BusClosedError, KeybusError
+from keybus.errors import BusClosedError, KeybusError, PublishError
 from keybus.message import Message
 from keybus.middleware import CallNext, Delivery, chain
 from keybus.options import SubscribeOptions
 from keybus.partitioning import Partition
 from keybus.positions import DoneTracker
 from keybus.stats import SubscriptionStats
-from keybus.work import RUNNING, Work
+from keybus.work import DROPPED, RUNNING, Work
 
 if TYPE_CHECKING:
     from keybus.transports.base import Consumer
@@ -48,6 +50,7 @@ Handler = Callable[[Any], Awaitable[None] | None]
 Publish = Callable[[str, bytes, str | None, Mapping[str, bytes]], Awaitable[None]]
 
 _MAX_ERROR_TEXT = 2000  # header values stay small: brokers cap record size
+_REDUCED_ERROR_TEXT = 500  # the reduced form of a dead letter that could not be written
 
 
 class SubscriptionEngine:
@@ -85,6 +88,11 @@ class SubscriptionEngine:
         # that began before a partition's latest assignment carries records fetched
         # under an older ownership: those are dropped, the new owner refetches them.
         self._assigned: dict[Partition, int] = {}
+        # Owned partitions whose ownership may lapse -> until when (time.monotonic()) it is
+        # known to hold. No work of such a partition starts after that moment: a member
+        # that stalled longer than its lease drops its queued work on resume instead of
+        # running it beside the partition's new owner.
+        self._owned_until: dict[Partition, float] = {}
         self._generation = 0
         self._in_flight = 0
         self._limit = options.in_flight_limit()
@@ -203,11 +211,52 @@ class SubscriptionEngine:
 
     # -- Sink: called by the consumer ------------------------------------------------
 
-    def assign(self, partitions: Collection[Partition]) -> None:
+    def assign(self, partitions: Collection[Partition], *, valid_until: float = math.inf) -> None:
         if not self._closing:
             self._generation += 1
             for partition in partitions:
                 self._assigned[partition] = self._generation
+                if valid_until < math.inf:
+                    self._owned_until[partition] = valid_until
+                else:
+                    self._owned_until.pop(partition, None)
+
+    def renew(self, partitions: Collection[Partition], valid_until: float) -> None:
+        owned_until = self._owned_until
+        for partition in partitions:
+            if partition in owned_until and partition in self._assigned:
+                owned_until[partition] = valid_until
+
+    def _lapsed(self, work: Work) -> bool:
+        """Whether ``work``'s partition may no longer be ours; if so, it is given up at
+        once, as a lost partition: queued work dropped, running handlers cancelled,
+        nothing more committed, and the consumer told (it re-establishes ownership or
+        gives the partition up)."""
+        partition = work.partition
+        until = self._owned_until.get(partition)
+        if until is None or time.monotonic() < until:
+            return False
+        log.warning(
+            "keybus: ownership of %s lapsed (not renewed in time); dropping its work",
+            partition,
+        )
+        self._owned_until.pop(partition, None)
+        self._assigned.pop(partition, None)
+        work.state = DROPPED  # this one is not started; the rest of its partition below
+        dropped = self._dispatcher.drop(lambda w: w.partition == partition)
+        running = [
+            w
+            for w in self._tracker.open_work()
+            if w.state == RUNNING and w.partition == partition and w is not work
+        ]
+        self._dispatcher.abandon(running)
+        released = 1 + len(dropped) + len(running)
+        self.stats.dropped += released
+        self._tracker.forget([partition])
+        self._release(released)
+        if self._consumer is not None:
+            self._consumer.lapsed([partition])
+        return True
 
     async def deliver(self, messages: Sequence[Message]) -> None:
         assigned = self._assigned
@@ -249,6 +298,7 @@ class SubscriptionEngine:
         revoked = set(partitions)
         for partition in revoked:
             self._assigned.pop(partition, None)
+            self._owned_until.pop(partition, None)
         dropped = self._dispatcher.drop(lambda w: w.partition in revoked)
         self.stats.dropped += len(dropped)
         self._release(len(dropped))
@@ -297,6 +347,9 @@ class SubscriptionEngine:
     # -- processing ------------------------------------------------------------------
 
     async def _process(self, work: Work) -> None:
+        if self._owned_until and self._lapsed(work):
+            return
+        CURRENT.set(work)  # keybus.current_delivery(), for the handler and its tasks
         if work.error is not None:
             await self._dead_letter(work, work.error)
         else:
@@ -394,22 +447,31 @@ class SubscriptionEngine:
         message = work.message
         reason = f"{type(error).__name__}: {error}"[:_MAX_ERROR_TEXT]
         headers = dict(message.headers)
-        headers["X-Error"] = reason.encode()
-        headers["X-Original-Topic"] = message.topic.encode()
-        headers["X-Original-Partition"] = str(message.partition).encode()
-        headers["X-Original-Offset"] = str(message.offset).encode()
-        headers["X-Attempts"] = str(work.attempts).encode()
+        headers.update(_origin(message, reason, work.attempts))
+        value = message.value
         attempt = 0
         while True:
             # Nothing is dropped: until the dead letter is acknowledged the message stays
             # undone (uncommitted), so a close or crash redelivers it instead of losing it.
             try:
-                await self._publish(self.dead_letter_topic, message.value, message.key, headers)
+                await self._publish(self.dead_letter_topic, value, message.key, headers)
             except BusClosedError:
                 raise
             except KeybusError as exc:
                 if not self._still_ours(work):
                     return  # abandoned: undone, the partition's next owner redoes it
+                if isinstance(exc, PublishError) and exc.permanent and value is message.value:
+                    # As it is, it can never be written (too large, say: its headers grow
+                    # it past the broker's limit): write what identifies it instead, so
+                    # the key is not wedged behind a retry without end.
+                    log.warning(
+                        "keybus: dead letter of %s@%d refused for good (%s); writing it reduced",
+                        message.topic,
+                        message.offset,
+                        exc.reason,
+                    )
+                    value, headers = b"", _reduced(message, reason, work.attempts, exc)
+                    continue
                 attempt += 1
                 log.warning("keybus: dead-lettering to %s failed: %s", self.dead_letter_topic, exc)
                 await asyncio.sleep(self.options.backoff(attempt))
@@ -417,6 +479,30 @@ class SubscriptionEngine:
                 break
         self.stats.dead_lettered += 1
         self.stats.note_error(reason)
+
+
+def _origin(message: Message, reason: str, attempts: int) -> dict[str, bytes]:
+    """The headers that say where a dead letter came from and why."""
+    return {
+        "X-Error": reason.encode(),
+        "X-Original-Topic": message.topic.encode(),
+        "X-Original-Partition": str(message.partition).encode(),
+        "X-Original-Offset": str(message.offset).encode(),
+        "X-Attempts": str(attempts).encode(),
+    }
+
+
+def _reduced(
+    message: Message, reason: str, attempts: int, refused: PublishError
+) -> dict[str, bytes]:
+    """A dead letter's reduced form: no value and none of the original headers, but
+    what identifies the original (where it was, its size and SHA-256) and why."""
+    headers = _origin(message, reason[:_REDUCED_ERROR_TEXT], attempts)
+    headers["X-Truncated"] = refused.reason[:_REDUCED_ERROR_TEXT].encode()
+    headers["X-Original-Size"] = str(len(message.value)).encode()
+    headers["X-Original-SHA256"] = hashlib.sha256(message.value).hexdigest().encode()
+    headers["X-Original-Headers"] = str(len(message.headers)).encode()
+    return headers
 
 
 def _being_cancelled() -> bool:

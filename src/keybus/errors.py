@@ -65,12 +65,15 @@ class EnvelopeError(KeybusError, ValueError):
 
 
 class PublishError(KeybusError):
-    """The broker refused a message or did not acknowledge it in time (cause chained)."""
+    """The broker refused a message or did not acknowledge it in time (cause chained).
+    ``permanent``: sending the same record again cannot succeed (too large, refused for
+    good), as opposed to a broker that is away or slow."""
 
-    def __init__(self, topic: str, reason: str) -> None:
+    def __init__(self, topic: str, reason: str, *, permanent: bool = False) -> None:
         super().__init__(f"publish to {topic!r} failed: {reason}")
         self.topic = topic
         self.reason = reason
+        self.permanent = permanent
 
 
 class TopicError(KeybusError):

@@ -19,6 +19,10 @@ class Message:
     partition and offset; NATS: the key's partition and the stream sequence; memory:
     partition and offset).
     ``raw`` is the backend's native message object, an escape hatch for backend features.
+    ``fence`` is the partition's ownership token: it increases every time the partition
+    changes owner (Kafka: the assignment's generation; NATS: the take-over epoch; memory:
+    the group's assignment count), for handlers that write elsewhere and must refuse a
+    stale owner's write (compare-and-set on the fence; docs/api.md).
     """
 
     topic: str
@@ -29,6 +33,7 @@ class Message:
     offset: int = 0
     timestamp: float | None = None
     raw: Any = field(default=None, repr=False)
+    fence: int = 0
 
 
 class LazyHeaders(Mapping[str, bytes]):

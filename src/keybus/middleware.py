@@ -27,45 +27,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from inspect import isawaitable
 from typing import Any
 
-from keybus.message import Message
+from keybus.delivery import Delivery
 
 __all__ = ["CallNext", "Delivery", "Middleware", "chain"]
-
-
-class Delivery:
-    """One handling attempt of one message, as a middleware sees it. ``payload`` is what
-    the handler gets: the :class:`~keybus.Message` itself, or its decoded
-    :class:`~keybus.Envelope`. A middleware may pass a changed copy to ``call_next``."""
-
-    __slots__ = ("attempt", "message", "payload")
-
-    def __init__(self, message: Message, payload: Any, attempt: int) -> None:
-        self.message = message
-        self.payload = payload
-        self.attempt = attempt  # 1-based
-
-    @property
-    def topic(self) -> str:
-        return self.message.topic
-
-    @property
-    def partition(self) -> int:
-        return self.message.partition
-
-    @property
-    def offset(self) -> int:
-        return self.message.offset
-
-    @property
-    def key(self) -> str | None:
-        """The record key (an envelope's aggregate id on keybus's publishes)."""
-        return self.message.key
-
-    def __repr__(self) -> str:
-        return (
-            f"<Delivery {self.topic}[{self.partition}]@{self.offset} key={self.key!r} "
-            f"attempt={self.attempt}>"
-        )
 
 
 CallNext = Callable[[Delivery], Awaitable[None]]

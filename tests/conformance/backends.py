@@ -18,12 +18,12 @@ FEATURES = {
     # A partitioned log in the process, shaped like Kafka: groups, rebalances, committed
     # offsets that outlive a member while the broker (any bus of that name) is open. A
     # crashed intake is reported; the subscription stalls until reopened.
-    "memory": Features(),
+    "memory": Features(max_message_bytes=1_048_576),
     # librdkafka places keys with fnv1a_random (the transport's setting), as keybus and
     # the Go SDK's sarama do; if the transport changes it, partition_for changes here.
-    "kafka": Features(),
+    "kafka": Features(fences=False),
     # Leases per partition; a crashed pull task makes the member re-take its partition.
-    "nats": Features(retakes_crashed_partition=True),
+    "nats": Features(retakes_crashed_partition=True, fences=False),
 }
 
 

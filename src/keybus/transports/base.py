@@ -43,8 +43,19 @@ class Sink(Protocol):
         """How long a revoke may wait for the partition's running handlers (seconds):
         a transport's deadline for :meth:`revoke` is at most this far away."""
 
-    def assign(self, partitions: Collection[Partition]) -> None:
-        """The consumer now owns these partitions; their messages may be delivered."""
+    def assign(self, partitions: Collection[Partition], *, valid_until: float = ...) -> None:
+        """The consumer now owns these partitions; their messages may be delivered.
+
+        ``valid_until`` (``time.monotonic()``; default: for good, until revoked) is how
+        long the ownership is known to hold: a backend whose ownership can lapse without
+        a revoke (a lease, a session) passes it and extends it with :meth:`renew` each
+        time it has *proof* that it still owns them (a lease renewed, a session shown
+        alive). No message of a partition starts after its moment; the core then gives
+        the partition up as lost and calls :meth:`Consumer.lapsed`."""
+
+    def renew(self, partitions: Collection[Partition], valid_until: float) -> None:
+        """Ownership of these (assigned) partitions is known to hold until
+        ``valid_until`` (``time.monotonic()``)."""
 
     async def deliver(self, messages: Sequence[Message]) -> None:
         """Take messages in broker order; returns when accepted (waits under backpressure).
@@ -75,6 +86,15 @@ class Consumer(abc.ABC):
     def commit(self, message: Message) -> None:
         """``message`` ends the contiguous done prefix of its partition. Must not block;
         the transport may batch and make it durable later (at the latest in ``flush``)."""
+
+    def lapsed(self, partitions: Collection[Partition]) -> None:
+        """The core gave these partitions up because their ownership was not renewed in
+        time (see :meth:`Sink.assign`): it dropped their queued messages, cancelled their
+        running handlers and commits nothing more for them. The consumer stops feeding
+        them and either gives them up or re-takes them from the committed position
+        (assigning them anew). Must not block. The default, for consumers that never
+        pass an ownership deadline, does nothing."""
+        return None
 
     @abc.abstractmethod
     async def flush(self, deadline: Deadline) -> None:

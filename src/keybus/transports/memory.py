@@ -20,7 +20,7 @@ from itertools import count
 
 from keybus._aio import cancel_and_wait, log_failure, start_feeder
 from keybus.deadline import Deadline
-from keybus.errors import BusClosedError, ConnectError, TopicError
+from keybus.errors import BusClosedError, ConnectError, PublishError, TopicError
 from keybus.groups import is_anonymous
 from keybus.message import Message
 from keybus.partitioning import Partition, assign_partitions, partition_for
@@ -54,6 +54,8 @@ class _Group:
         self.committed = [log.base for log in topic.logs]
         self.members: list[MemoryConsumer] = []
         self.owner: dict[int, MemoryConsumer] = {}
+        # Per partition, how many times it was assigned: the fence its messages carry.
+        self.fences = [0] * len(topic.logs)
         self.lock = asyncio.Lock()
         self._changes: set[asyncio.Task[None]] = set()
 
@@ -109,7 +111,8 @@ class _Group:
         for p, member in desired.items():
             if p not in self.owner:
                 self.owner[p] = member
-                member._assign(p, self.committed[p])
+                self.fences[p] += 1
+                member._assign(p, self.committed[p], self.fences[p])
 
 
 class _Topic:
@@ -164,12 +167,26 @@ class MemoryBroker:
         return topic
 
 
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_576
+"""A record's value plus headers may not exceed this by default: NATS's default
+``max_payload`` (Kafka's client refuses above 1,000,000), so a service that would hit a
+broker's limit in production hits it here first."""
+
+
 class MemoryTransport(Transport):
-    """``memory://[NAME]``. It takes no options."""
+    """``memory://[NAME]``. Option: ``max_message_bytes`` (value plus header names and
+    values; default 1 MiB, ``None`` for no limit): a larger publish raises a permanent
+    :class:`~keybus.errors.PublishError`, as a broker would refuse it."""
 
     def __init__(self, url: str, **options: object) -> None:
+        max_message_bytes = options.pop("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
         if options:
             raise TypeError(f"unknown options for memory://: {sorted(options)}")
+        if max_message_bytes is not None and (
+            type(max_message_bytes) is not int or max_message_bytes < 1
+        ):
+            raise ValueError("max_message_bytes must be a positive int or None")
+        self._max_bytes: int | None = max_message_bytes
         self.url = url
         self._name = url.split("://", 1)[1].strip("/") if "://" in url else url
         self._broker: MemoryBroker | None = None
@@ -197,6 +214,18 @@ class MemoryTransport(Transport):
         broker = self._broker
         if broker is None:
             raise self._gone()
+        limit = self._max_bytes
+        if limit is not None:
+            size = len(value)
+            if headers:
+                size += sum(map(len, headers)) + sum(map(len, headers.values()))
+            if size > limit:
+                raise PublishError(
+                    topic,
+                    f"message of {size} bytes (value and headers) exceeds the limit of "
+                    f"{limit} bytes",
+                    permanent=True,
+                )
         log = broker.topics.get(topic) or broker.topic(topic)
         log.append(value, key, headers)
         self._published += 1
@@ -230,6 +259,7 @@ class MemoryConsumer(Consumer):
         self._group: _Group | None = None
         self._sink = sink
         self._positions: dict[int, int] = {}  # owned partition -> next offset to fetch
+        self._fences: dict[int, int] = {}  # owned partition -> its fence
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
@@ -245,8 +275,9 @@ class MemoryConsumer(Consumer):
             return  # closed while joining: no feeder for a closed subscription
         self._task = start_feeder(self._fetch(), f"keybus-memory-fetch:{self._topic.name}")
 
-    def _assign(self, partition: int, offset: int) -> None:
+    def _assign(self, partition: int, offset: int, fence: int) -> None:
         self._positions[partition] = offset
+        self._fences[partition] = fence
         self._sink.assign([(self._topic.name, partition)])
         self._wake.set()
 
@@ -266,7 +297,25 @@ class MemoryConsumer(Consumer):
                 if start < log.end:
                     chunk = log.records[start - log.base : start - log.base + _FETCH_BATCH]
                     self._positions[p] = start + len(chunk)
-                    batch.extend(chunk)
+                    # The log's records are shared by every group: each delivery is a
+                    # copy carrying this ownership's fence.
+                    fence = self._fences[p]
+                    batch.extend(
+                        [
+                            Message(
+                                m.topic,
+                                m.value,
+                                m.key,
+                                m.headers,
+                                p,
+                                m.offset,
+                                m.timestamp,
+                                None,
+                                fence,
+                            )
+                            for m in chunk
+                        ]
+                    )
             if batch:
                 await self._sink.deliver(batch)
             else:

@@ -41,6 +41,7 @@ pytest.register_assert_rewrite(
     *(
         f"{__name__}.{module}"
         for module in (
+            "suite_delivery",
             "suite_errors",
             "suite_failures",
             "suite_lifecycle",
@@ -59,6 +60,7 @@ from keybus.testing.conformance.fixtures import (  # noqa: E402
     bus_factory,
 )
 from keybus.testing.conformance.suite import Conformance  # noqa: E402
+from keybus.testing.conformance.suite_delivery import DeliverySuite  # noqa: E402
 from keybus.testing.conformance.suite_errors import ErrorsSuite  # noqa: E402
 from keybus.testing.conformance.suite_failures import FailuresSuite  # noqa: E402
 from keybus.testing.conformance.suite_lifecycle import LifecycleSuite  # noqa: E402
@@ -71,6 +73,7 @@ __all__ = [
     "BackendFixtures",
     "BusFactory",
     "Conformance",
+    "DeliverySuite",
     "ErrorsSuite",
     "FailuresSuite",
     "Features",

@@ -39,6 +39,15 @@ class Features:
     partition and delivers the message again, instead of only reporting the crash (the
     subscription then stalls until reopened — also allowed)."""
 
+    fences: bool = True
+    """Every delivery carries ``Message.fence``, the partition's ownership token, and it
+    increases every time the partition changes owner."""
+
+    max_message_bytes: int | None = None
+    """The largest record (value and headers) the backend accepts, if the suite should
+    test what happens near it: a poison record a few bytes under the limit, whose dead
+    letter (with its added headers) is over it, must not wedge its key."""
+
     partition_for: Callable[[str, int], int] = key_partition
     """``partition_for(key, partitions)``: the partition a keyed record lands on in a
     topic of ``partitions`` partitions. Default: keybus's own placement (sarama's FNV-1a,

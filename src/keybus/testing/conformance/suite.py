@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from keybus.testing.conformance.suite_delivery import DeliverySuite
 from keybus.testing.conformance.suite_errors import ErrorsSuite
 from keybus.testing.conformance.suite_failures import FailuresSuite
 from keybus.testing.conformance.suite_lifecycle import LifecycleSuite
@@ -14,7 +15,13 @@ __all__ = ["Conformance"]
 
 # pytest runs inherited tests base by base in reverse MRO: listed last, run first.
 class Conformance(
-    MiddlewareSuite, ErrorsSuite, RobustnessSuite, LifecycleSuite, FailuresSuite, PubSubSuite
+    DeliverySuite,
+    MiddlewareSuite,
+    ErrorsSuite,
+    RobustnessSuite,
+    LifecycleSuite,
+    FailuresSuite,
+    PubSubSuite,
 ):
     """Every conformance test. Subclass it as ``Test<Backend>`` and name the backend
     (see :mod:`keybus.testing.conformance`)."""
