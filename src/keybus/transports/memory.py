@@ -38,7 +38,9 @@ class _Log:
     __slots__ = ("base", "records")
 
     def __init__(self) -> None:
-        self.records: list[Message] = []
+        # (value, key, headers, offset, timestamp): the message itself is made per
+        # delivery, since each group's copy carries its own ownership fence.
+        self.records: list[tuple[bytes, str | None, Mapping[str, bytes], int, float]] = []
         self.base = 0  # offset of records[0]; grows as committed records are trimmed
 
     @property
@@ -128,7 +130,7 @@ class _Topic:
         log = self.logs[p]
         records = log.records
         offset = log.base + len(records)
-        records.append(Message(self.name, value, key, headers, p, offset, time.time()))
+        records.append((value, key, headers, offset, time.time()))
         for group in self.groups.values():
             owner = group.owner.get(p)
             if owner is not None and not owner._wake.is_set():
@@ -289,6 +291,7 @@ class MemoryConsumer(Consumer):
 
     async def _fetch(self) -> None:
         logs = self._topic.logs
+        name = self._topic.name
         while True:
             batch: list[Message] = []
             for p, position in list(self._positions.items()):
@@ -297,23 +300,11 @@ class MemoryConsumer(Consumer):
                 if start < log.end:
                     chunk = log.records[start - log.base : start - log.base + _FETCH_BATCH]
                     self._positions[p] = start + len(chunk)
-                    # The log's records are shared by every group: each delivery is a
-                    # copy carrying this ownership's fence.
                     fence = self._fences[p]
                     batch.extend(
                         [
-                            Message(
-                                m.topic,
-                                m.value,
-                                m.key,
-                                m.headers,
-                                p,
-                                m.offset,
-                                m.timestamp,
-                                None,
-                                fence,
-                            )
-                            for m in chunk
+                            Message(name, value, key, headers, p, offset, stamp, None, fence)
+                            for value, key, headers, offset, stamp in chunk
                         ]
                     )
             if batch:
