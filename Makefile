@@ -48,7 +48,11 @@ brokers-down:
 check: $(VENV)/.test
 	KEYBUS_BACKENDS=memory $(VENV)/bin/pytest -q -x -m "not slow"
 
+# The Kafka-vs-NATS comparison (report in .cache/bench/report.html; a broker that does not
+# answer is skipped: `make brokers` first), then the in-memory micro-benchmark.
 bench: $(VENV)/.test
+	$(VENV)/bin/keybus bench --backends memory,kafka,nats --levels low,medium,high --raw \
+		--out .cache/bench
 	$(PY) benchmarks/memory_throughput.py
 
 clean:

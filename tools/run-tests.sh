@@ -23,6 +23,7 @@ for b in kafka nats; do
     fi
 done
 
+export KEYBUS_CHROMIUM="$(tools/chromium.sh || echo "missing (tools/chromium.sh failed)")"
 status=0
 KEYBUS_BACKENDS=$backends .venv/bin/pytest -q -ra "$@" || status=$?
 if [[ $status -ne 0 ]]; then

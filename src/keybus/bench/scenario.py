@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import random
 import time
 import uuid
@@ -20,6 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import keybus
+from keybus.bench.levels import GO_LEVELS, aggregates_for
+from keybus.bench.run import backend_url
+from keybus.bench.stats import Deliveries, percentile
 from keybus.testing.leaks import LeakChecker, LeakError
 
 __all__ = [
@@ -34,24 +36,7 @@ __all__ = [
 ]
 
 # The Go SDK's comparison levels, kept as our compatibility levels: name -> messages.
-LEVELS = {"low": 500, "medium": 2000, "high": 5000, "extreme": 10000}
-
-
-def backend_url(backend: str) -> str:
-    """The URL of a local backend: ``KEYBUS_KAFKA_URL`` / ``KEYBUS_NATS_URL`` override the
-    brokers ``make brokers`` starts; memory gets a fresh private name."""
-    if backend == "memory":
-        return f"memory://{uuid.uuid4().hex[:8]}"
-    if backend == "kafka":
-        return os.environ.get("KEYBUS_KAFKA_URL", "kafka://127.0.0.1:9092")
-    if backend == "nats":
-        return os.environ.get("KEYBUS_NATS_URL", "nats://127.0.0.1:4222")
-    raise ValueError(f"unknown backend {backend!r}: use memory, kafka or nats")
-
-
-def aggregates_for(messages: int) -> int:
-    """Aggregates = messages / 10, clamped to 50..1000 (the Go SDK's rule)."""
-    return max(50, min(1000, messages // 10))
+LEVELS = GO_LEVELS
 
 
 @contextlib.contextmanager
@@ -70,41 +55,6 @@ def static_inputs() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
-
-
-class Deliveries:
-    """What a benchmark's handler saw, per aggregate: distinct envelopes, duplicates and
-    order violations (a first delivery of a version lower than one already handled),
-    each counted on its own; what never came is ``expected - delivered``."""
-
-    def __init__(self) -> None:
-        self.seen: set[tuple[str, int]] = set()
-        self.last: dict[str, int] = {}
-        self.duplicates = 0
-        self.order_violations = 0
-
-    @property
-    def delivered(self) -> int:
-        return len(self.seen)
-
-    def record(self, aggregate: str, version: int) -> bool:
-        """Note one handler call; True if this (aggregate, version) is new."""
-        key = (aggregate, version)
-        if key in self.seen:
-            self.duplicates += 1
-            return False
-        self.seen.add(key)
-        if version < self.last.get(aggregate, 0):
-            self.order_violations += 1
-        self.last[aggregate] = version
-        return True
 
 
 @dataclass
