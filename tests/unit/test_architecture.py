@@ -160,7 +160,7 @@ def test_import_keybus_loads_no_transport_client_or_cli() -> None:
     probe = (
         "import sys, keybus\n"
         "heavy = ('keybus.transports', 'keybus.testing', 'keybus.cli', 'confluent_kafka',"
-        " 'nats', 'rich', 'typer', 'pytest')\n"
+        " 'nats', 'rich', 'typer', 'pytest', 'matplotlib')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(heavy)))\n"
     )
     out = subprocess.run(
