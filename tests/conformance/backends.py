@@ -23,7 +23,9 @@ FEATURES = {
     # the Go SDK's sarama do; if the transport changes it, partition_for changes here.
     "kafka": Features(fences=False),
     # Leases per partition; a crashed pull task makes the member re-take its partition.
-    "nats": Features(retakes_crashed_partition=True, fences=False),
+    # The fence is the revision of the group-state write that claimed the partition; the
+    # limit is nats-server's default max_payload (payload plus header block).
+    "nats": Features(retakes_crashed_partition=True, max_message_bytes=1_048_576),
 }
 
 

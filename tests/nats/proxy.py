@@ -6,8 +6,10 @@ bytes still reach the server: a connection whose replies vanish, as in a half-br
 network); ``proxy.cut()`` closes every connection (the client reconnects through the
 proxy); ``proxy.drop = predicate`` drops each message the server sends (``MSG``/``HMSG``)
 whose payload the predicate accepts — a delivery lost on the wire, which the server
-counts as delivered. Leaving the block closes the listener, every connection and every
-task.
+counts as delivered; ``proxy.refuse = True`` closes every new connection at once (a
+server that cannot be reached again); ``await proxy.inject(data)`` writes raw protocol
+bytes to the server on every connection, as if the client had sent them. Leaving the
+block closes the listener, every connection and every task.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ class NatsProxy:
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 4222)
         self.blackhole = False
         self.drop: Callable[[bytes], bool] | None = None
+        self.refuse = False
+        self.refused = 0  # connections closed at once because of ``refuse``
         self.connections = 0  # accepted so far
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._to_server: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.url = ""
 
@@ -48,6 +53,10 @@ class NatsProxy:
     async def _on_client(
         self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
     ) -> None:
+        if self.refuse:
+            self.refused += 1
+            client_w.transport.abort()
+            return
         try:
             server_r, server_w = await asyncio.open_connection(*self._upstream)
         except OSError:
@@ -55,6 +64,7 @@ class NatsProxy:
             return
         self.connections += 1
         self._writers.update((client_w, server_w))
+        self._to_server.add(server_w)
         for task in (
             asyncio.create_task(self._pipe(client_r, server_w, from_server=False)),
             asyncio.create_task(self._pipe(server_r, client_w, from_server=True)),
@@ -79,6 +89,7 @@ class NatsProxy:
             pass
         finally:
             self._writers.discard(writer)
+            self._to_server.discard(writer)
             writer.close()
 
     def _without_dropped(self, held: bytearray) -> bytes:
@@ -106,6 +117,13 @@ class NatsProxy:
             start = stop
         del held[:start]
         return bytes(out)
+
+    async def inject(self, data: bytes) -> None:
+        """Send ``data`` to the server on every open connection, between the client's own
+        bytes (write whole protocol lines: they must not split one of the client's)."""
+        for writer in list(self._to_server):
+            writer.write(data)
+            await writer.drain()
 
     def cut(self) -> None:
         """Close every open connection (new ones are still accepted)."""

@@ -185,7 +185,7 @@ async def test_server_restart_during_publishing_and_consuming_loses_nothing_ackn
         nonlocal failures
         for version in range(1, 101):
             event = envelope(aggregate, version)
-            while True:  # the application's retry: same event id, so no duplicate
+            while True:  # the application's retry (a repeat if the first was stored)
                 try:
                     await publisher.publish_envelope(topic, event)
                 except keybus.PublishError:

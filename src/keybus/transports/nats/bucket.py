@@ -29,15 +29,15 @@ class GroupEntries:
             return None, None
         return entry.value, entry.revision
 
-    async def create(self, key: str, value: bytes) -> None:
+    async def create(self, key: str, value: bytes) -> int:
         try:
-            await self._kv.create(key, value)
+            return await self._kv.create(key, value)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise Conflict(key) from exc
 
-    async def update(self, key: str, value: bytes, last: int) -> None:
+    async def update(self, key: str, value: bytes, last: int) -> int:
         try:
-            await self._kv.update(key, value, last=last)
+            return await self._kv.update(key, value, last=last)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise Conflict(key) from exc
 

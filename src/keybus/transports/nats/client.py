@@ -19,9 +19,10 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from keybus._aio import cancel_and_wait, wait_event
 from keybus.deadline import Deadline
 from keybus.errors import ConnectError, KeybusError
-from keybus.transports.nats.errors import NATS_ERRORS, closed, translate
+from keybus.transports.nats.errors import NATS_ERRORS, closed, reason, translate
 from keybus.transports.nats.options import NatsOptions
 
 __all__ = ["Connection", "Member", "Stream", "close_client"]
@@ -35,6 +36,11 @@ _CONNECT_ATTEMPTS = 2
 # Reconnects have no deadline to derive from: each attempt gets nats-py's own default, as
 # before the first connect took its share of the connect deadline.
 _RECONNECT_ATTEMPT_TIMEOUT = 2.0
+# Replacing a client nats-py closed for good: the longest pause between two attempts, and
+# how long closing a failed attempt's client may take.
+_MAX_REPLACE_PAUSE = 2.0
+_ATTEMPT_CLOSE = 1.0
+_ATTEMPT_ERRORS: tuple[type[BaseException], ...] = (KeybusError, *NATS_ERRORS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,11 @@ class Member(Protocol):
     def on_reconnected(self) -> None:
         """Deliveries in flight when the connection broke may be lost."""
 
+    def on_replaced(self) -> None:
+        """The connection was replaced by a new one (nats-py had closed the old one for
+        good): subscriptions and key-value handles of the old one are gone, and
+        deliveries in flight with them."""
+
     def abort(self) -> None:
         """Cancel every task, without any network step (the transport is closing)."""
 
@@ -63,7 +74,17 @@ class Connection:
     """One nats-py client and JetStream context, and the members that use them.
 
     ``stream(topic)`` is the topic's :class:`Stream` (the transport's lookup: cached,
-    creating a missing topic with the defaults)."""
+    creating a missing topic with the defaults).
+
+    A client that nats-py closes for good while we did not ask it to (the server answered
+    ``-ERR``, e.g. for a message over ``max_payload``) is **replaced**: new clients are
+    tried with a growing pause until ``replace_timeout``; the transport's ``on_open`` runs
+    on the new one (its publisher) and every member is told (:meth:`Member.on_replaced`:
+    it re-takes its partitions at their ack floors). Meanwhile :meth:`live` raises
+    ``ConnectError`` ("being replaced") and :meth:`ready` waits. If no new client is
+    connected in time, the connection has **failed**: :attr:`failure` is the
+    ``ConnectError`` (naming the cause) every later call raises — it is never open and
+    dead."""
 
     def __init__(
         self, url: str, options: NatsOptions, stream: Callable[[str], Awaitable[Stream]]
@@ -72,16 +93,43 @@ class Connection:
         self.options = options
         self.stream = stream
         self.reconnects = 0
+        self.replacements = 0  # clients replaced after nats-py closed one for good
+        # The transport's: set up what it needs on a new client (raises NATS errors), and
+        # drop what it had on a client closed for good.
+        self.on_open: Callable[[NatsClient], Awaitable[None]] | None = None
+        self.on_lost: Callable[[], None] | None = None
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._members: set[Member] = set()
         self._closed = False
+        self._opened = False  # the first connect succeeded
+        self._failure: ConnectError | None = None
+        self._lost_why = ""
+        self._replacer: asyncio.Task[None] | None = None
+        self._attempt: NatsClient | None = None  # a replacement being connected
+        self._dead: NatsClient | None = None  # the client nats-py closed, until buried
+        self._settled = asyncio.Event()  # set while live or failed (not while replacing)
+
+    @property
+    def failure(self) -> ConnectError | None:
+        """Why the connection is gone for good (``None``: it is not)."""
+        return self._failure
+
+    @property
+    def replacing(self) -> bool:
+        return self._replacer is not None and not self._replacer.done()
 
     async def open(self, deadline: Deadline) -> tuple[NatsClient, JetStreamContext]:
         """Connect by ``deadline`` and check that JetStream answers; ``ConnectError``
         otherwise (the client is closed by :meth:`shut` and :func:`close_client` even
         then)."""
         nc = self._nc = NatsClient()
+        js = self._js = await self._connect(nc, deadline)
+        self._opened = True
+        self._settled.set()
+        return nc, js
+
+    async def _connect(self, nc: NatsClient, deadline: Deadline) -> JetStreamContext:
         server = "nats://" + self.url.split("://", 1)[1]
         attempt = max(0.0, deadline.remaining() - self.options.reconnect_wait) / _CONNECT_ATTEMPTS
         try:
@@ -97,6 +145,7 @@ class Connection:
                 error_cb=self._on_error,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
+                closed_cb=self._closed_callback(nc),
                 name="keybus",
                 # Every subject keybus uses is built from escaped names: valid by
                 # construction, so nats-py need not re-check two subjects per publish.
@@ -107,26 +156,48 @@ class Connection:
             raise translate(why, "connect", self.url) from exc
         nc.options["max_reconnect_attempts"] = -1
         nc.options["connect_timeout"] = _RECONNECT_ATTEMPT_TIMEOUT
-        js = self._js = nc.jetstream(timeout=self.options.api_timeout)
+        js = nc.jetstream(timeout=self.options.api_timeout)
         try:
             async with asyncio.timeout(deadline.remaining()):
                 await js.account_info()
         except NATS_ERRORS as exc:
             raise translate(exc, "connect", self.url, context="JetStream is not available") from exc
-        return nc, js
+        return js
 
     def live(self) -> tuple[NatsClient, JetStreamContext]:
         """The client and JetStream context; ``BusClosedError`` once closed,
-        ``ConnectError`` before connecting or once nats-py gave up."""
+        ``ConnectError`` before connecting, while the client is being replaced and once
+        the connection failed."""
         nc, js = self._nc, self._js
         if nc is None or js is None or nc.is_closed:
+            self.notice_closed()
             raise self.gone()
         return nc, js
+
+    def notice_closed(self) -> bool:
+        """Whether the client is gone for good and being replaced — starting the
+        replacement at once if nats-py closed it and its closed callback has not run yet
+        (which happens only after it has closed the socket)."""
+        nc = self._nc
+        if nc is not None and nc.is_closed and self._opened and not self._closed:
+            self._lost(nc)
+        return self.replacing
+
+    async def ready(self, timeout: float) -> tuple[NatsClient, JetStreamContext]:
+        """:meth:`live`, waiting up to ``timeout`` seconds while the client is being
+        replaced."""
+        if self.replacing:
+            await wait_event(self._settled, timeout)
+        return self.live()
 
     def gone(self) -> KeybusError:
         """The error for a call the connection cannot serve (see :meth:`live`)."""
         if self._closed:
             return closed(self.url)
+        if self._failure is not None:
+            return self._failure
+        if self.replacing:
+            return ConnectError(self.url, f"the connection is being replaced ({self._lost_why})")
         if self._nc is not None and self._nc.is_closed:
             return ConnectError(self.url, "the connection is closed")
         return ConnectError(self.url, "transport is not connected")
@@ -139,11 +210,104 @@ class Connection:
 
     def shut(self) -> tuple[NatsClient | None, list[Member]]:
         """Refuse every call from now on; hand over the client (to :func:`close_client`)
-        and the members still registered (their close was cut short: end their tasks)."""
+        and the members still registered (their close was cut short: end their tasks).
+        A replacement in progress is ended by :meth:`stop_replacing`."""
         nc, self._nc, self._js = self._nc, None, None
         self._closed = True
+        self._settled.set()
         members, self._members = list(self._members), set()
         return nc, members
+
+    async def stop_replacing(self) -> None:
+        """End a replacement in progress (after :meth:`shut`), closing its new client."""
+        await cancel_and_wait(self._replacer)
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None:
+            await close_client(attempt, Deadline.after(_ATTEMPT_CLOSE))
+        self._bury()
+
+    def _bury(self) -> None:
+        """End what the client nats-py closed may have left behind: its own close can
+        fail half-way (a reset socket while it flushes), before it stops its
+        subscriptions' tasks and closes its socket — and before it calls our closed
+        callback (the client's closed state is what :meth:`live` notices then)."""
+        dead, self._dead = self._dead, None
+        if dead is not None:
+            _abort_client(dead)
+
+    # -- a client closed for good ----------------------------------------------------------
+
+    def _closed_callback(self, nc: NatsClient) -> Callable[[], Awaitable[None]]:
+        async def on_closed() -> None:
+            # Our own close (shut first), a failed first connect (not ours yet) and a
+            # replacement attempt that failed (not installed) are no news.
+            if self._closed or nc is not self._nc:
+                return
+            self._lost(nc)
+
+        return on_closed
+
+    def _lost(self, nc: NatsClient) -> None:
+        cause = nc.last_error
+        self._lost_why = (
+            f"nats-py closed it for good: {reason(cause)}"
+            if cause
+            else ("nats-py closed it for good")
+        )
+        log.error("keybus: %s: %s; replacing it", self.url, self._lost_why)
+        self._nc = self._js = None
+        self._dead = nc
+        self._settled.clear()
+        if self.on_lost is not None:
+            self.on_lost()
+        self._replacer = asyncio.get_running_loop().create_task(
+            self._replace(), name=f"keybus-nats-replace:{self.url}"
+        )
+
+    async def _replace(self) -> None:
+        options = self.options
+        bound = Deadline.after(options.replace_timeout)
+        pause = options.reconnect_wait
+        per_attempt = _RECONNECT_ATTEMPT_TIMEOUT * _CONNECT_ATTEMPTS + options.reconnect_wait
+        last: BaseException | None = None
+        while not self._closed:
+            nc = self._attempt = NatsClient()
+            try:
+                js = await self._connect(nc, bound.within(per_attempt))
+                if self.on_open is not None:
+                    await self.on_open(nc)
+            except _ATTEMPT_ERRORS as exc:
+                last = exc
+                self._attempt = None
+                await close_client(nc, Deadline.after(_ATTEMPT_CLOSE))
+                if bound.remaining() <= pause:
+                    break
+                log.warning("keybus: %s: replacing the connection failed: %s", self.url, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _MAX_REPLACE_PAUSE)
+                continue
+            self._attempt = None
+            self._bury()  # (by now nats-py's own close of it has run)
+            self._nc, self._js = nc, js
+            self.replacements += 1
+            self._settled.set()
+            log.warning("keybus: %s: connection replaced", self.url)
+            for member in list(self._members):
+                member.on_replaced()
+            return
+        if self._closed:
+            return
+        self._bury()
+        detail = reason(last) if last is not None else "closed meanwhile"
+        self._failure = ConnectError(
+            self.url,
+            f"the connection is gone ({self._lost_why}) and could not be replaced within "
+            f"{options.replace_timeout:g} s (last attempt: {detail})",
+        )
+        if last is not None:
+            self._failure.__cause__ = last
+        log.error("keybus: %s", self._failure)
+        self._settled.set()
 
     # -- nats-py's callbacks -------------------------------------------------------------
 

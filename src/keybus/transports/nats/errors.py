@@ -11,7 +11,11 @@ same type here as on the other backends::
                  TopicError(topic, action, reason)    a JetStream API call failed
 
 and a call on a closed transport raises :func:`closed` (``BusClosedError``; one on a
-transport that never connected, ``ConnectError``). A reason carries what the server said
+transport that never connected, or whose connection is gone for good, ``ConnectError``).
+A publish that can never succeed as it is — over the server's ``max_payload`` (checked
+before sending), refused by JetStream for its size (:data:`PERMANENT_REFUSALS`), or a
+duplicate within the de-duplication window — is a ``PublishError`` with
+``permanent=True``. A reason carries what the server said
 when it said something — a JetStream API error's description, status and error code
 (``insufficient resources (status 503, JetStream error 10023)``) — and the library's
 exception is chained as ``__cause__``.
@@ -22,13 +26,51 @@ from __future__ import annotations
 import nats.errors
 import nats.js.errors
 
-from keybus.errors import Action, BusClosedError, KeybusError, error_for
+from keybus.errors import Action, BusClosedError, KeybusError, PublishError, error_for
 
-__all__ = ["NATS_ERRORS", "Action", "closed", "reason", "translate"]
+__all__ = [
+    "NATS_ERRORS",
+    "PERMANENT_REFUSALS",
+    "Action",
+    "Duplicate",
+    "Unsent",
+    "closed",
+    "is_permanent",
+    "reason",
+    "translate",
+]
 
 NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, TimeoutError, OSError)
 """What a failing NATS call can raise: the client's errors (JetStream's derive from
 them), timeouts and socket errors."""
+
+PERMANENT_REFUSALS = frozenset({10054, 10097})
+"""JetStream error codes that refuse a record for what it is, so that sending it again
+cannot succeed: ``message size exceeds maximum allowed`` (the stream's ``max_msg_size``)
+and ``header size exceeds maximum allowed of 64k``."""
+
+DUPLICATE_REASON = "duplicate of an event published within the de-duplication window"
+
+
+class Duplicate(nats.errors.Error):
+    """The server acknowledged a publish as a duplicate (PubAck ``"duplicate": true``):
+    a record with the same ``Nats-Msg-Id`` was stored within the stream's window, and this
+    one was not."""
+
+    def __str__(self) -> str:
+        return DUPLICATE_REASON
+
+
+class Unsent(nats.errors.ConnectionClosedError):
+    """A publish refused by a client that is closed, before anything was sent: it may be
+    sent again on the client that replaces it."""
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a publish that failed with ``exc`` can never succeed as it is."""
+    if isinstance(exc, Duplicate):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in PERMANENT_REFUSALS
 
 
 def reason(exc: BaseException, timeout: float | None = None) -> str:
@@ -48,6 +90,8 @@ def reason(exc: BaseException, timeout: float | None = None) -> str:
         return f"no answer within {timeout:g} s"
     if isinstance(exc, nats.errors.ConnectionClosedError):
         return "the connection is closed"
+    if isinstance(exc, Duplicate):
+        return DUPLICATE_REASON
     return str(exc) or type(exc).__name__
 
 
@@ -72,7 +116,11 @@ def translate(
         text = reason(cause, timeout)
     if context:
         text = f"{context}: {text}"
-    error = error_for(action, subject, text, group=group)
+    error: KeybusError
+    if action == "publish" and isinstance(cause, BaseException) and is_permanent(cause):
+        error = PublishError(subject, text, permanent=True)
+    else:
+        error = error_for(action, subject, text, group=group)
     if isinstance(cause, BaseException):
         error.__cause__ = cause
     return error

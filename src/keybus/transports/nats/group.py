@@ -3,16 +3,27 @@ giving partitions up and taking them.
 
 JetStream has no consumer groups with partition assignment, so members coordinate
 through one key-value entry per (topic, group) in the ``KEYBUS_GROUPS`` bucket
-(:mod:`.group_state`: members with their join time and lease, partition owners with
-theirs). Every change is a compare-and-set on the entry's revision, so members never act
-on a stale view. Partition ``p`` is *desired* by the ``p % n``-th live member in join
+(:mod:`.group_state`: members in join order with a renewal token each, partition owners).
+Every change is a compare-and-set on the entry's revision, so members never act on a
+stale view. Partition ``p`` is *desired* by the ``p % n``-th live member in join
 order; a member gives up a partition it should not have (revoking it through the core,
 then acking the done prefix synchronously) *before* removing its claim, and takes a free
 partition only through a successful compare-and-set. So a partition has at most one
 owner at a time, and a key — which lives in one partition — is handled by one member at
-a time. A member that dies stops renewing its leases; after ``lease_ttl`` others take
-over. A member that cannot renew (server unreachable) revokes its partitions itself,
-before its lease can have expired on the server; a revoke never waits past the lease.
+a time. A member that dies stops renewing its leases; once another member has seen its
+entry unchanged for ``lease_ttl`` (on its own monotonic clock: no two members' clocks
+are ever compared) it takes over. A member that cannot renew (server unreachable) revokes
+its partitions itself, a heartbeat before anyone else may take them; a revoke never
+waits past the lease.
+
+**Self-fencing.** Each owned partition's ownership deadline — the moment just before the
+write that last renewed it was sent, plus ``lease_ttl`` minus a heartbeat, on this
+member's monotonic clock — goes to the core with ``sink.assign(valid_until=...)`` and
+``sink.renew``. The core starts no message of a partition past it, so a member whose
+process stalled longer than its lease drops its queued work when it resumes instead of
+running it next to the partition's new owner, and tells us (:meth:`GroupMember.lapsed`):
+the partition is re-taken from its ack floor, or left to whoever owns it now. The revision
+of the write that claimed a partition is its fence (``Message.fence``).
 
 Taking a partition creates a fresh durable consumer starting at the previous one's
 ``ack_floor + 1`` and deletes the previous one. Nothing the previous owner left pending
@@ -38,7 +49,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import TypeVar
 
 import nats.js.errors
@@ -52,6 +63,7 @@ from keybus.deadline import Deadline
 from keybus.errors import KeybusError
 from keybus.groups import ANONYMOUS_GROUP_PREFIX
 from keybus.message import Message
+from keybus.partitioning import Partition
 from keybus.transports.base import Consumer, Sink
 from keybus.transports.nats.bucket import GroupEntries, open_bucket
 from keybus.transports.nats.client import Connection, Stream
@@ -59,8 +71,10 @@ from keybus.transports.nats.errors import NATS_ERRORS, translate
 from keybus.transports.nats.group_state import (
     GroupState,
     RoundClaims,
+    Sightings,
     Written,
     compare_and_set,
+    next_renewal,
     read,
 )
 from keybus.transports.nats.names import consumer_name, group_key, ping_subject
@@ -93,11 +107,14 @@ class GroupMember(Consumer):
         self._group = group
         self._sink = sink
         self._id = uuid.uuid4().hex[:12]
-        self._joined = time.time()
+        # Who else is alive, as we see it on our own clock; our last renewal token.
+        self._sightings = Sightings(self._id, conn.options.lease_ttl)
+        self._renewal = 0.0
         self._key = group_key(topic, group)
         self._ping = ping_subject(topic, group)
         self._stream: Stream | None = None
         self._kv: GroupEntries | None = None
+        self._attached: NatsClient | None = None  # the client _kv and _ping_sub are on
         self._feeds: dict[int, PartitionFeed] = {}
         self._created: set[str] = set()
         self._ping_sub: NatsSubscription | None = None
@@ -106,8 +123,8 @@ class GroupMember(Consumer):
         self._wake = asyncio.Event()
         self._ack_wake = asyncio.Event()
         self._settled = asyncio.Event()
-        # Until when our claims hold, as we count it: a heartbeat short of what the last
-        # successful write gave them on the server (see _write).
+        # Until when our claims hold, as we count it (time.monotonic()): a heartbeat short
+        # of the earliest moment another member may take them over (see _write).
         self._lease = Deadline(0.0)
         self._stopping = False
         self._closed = False
@@ -121,6 +138,12 @@ class GroupMember(Consumer):
         for feed in self._feeds.values():
             feed.break_off()
         self._wake.set()
+
+    def on_replaced(self) -> None:
+        # A new client: our key-value handle and coordination subscription were on the
+        # old one, and every delivery in flight died with it.
+        self._attached = None
+        self.on_reconnected()
 
     def abort(self) -> None:
         """Cancel every task this member owns, without any network step (the transport
@@ -144,9 +167,7 @@ class GroupMember(Consumer):
         conn = self._conn
         try:
             self._stream = await conn.stream(self._topic)
-            nc, js = conn.live()
-            self._kv = await open_bucket(js)
-            self._ping_sub = await nc.subscribe(self._ping, cb=self._on_ping)
+            await self._attach()
         except NATS_ERRORS as exc:
             raise translate(exc, "subscribe", self._topic, group=self._group) from exc
         conn.register(self)
@@ -161,6 +182,29 @@ class GroupMember(Consumer):
         )
         if not await wait_event(self._settled, self._options.lease_ttl + _SETTLE_SLACK):
             log.warning("keybus: %s/%s: partitions not all assigned yet", self._topic, self._group)
+
+    async def _attach(self) -> None:
+        """Open the group-state bucket and the coordination subscription on the current
+        client (again, after the client was replaced)."""
+        nc, js = self._conn.live()
+        if self._attached is nc:
+            return
+        self._kv = await open_bucket(js)
+        old, self._ping_sub = self._ping_sub, None
+        if old is not None:
+            await unsubscribe(old)
+        self._ping_sub = await nc.subscribe(self._ping, cb=self._on_ping)
+        self._attached = nc
+
+    def lapsed(self, partitions: Collection[Partition]) -> None:
+        # The core gave these up: their ownership deadline passed before it could start
+        # their next message (our process stalled, say). Stop pulling them; the next
+        # round (at once) re-takes them from the ack floor if they are still ours to have.
+        for _, partition in partitions:
+            feed = self._feeds.get(partition)
+            if feed is not None:
+                feed.break_off()
+        self._wake.set()
 
     def commit(self, message: Message) -> None:
         # The hot path (once per done message): the feed's fields are updated here, with
@@ -277,15 +321,26 @@ class GroupMember(Consumer):
             return self._lease.within(self._options.api_timeout).remaining()
         return self._options.api_timeout
 
-    async def _write(self, change: Callable[[GroupState, float], T]) -> Written[T]:
+    async def _write(self, change: Callable[[GroupState], T]) -> Written[T]:
         """Compare-and-set ``change`` into the group state, and count our lease from it:
-        our claims hold on the server until ``lease_ttl`` after the write's read; we act
-        as if they end a heartbeat earlier, so we stop before anyone else may start."""
+        no other member sees the renewal it wrote before it was sent, so none takes our
+        claims over before ``lease_ttl`` after that; we stop a heartbeat earlier."""
         assert self._kv is not None
-        written = await compare_and_set(self._kv, self._key, change)
+        written = await compare_and_set(self._kv, self._key, change, self._sightings)
         options = self._options
-        self._lease = Deadline(written.began + options.lease_ttl - options.heartbeat)
+        self._lease = Deadline(written.sent + options.lease_ttl - options.heartbeat)
         return written
+
+    def _next_renewal(self) -> float:
+        """A new renewal token (every write of ours changes it: that is the renewal)."""
+        self._renewal = next_renewal(self._renewal, self._options.lease_ttl)
+        return self._renewal
+
+    def _renewed(self, partitions: Iterable[int]) -> None:
+        """Tell the core that these partitions are ours until our lease's end."""
+        owned = [(self._topic, p) for p in partitions if p in self._feeds]
+        if owned:
+            self._sink.renew(owned, self._lease.at)
 
     async def _leave(self) -> None:
         state = await self._round(leaving=True)
@@ -305,7 +360,7 @@ class GroupMember(Consumer):
     async def _round(self, *, leaving: bool) -> GroupState:
         """One rebalance step: give up what is no longer ours, renew, take what is free."""
         me = self._id
-        ttl = self._options.lease_ttl
+        await self._attach()
         assert self._kv is not None
         assert self._stream is not None
         kv, partitions = self._kv, self._stream.partitions
@@ -316,14 +371,14 @@ class GroupMember(Consumer):
             # compare-and-set, and _take starts a fresh consumer at the ack floor.
             await self._release(broken, lost=False)
         async with asyncio.timeout(self._step_budget()):
-            state, _ = await read(kv, self._key)
+            state, _ = await read(kv, self._key, self._sightings)
         was_member = me in state.members
         if leaving:
             state.leave(me)
         else:
-            state.join(me, self._joined, time.time() + ttl)
+            state.join(me, self._renewal)  # (only to see what is desired)
         desired = state.desired(partitions)
-        lost = state.claimed_by_others(me, self._feeds)
+        lost = state.not_ours(me, self._feeds)
         if lost:
             await self._release(lost, lost=True)
         release = [
@@ -333,11 +388,10 @@ class GroupMember(Consumer):
             await self._release(release, lost=False)
         taking = not leaving and not self._stopping
 
-        def change(state: GroupState, now: float) -> RoundClaims:
+        def change(state: GroupState) -> RoundClaims:
             return state.write_round(
                 me,
-                joined=self._joined,
-                expires=now + ttl,
+                renewal=self._next_renewal(),
                 held=self._feeds.keys(),
                 partitions=partitions,
                 leaving=leaving,
@@ -348,14 +402,18 @@ class GroupMember(Consumer):
             written = await self._write(change)
         state, claims = written.state, written.outcome
         if claims.stolen:
+            # Another member's now, or our claim was dropped (we were silent for a lease):
+            # give them up at once; the next round takes back what is free and ours.
             await self._release(claims.stolen, lost=True)
+            self._wake.set()
+        self._renewed(p for p in self._feeds if p not in claims.stolen)
         for p in claims.taken:
             async with asyncio.timeout(self._step_budget()):
-                await self._take(p)
+                await self._take(p, fence=written.revision)
         desired = state.desired(partitions)
         if all(p in self._feeds for p, m in desired.items() if m == me):
             self._settled.set()
-        if release or claims.taken or broken or leaving or not was_member:
+        if release or claims.taken or claims.stolen or broken or leaving or not was_member:
             nc, _ = self._conn.live()
             await nc.publish(self._ping, me.encode())
         return state
@@ -386,10 +444,11 @@ class GroupMember(Consumer):
     async def _keep_leases(self) -> None:
         """Renew our leases while a revoke waits for handlers (the loop is busy)."""
         me = self._id
-        ttl = self._options.lease_ttl
+        claimed: list[int] = []
 
-        def renew(state: GroupState, now: float) -> None:
-            state.renew(me, now + ttl)
+        def renew(state: GroupState) -> None:
+            nonlocal claimed
+            claimed = state.renew(me, self._next_renewal())
 
         while True:
             await asyncio.sleep(self._options.heartbeat)
@@ -400,6 +459,8 @@ class GroupMember(Consumer):
                 raise
             except Exception as exc:
                 log.debug("keybus: %s: renewing leases failed: %r", self._topic, exc)
+            else:
+                self._renewed(claimed)
             if self._lease.expired:
                 # Not renewed in time: others may take every partition we hold any moment.
                 # Stop fetching and acking, and cancel their running handlers now (the
@@ -418,7 +479,7 @@ class GroupMember(Consumer):
 
     # -- partitions ------------------------------------------------------------------
 
-    async def _take(self, partition: int) -> None:
+    async def _take(self, partition: int, *, fence: int) -> None:
         stream = self._stream
         assert stream is not None
         nc, js = self._conn.live()
@@ -454,7 +515,15 @@ class GroupMember(Consumer):
                 await js.delete_consumer(stream.name, old.name)
         # (A late commit of an old epoch is at most the floor: ignored.)
         feed = PartitionFeed(
-            self._topic, partition, stream, name, floor, options, self._sink.deliver, self._wake
+            self._topic,
+            partition,
+            stream,
+            name,
+            floor,
+            fence,
+            options,
+            self._sink.deliver,
+            self._wake,
         )
         # Registered before the subscription exists, so a cancellation cannot leak it.
         self._feeds[partition] = feed
@@ -463,7 +532,8 @@ class GroupMember(Consumer):
         except BaseException:
             del self._feeds[partition]
             raise
-        self._sink.assign([(self._topic, partition)])
+        # Ours until the lease the claiming write gave us; renewed with every renewal.
+        self._sink.assign([(self._topic, partition)], valid_until=self._lease.at)
         feed.start(nc)
 
     # -- acks ------------------------------------------------------------------------
@@ -472,13 +542,17 @@ class GroupMember(Consumer):
         """Asynchronous acks of done prefixes, and the in-progress acks every
         ``ack_wait / 3`` (here, not in the coordinator: a slow KV round must not delay
         them into a redelivery)."""
-        nc, _ = self._conn.live()
         interval = self._options.ack_wait / 3
         keep_alive_at = time.monotonic() + interval
         while not self._closed:  # see _supervised
             left = keep_alive_at - time.monotonic()
             if left > 0 and not self._ack_wake.is_set():
                 await wait_event(self._ack_wake, left)
+            try:
+                nc, _ = self._conn.live()  # (a new client after a replacement)
+            except KeybusError:
+                await asyncio.sleep(self._options.heartbeat)  # being replaced, or gone
+                continue
             if time.monotonic() >= keep_alive_at:
                 keep_alive_at = time.monotonic() + interval
                 await self._keep_alive(nc, interval)
@@ -497,7 +571,13 @@ class GroupMember(Consumer):
         todo = [feed for feed in feeds if feed.unsynced]
         if not todo:
             return
-        nc, _ = self._conn.live()
+        try:
+            nc, _ = self._conn.live()
+        except KeybusError as exc:
+            # No connection (being replaced, or gone): the next owner starts at the floor
+            # the server has, and handles the unacknowledged rest again (at-least-once).
+            log.warning("keybus: %s: acks not sent: %s", self._topic, exc)
+            return
         await asyncio.gather(*(feed.sync_ack(nc, budget) for feed in todo))
 
     async def _keep_alive(self, nc: NatsClient, interval: float) -> None:

@@ -15,7 +15,12 @@ class NatsOptions:
     are kept alive with in-progress acks every ``ack_wait / 3``. ``max_ack_pending``: per
     partition, delivered-but-unacknowledged messages before JetStream pauses it.
     ``lease_ttl``: how long a crashed member keeps its partitions before others take them
-    over; leases are renewed every ``heartbeat`` seconds.
+    over; leases are renewed every ``heartbeat`` seconds. ``dedupe_window``: off
+    (``None``) by default; seconds of JetStream's publish-side de-duplication by event id
+    when set (the ``Nats-Msg-Id`` header and the duplicate window of streams this bus
+    creates), and a publish the server found a duplicate raises ``PublishError``.
+    ``replace_timeout``: how long the transport tries to replace a connection nats-py
+    closed for good before it declares itself failed.
     """
 
     publish_timeout: float = 10.0
@@ -27,9 +32,17 @@ class NatsOptions:
     lease_ttl: float = 6.0
     heartbeat: float = 1.0
     reconnect_wait: float = 0.25
-    duplicate_window: float = 120.0
+    dedupe_window: float | None = None
     max_pending_publishes: int = 8192
     api_timeout: float = 5.0
+    replace_timeout: float = 30.0
+
+    @property
+    def duplicate_window(self) -> float | None:
+        """The duplicate window (seconds) of the streams this bus creates: the
+        ``dedupe_window``, or ``None`` when de-duplication is off (the server's default
+        then; without ``Nats-Msg-Id`` headers it never applies)."""
+        return self.dedupe_window
 
     def __post_init__(self) -> None:
         if self.heartbeat * 3 > self.lease_ttl:
@@ -38,3 +51,7 @@ class NatsOptions:
             raise ValueError("fetch_expires must be at least 2 idle heartbeats")
         if self.ack_wait <= 0 or self.max_ack_pending < 1 or self.fetch_batch < 1:
             raise ValueError("ack_wait, max_ack_pending and fetch_batch must be positive")
+        if self.dedupe_window is not None and not self.dedupe_window > 0:
+            raise ValueError("dedupe_window must be positive (or None: off)")
+        if not self.replace_timeout > 0:
+            raise ValueError("replace_timeout must be positive")

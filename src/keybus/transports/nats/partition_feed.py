@@ -1,6 +1,7 @@
 """One partition a member owns, for one ownership epoch (one durable pull consumer):
-pulling, converting deliveries into messages, the consumer-sequence gap check, acks and
-in-progress acks.
+pulling, converting deliveries into messages (each stamped with the epoch's fence: the
+revision of the group-state write that claimed the partition), the consumer-sequence gap
+check, acks and in-progress acks.
 
 The gap check: every delivery — redeliveries too — takes the next consumer sequence (the
 ``<cseq>`` of ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>...``). One skipped
@@ -57,6 +58,7 @@ class PartitionFeed:
         stream: Stream,
         consumer: str,
         floor: int,
+        fence: int,
         options: NatsOptions,
         deliver: Callable[[Sequence[Message]], Awaitable[None]],
         coordinator: asyncio.Event,
@@ -64,6 +66,7 @@ class PartitionFeed:
         self.topic = topic
         self.partition = partition
         self.consumer = consumer
+        self.fence = fence  # this ownership's token, stamped into every message
         self._stream = stream
         self._options = options
         self._deliver = deliver
@@ -240,7 +243,9 @@ class PartitionFeed:
         self.last_seq = seq
         stamp = int(tokens[7 + shift]) / 1e9
         key, headers = decode_key(msg), NatsHeaders(msg)
-        return Message(self.topic, msg.data, key, headers, self.partition, seq, stamp, msg)
+        return Message(
+            self.topic, msg.data, key, headers, self.partition, seq, stamp, msg, self.fence
+        )
 
     # -- acks ----------------------------------------------------------------------------
 

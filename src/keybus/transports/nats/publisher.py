@@ -7,7 +7,9 @@ needs a ``wait_for`` of its own for a timeout: about a third of the Python time 
 publish. Here a publish is one ``nc.publish`` plus one future in a dict:
 
 * replies come back on one wildcard subscription ``<inbox>.*``, the token is a counter;
-* a PubAck is taken as success unless it contains ``"error"`` (it never holds user data);
+* a PubAck is taken as success unless it contains ``"error"`` (it never holds user data)
+  or — with de-duplication on — ``"duplicate": true`` (the server stored an earlier record
+  with the same ``Nats-Msg-Id``, not this one: :class:`~.errors.Duplicate`);
 * one timer, not one per message, fails publishes older than ``timeout`` (the pending
   dict is in publish order, so the oldest are at its front);
 * at most ``limit`` publishes are in flight; more wait (bounded by ``timeout``).
@@ -27,17 +29,20 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from keybus.deadline import Deadline
+from keybus.transports.nats.errors import Duplicate, Unsent
 
 __all__ = ["Publisher"]
 
 _NO_RESPONDERS = "503"
+_DUPLICATE = b'"duplicate"'  # only in the PubAck of a duplicate (then parsed to be sure)
 
 
 class Publisher:
-    def __init__(self, nc: NatsClient, timeout: float, limit: int) -> None:
+    def __init__(self, nc: NatsClient, timeout: float, limit: int, *, dedupe: bool) -> None:
         self._nc = nc
         self._timeout = timeout
         self._limit = limit
+        self._dedupe = dedupe
         self._prefix = f"{nc.new_inbox()}."
         self._tokens = count()
         # reply subject -> (future, deadline in loop time); insertion (= deadline) order
@@ -57,10 +62,17 @@ class Publisher:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message (header block plus payload) the server takes: its
+        ``max_payload``, as it announced it."""
+        return self._nc.max_payload
+
     async def publish(self, subject: str, value: bytes, headers: dict[str, str]) -> None:
         """Publish and wait for the PubAck. Raises ``TimeoutError`` (no PubAck within the
         timeout, or no room for that long), ``NoStreamResponseError``, an ``APIError``
-        (refused) or what ``nc.publish`` raises."""
+        (refused), :class:`~.errors.Duplicate`, :class:`~.errors.Unsent` (the client was
+        closed: nothing was sent) or what ``nc.publish`` raises."""
         pending = self._pending
         if len(pending) >= self._limit:
             await self._wait_for_room()
@@ -74,6 +86,10 @@ class Publisher:
             self._timer = loop.call_at(deadline, self._expire)
         try:
             await self._nc.publish(subject, value, reply=reply, headers=headers)
+        except nats.errors.ConnectionClosedError as exc:
+            # nats-py refuses before sending anything: safe to send again elsewhere.
+            pending.pop(reply, None)
+            raise Unsent() from exc
         except BaseException:
             pending.pop(reply, None)
             raise
@@ -106,6 +122,8 @@ class Publisher:
                 future.set_exception(nats.errors.Error(f"unexpected reply, status {status}"))
         elif b'"error"' in data:
             future.set_exception(_api_error(data))
+        elif self._dedupe and _DUPLICATE in data and _is_duplicate(data):
+            future.set_exception(Duplicate())
         else:
             future.set_result(None)
 
@@ -142,9 +160,11 @@ class Publisher:
                     async with asyncio.timeout(deadline.remaining()):
                         await self._drained
         finally:
-            self._fail_pending()
+            self.abandon()
 
-    def _fail_pending(self) -> None:
+    def abandon(self) -> None:
+        """Fail every outstanding publish (``ConnectionClosedError``) and refuse to wait
+        any more: the connection is gone."""
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -154,6 +174,13 @@ class Publisher:
             if not future.done():
                 future.set_exception(nats.errors.ConnectionClosedError())
         self._room.set()
+
+
+def _is_duplicate(data: bytes) -> bool:
+    try:
+        return json.loads(data).get("duplicate") is True
+    except (ValueError, AttributeError):
+        return False
 
 
 def _api_error(data: bytes) -> Exception:

@@ -28,15 +28,17 @@ from itertools import count
 from typing import Any
 
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.js import api
 
 from keybus.deadline import Deadline
+from keybus.errors import ConnectError, KeybusError, PublishError
 from keybus.partitioning import partition_for
 from keybus.topics import TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
 from keybus.transports.nats.bucket import forget_topic
 from keybus.transports.nats.client import Connection, Stream, close_client
-from keybus.transports.nats.errors import NATS_ERRORS, translate
+from keybus.transports.nats.errors import NATS_ERRORS, Unsent, translate
 from keybus.transports.nats.group import GroupMember
 from keybus.transports.nats.headers import encode_headers
 from keybus.transports.nats.names import stream_name, subject_base
@@ -53,6 +55,9 @@ _TOPIC_META = "keybus.topic"
 # client's close hangs, so it must never be what the core's bound cuts off.
 _DRAIN_SHARE = 0.2
 _CLIENT_CLOSE_SHARE = 0.3
+_EVENT_ID = "X-Event-ID"
+_ORIGIN = "X-Original-Topic"  # a dead letter (or one re-published): never de-duplicated
+_MAX_HEADER_BLOCK = 65535  # JetStream refuses a larger header block (error 10097)
 
 
 class NatsTransport(Transport):
@@ -65,7 +70,10 @@ class NatsTransport(Transport):
         except TypeError as exc:
             raise TypeError(f"unknown options for nats://: {exc}") from None
         self._conn = Connection(url, self.options, self._stream)
+        self._conn.on_open = self._open_publisher
+        self._conn.on_lost = self._drop_publisher
         self._publisher: Publisher | None = None
+        self._dedupe = self.options.dedupe_window is not None
         self._topics: dict[str, Stream] = {}
         self._round_robin = count()
 
@@ -74,22 +82,50 @@ class NatsTransport(Transport):
         """How often the client reconnected since :meth:`connect`."""
         return self._conn.reconnects
 
+    @property
+    def replacements(self) -> int:
+        """How often a client nats-py had closed for good was replaced by a new one."""
+        return self._conn.replacements
+
+    @property
+    def failure(self) -> KeybusError | None:
+        """``None`` while the transport works (or is replacing its connection); the
+        ``ConnectError`` every call raises once its connection is gone for good."""
+        return self._conn.failure
+
     # -- connection ------------------------------------------------------------------
 
     async def connect(self, deadline: Deadline) -> None:
         nc, _ = await self._conn.open(deadline)
-        publisher = Publisher(nc, self.options.publish_timeout, self.options.max_pending_publishes)
+        await self._open_publisher(nc)
+
+    async def _open_publisher(self, nc: NatsClient) -> None:
+        options = self.options
+        publisher = Publisher(
+            nc, options.publish_timeout, options.max_pending_publishes, dedupe=self._dedupe
+        )
         try:
             await publisher.start()
         except NATS_ERRORS as exc:
             raise translate(exc, "connect", self.url, context="no PubAck subscription") from exc
         self._publisher = publisher
 
+    def _drop_publisher(self) -> None:
+        """nats-py closed the client for good: its PubAcks will never come."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.abandon()
+
     async def close(self, deadline: Deadline) -> None:
         budget = deadline.remaining()
         publisher, self._publisher = self._publisher, None
         nc, members = self._conn.shut()
+        await self._conn.stop_replacing()
         if nc is None:
+            for member in members:
+                member.abort()
+            for member in members:
+                await member.aborted(Deadline.after(budget * _DRAIN_SHARE))
             return
         try:
             # Consumers are closed before; one whose close was cut short by the core's
@@ -125,7 +161,8 @@ class NatsTransport(Transport):
             storage=api.StorageType.MEMORY if config.ephemeral else api.StorageType.FILE,
             max_age=config.retention_seconds,
             num_replicas=max(1, config.replication_factor),
-            duplicate_window=self.options.duplicate_window,
+            # Off (None): the server's default, which never applies without Nats-Msg-Id.
+            duplicate_window=self.options.dedupe_window or 0,
             compression=api.StoreCompression.S2 if config.compression else None,
             metadata={_TOPIC_META: topic, _PARTITIONS_META: str(partitions)},
         )
@@ -184,25 +221,83 @@ class NatsTransport(Transport):
     ) -> None:
         publisher = self._publisher
         if publisher is None:
-            raise self._conn.gone()
+            publisher = await self._wait_for_publisher(topic)
         try:
             info = self._topics.get(topic) or await self._stream(topic)
         except NATS_ERRORS as exc:
             raise translate(exc, "publish", topic, context="cannot look up its stream") from exc
         partition = partition_for(key, info.partitions, self._round_robin)
         nats_headers = encode_headers(key, headers)
-        event_id = headers.get("X-Event-ID")
-        if event_id is not None:
-            # JetStream drops a re-publish of the same event within the duplicate window.
-            nats_headers["Nats-Msg-Id"] = event_id.decode(errors="replace")
+        if self._dedupe and _ORIGIN not in headers:
+            # JetStream drops a re-publish of the same event within the duplicate window
+            # (and the publisher reports it). The wire form of X-Event-ID is ASCII.
+            event_id = nats_headers.get(_EVENT_ID)
+            if event_id is not None:
+                nats_headers["Nats-Msg-Id"] = event_id
+        # What the server counts against max_payload: the payload and the header block
+        # ("NATS/1.0\r\n", "<name>: <value>\r\n" each, "\r\n"). Over it, the server
+        # would answer -ERR and nats-py close the connection for good.
+        size = len(value)
+        block = 12 + 4 * len(nats_headers) + sum(map(len, nats_headers))
+        block += sum(map(len, nats_headers.values()))
+        if size + block > publisher.max_payload or block > _MAX_HEADER_BLOCK:
+            raise self._too_large(topic, size, block, publisher.max_payload)
+        subject = f"{info.subject_base}.{partition}"
         try:
             # Many publishes in flight on one reply subscription, each resolved by its
             # own PubAck — no round trip per message.
-            await publisher.publish(f"{info.subject_base}.{partition}", value, nats_headers)
+            await publisher.publish(subject, value, nats_headers)
+        except Unsent as exc:
+            # nats-py closed the client for good before this was sent: send it on the
+            # client that replaces it (waiting for it up to publish_timeout).
+            if not self._conn.notice_closed():
+                raise translate(exc, "publish", topic) from exc
+            await self._publish_again(topic, subject, value, nats_headers)
         except NATS_ERRORS as exc:
             if isinstance(exc, nats.js.errors.NoStreamResponseError):
                 self._topics.pop(topic, None)  # deleted meanwhile: the next publish recreates
             raise translate(exc, "publish", topic, timeout=self.options.publish_timeout) from exc
+
+    async def _publish_again(
+        self, topic: str, subject: str, value: bytes, nats_headers: dict[str, str]
+    ) -> None:
+        publisher = await self._wait_for_publisher(topic)
+        try:
+            await publisher.publish(subject, value, nats_headers)
+        except NATS_ERRORS as exc:
+            raise translate(exc, "publish", topic, timeout=self.options.publish_timeout) from exc
+
+    async def _wait_for_publisher(self, topic: str) -> Publisher:
+        """No publisher: never connected, closed, failed — or a client nats-py closed for
+        good is being replaced, which a publish waits for (up to ``publish_timeout``)."""
+        conn = self._conn
+        if not conn.replacing:
+            raise conn.gone()
+        timeout = self.options.publish_timeout
+        try:
+            await conn.ready(timeout)
+        except ConnectError as exc:
+            if conn.failure is not None or not conn.replacing:
+                raise
+            raise PublishError(topic, f"no connection within {timeout:g} s: {exc.reason}") from exc
+        publisher = self._publisher
+        if publisher is None:
+            raise conn.gone()
+        return publisher
+
+    @staticmethod
+    def _too_large(topic: str, size: int, block: int, limit: int) -> PublishError:
+        if block > _MAX_HEADER_BLOCK:
+            why = (
+                f"its header block is {block} bytes, JetStream takes at most "
+                f"{_MAX_HEADER_BLOCK} (payload {size} bytes)"
+            )
+        else:
+            why = (
+                f"payload {size} bytes + header block {block} bytes = {size + block} bytes, "
+                f"over the server's max_payload of {limit} bytes"
+            )
+        return PublishError(topic, why, permanent=True)
 
     # -- consuming -------------------------------------------------------------------
 
