@@ -5,6 +5,8 @@ before it ever shows up as an import-order bug."""
 from __future__ import annotations
 
 import ast
+import concurrent.futures
+import functools
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -43,7 +45,17 @@ def _resolve(target: str, modules: dict[str, Path]) -> str | None:
     return target if target in modules else None
 
 
-def _edges() -> list[Edge]:
+@functools.cache
+def _edges() -> tuple[Edge, ...]:
+    """Every import edge, read in a thread of its own: CPython 3.11's AST constructor
+    can fail with "recursion depth mismatch" in a thread where a RecursionError was
+    caught earlier (the envelope tests provoke some on purpose); a new thread starts with
+    a clean count."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return tuple(pool.submit(_read_edges).result())
+
+
+def _read_edges() -> list[Edge]:
     modules = _modules()
     edges: list[Edge] = []
     for name, path in modules.items():
