@@ -14,7 +14,14 @@ from typing import Any
 
 from keybus.transports.kafka.errors import translate
 
-__all__ = ["STEP_MARGIN", "KafkaSettings", "bootstrap_servers", "guard", "guarded"]
+__all__ = [
+    "STEP_MARGIN",
+    "KafkaSettings",
+    "bootstrap_servers",
+    "guard",
+    "guarded",
+    "is_eager",
+]
 
 log = logging.getLogger("keybus.kafka")
 _librdkafka_log = logging.getLogger("keybus.kafka.librdkafka")
@@ -73,6 +80,20 @@ def bootstrap_servers(url: str) -> str:
     return servers
 
 
+def is_eager(consumer: Mapping[str, Any]) -> bool:
+    """Does a consumer with this librdkafka config rebalance eagerly (``range``,
+    ``roundrobin``: every rebalance revokes the member's whole assignment, and the
+    callbacks must use ``assign``/``unassign``) rather than cooperatively
+    (``cooperative-sticky``, or the KIP-848 ``group.protocol=consumer``:
+    ``incremental_assign``/``incremental_unassign``)? confluent-kafka has no call that
+    tells (librdkafka's ``rd_kafka_rebalance_protocol`` is not exposed), so it is read
+    from the assignors configured: librdkafka refuses a list mixing both kinds."""
+    if str(consumer.get("group.protocol", "classic")).strip().lower() == "consumer":
+        return False
+    strategies = str(consumer.get("partition.assignment.strategy", "range,roundrobin"))
+    return "cooperative-sticky" not in {s.strip().lower() for s in strategies.split(",")}
+
+
 def guard(callback: Callable[..., Any]) -> Callable[..., Any]:
     """A callback that raises inside ``consume`` makes confluent-kafka discard the batch
     it fetched in that call — records skipped without being handled. Log instead."""
@@ -112,8 +133,11 @@ class KafkaSettings:
     deadline may cut it shorter).
 
     After construction, ``producer``, ``consumer`` and ``admin`` are the librdkafka
-    configs (bootstrap servers from the URL, our defaults, the user's settings) and
-    ``session_timeout`` the consumer's session timeout in seconds.
+    configs (bootstrap servers from the URL, our defaults, the user's settings),
+    ``session_timeout`` the consumer's session timeout in seconds and ``eager`` whether
+    the consumer's assignor rebalances eagerly (:func:`is_eager`; e.g.
+    ``consumer_config={"partition.assignment.strategy": "range"}``, how a keybus member
+    joins a group of the Go services' sarama consumers).
     """
 
     url: str
@@ -129,6 +153,7 @@ class KafkaSettings:
     consumer: dict[str, Any] = field(init=False, repr=False)
     admin: dict[str, Any] = field(init=False, repr=False)
     session_timeout: float = field(init=False)
+    eager: bool = field(init=False)
 
     def __post_init__(self) -> None:
         servers = bootstrap_servers(self.url)
@@ -158,3 +183,4 @@ class KafkaSettings:
             self.session_timeout = float(self.consumer.get("session.timeout.ms", 45000)) / 1000
         except (TypeError, ValueError):  # librdkafka rejects it when the consumer is made
             self.session_timeout = 45.0
+        self.eager = is_eager(self.consumer)

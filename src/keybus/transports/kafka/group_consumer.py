@@ -20,7 +20,18 @@ revoke on the event loop (``sink.revoke``: drop queued records, wait until the r
 deadline for running handlers, report the done prefix) and blocks the callback until that
 finished, then commits those partitions synchronously, then releases them. Releasing
 before the commit would let the next owner start behind the done prefix (duplicates) or,
-worse, let a record of ours run after the partition moved.
+worse, let a record of ours run after the partition moved. The callbacks take and release
+partitions incrementally with a cooperative assignor (our default), and whole assignments
+(``assign``/``unassign``) with an eager one (``range``, how a member joins a group of the
+Go services' sarama consumers; ``KafkaSettings.eager``): there every rebalance revokes
+all of the member's partitions and hands back its complete new assignment.
+
+Refused joins. A coordinator refuses a member whose assignors the group's members do not
+share (``INCONSISTENT_GROUP_PROTOCOL``: keybus's cooperative-sticky next to sarama's eager
+range); librdkafka hands that to ``consume`` as an error event and retries the join every
+2-3 s. The thread passes each one to the loop (:meth:`GroupConsumer.on_join_refused`),
+which fails the subscriptions still starting (``SubscribeError`` with the remedy) and logs
+an ERROR, once per burst, for those already running: they get no records meanwhile.
 
 Commits. The core's commit only records ``offset + 1`` for the partition (the end of its
 contiguous done prefix). The thread commits what changed asynchronously every
@@ -54,9 +65,16 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from keybus._aio import wait_event
 from keybus.deadline import ABANDON_GRACE, Deadline
+from keybus.errors import KeybusError
 from keybus.message import Message
 from keybus.transports.kafka.config import STEP_MARGIN, KafkaSettings, guard, guarded
-from keybus.transports.kafka.errors import error_code, is_fatal, reason, translate
+from keybus.transports.kafka.errors import (
+    error_code,
+    is_fatal,
+    protocol_conflict,
+    reason,
+    translate,
+)
 from keybus.transports.kafka.headers import RecordHeaders
 from keybus.transports.kafka.threads import OwnedThread
 
@@ -90,6 +108,9 @@ _PROBE_FRESH = 2.0
 # this: the loop still has to run the revoke's last steps, and a loaded loop may take a
 # while to get to them. Past it the callback goes on without the core.
 _LOOP_MARGIN = 1.0
+# librdkafka retries a refused join every 2-3 s while the refusal lasts: one without a
+# refusal for this long before it starts a new burst (so is logged again).
+_REFUSAL_QUIET = 30.0
 
 _ROUTINE_COMMIT_ERRORS = frozenset(
     {
@@ -111,8 +132,10 @@ class Feed(Protocol):
     stopped: bool
     pushed: int
     seq: int  # the subscription change that added the facade
-    rebalanced: asyncio.Event  # a rebalance including the facade's change completed
+    rebalanced: asyncio.Event  # a rebalance including the facade's change completed,
+    # or the group refused the join (then ``join_refused`` is set first)
     released: asyncio.Event  # the facade owns no partition any more
+    join_refused: KeybusError | None  # why the subscription could not start (loop side)
 
     @property
     def backlog(self) -> int:
@@ -161,6 +184,9 @@ class GroupConsumer:
         # the thread holds; ``holding`` (thread writes) tells the loop it should bother.
         self.drained = threading.Event()
         self.holding = False
+        # Refused joins (loop side): when the last came, and whether its burst was logged.
+        self._refused_at = -math.inf
+        self._refusal_logged = False
 
     # -- called by facades and the transport ------------------------------------------
 
@@ -273,12 +299,48 @@ class GroupConsumer:
     # -- notices from the thread, run on the loop (queued in order) --------------------
 
     def on_assigned(self, by_topic: dict[str, list[int]], seq: int) -> None:
+        self._refusal_logged = False  # joined: a later refusal is a new occurrence
         for facade in list(self.facades.values()):
             parts = by_topic.get(facade.topic)
             if parts:
                 facade.assign(parts)
             if facade.seq <= seq:
                 facade.rebalanced.set()
+
+    def on_join_refused(self, error: KafkaError, seq: int) -> None:
+        """The coordinator refused this member's join (``error``: the consume error
+        event, INCONSISTENT_GROUP_PROTOCOL); ``seq``: the last subscription change the
+        thread had applied. Subscriptions still starting fail now with the remedy (their
+        subscribe() raises it) instead of at ``assign_timeout``; those already running
+        get nothing while it lasts, which is logged once per burst of refusals."""
+        hint = protocol_conflict(self.settings.eager)
+        running: list[str] = []
+        for facade in list(self.facades.values()):
+            if not facade.rebalanced.is_set():
+                if facade.seq <= seq:  # a later change is refused by its own join
+                    facade.join_refused = translate(
+                        error, "subscribe", facade.topic, group=self.group, hint=hint
+                    )
+                    facade.rebalanced.set()
+            elif facade.join_refused is None and not facade.stopped:
+                running.append(facade.topic)
+        now = time.monotonic()
+        if now - self._refused_at > _REFUSAL_QUIET:
+            self._refusal_logged = False
+        self._refused_at = now
+        if running and not self._refusal_logged:
+            self._refusal_logged = True
+            log.error(
+                "keybus: Kafka group %s refused this consumer's join (%s): %s. Its "
+                "subscriptions to %s get no records until that changes (librdkafka "
+                "keeps retrying the join)",
+                self.group,
+                reason(error),
+                hint,
+                ", ".join(sorted(running)),
+            )
+        else:
+            log.debug("keybus: Kafka group %s refused the join: %s", self.group, reason(error))
 
     def on_released(self, topics: set[str]) -> None:
         for topic in topics:
@@ -316,6 +378,7 @@ class _ConsumerThread:
         self._reachable: bool | None = None  # see _probe
         self._probed_at = 0.0
         self._async_pending = False  # an asynchronous commit awaits its result
+        self._eager = group.settings.eager  # whole-assignment rebalance callbacks
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)`` on the loop (in order with every other notice)."""
@@ -477,11 +540,7 @@ class _ConsumerThread:
         chunk: list[Message] = []
         for record in records:
             if record.error() is not None:
-                error = record.error()
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning(
-                        "keybus: Kafka consumer of %s: %s", self._group.group, reason(error)
-                    )
+                self._on_error_event(record.error())
                 continue
             topic = record.topic()
             if topic != last_topic:
@@ -516,6 +575,15 @@ class _ConsumerThread:
                 self._call(facade.push, messages)
             # else: nobody consumes the topic any more; nothing is committed for it, so
             # the next owner of its partitions gets these records again.
+
+    def _on_error_event(self, error: KafkaError) -> None:
+        code = error.code()
+        if code == KafkaError.INCONSISTENT_GROUP_PROTOCOL:
+            # Queued behind every assignment notice so far (FIFO): the loop decides
+            # which subscriptions it concerns.
+            self._call(self._group.on_join_refused, error, self._applied_seq)
+        elif code != KafkaError._PARTITION_EOF:
+            log.warning("keybus: Kafka consumer of %s: %s", self._group.group, reason(error))
 
     # -- commits --------------------------------------------------------------------
 
@@ -624,7 +692,12 @@ class _ConsumerThread:
     # -- rebalance callbacks ----------------------------------------------------------
 
     def _on_assign(self, consumer: _RdConsumer, partitions: list[Any]) -> None:
-        consumer.incremental_assign(partitions)
+        # Eager: ``partitions`` is the whole new assignment (the revoke before the
+        # rebalance released everything); cooperative: what this rebalance adds.
+        if self._eager:
+            consumer.assign(partitions)
+        else:
+            consumer.incremental_assign(partitions)
         by_topic: dict[str, list[int]] = {}
         for tp in partitions:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
@@ -634,6 +707,12 @@ class _ConsumerThread:
             consumer.pause(paused)
         # Assignments reach the loop before any record of these partitions (FIFO).
         self._call(self._group.on_assigned, by_topic, self._applied_seq)
+
+    def _unassign(self, consumer: _RdConsumer, partitions: list[Any]) -> None:
+        if self._eager:
+            consumer.unassign()
+        else:
+            consumer.incremental_unassign(partitions)
 
     def _on_revoke(self, consumer: _RdConsumer, partitions: list[Any]) -> None:
         self._release(consumer, partitions, lost=False)
@@ -678,9 +757,10 @@ class _ConsumerThread:
                 if not owned:
                     del self._assigned[topic]
                     self._paused.discard(topic)
+        # Eager: ``partitions`` is the whole assignment, released at once.
         if lost:
             with contextlib.suppress(KafkaException):
-                consumer.incremental_unassign(partitions)
+                self._unassign(consumer, partitions)
         else:
-            consumer.incremental_unassign(partitions)
+            self._unassign(consumer, partitions)
         self._call(group.on_released, set(by_topic))

@@ -13,6 +13,7 @@ import collections
 
 from keybus._aio import cancel_and_wait, start_feeder, wait_event
 from keybus.deadline import Deadline
+from keybus.errors import KeybusError
 from keybus.message import Message
 from keybus.partitioning import Partition
 from keybus.transports.base import Consumer, Sink
@@ -41,6 +42,7 @@ class KafkaConsumer(Consumer):
         self.seq = 0
         self.rebalanced = asyncio.Event()
         self.released = asyncio.Event()
+        self.join_refused: KeybusError | None = None
         self._has_partitions = asyncio.Event()
         self._queue: collections.deque[list[Message]] = collections.deque()
         self._wake = asyncio.Event()
@@ -59,9 +61,12 @@ class KafkaConsumer(Consumer):
                 self.topic,
                 group=self._shared.group,
             )
-        if not self.owned:
+        if self.join_refused is not None:  # e.g. the group's members are sarama's (range)
+            raise self.join_refused
+        if not self.owned and not settings.eager:
             # Cooperative rebalancing hands a joining member its partitions in a second
             # round; a member may also rightly get none (more members than partitions).
+            # (Eager rebalancing hands out the whole assignment in one round.)
             await wait_event(self._has_partitions, deadline.within(settings.join_settle))
 
     @property
