@@ -415,13 +415,15 @@ class SubscriptionEngine:
 
     def _still_ours(self, work: Work) -> bool:
         """Whether a failed work may be retried or dead-lettered. Not once a revoke
-        abandoned it (the partition's next owner redoes it; returning leaves it undone),
+        abandoned it or its partition's ownership lapsed (the partition's next owner
+        redoes it; returning leaves it undone),
         nor once the subscription stopped — a handler that outlived the stop's
         cancellation must not retry, dead-letter into a closed transport or commit:
         BusClosedError leaves the work undone, to be redelivered."""
         if self._dispatcher.closed:
             raise BusClosedError("the subscription stopped; the message is redelivered")
-        return work.state == RUNNING
+        # A retry or a dead letter is work started anew: not past the ownership deadline.
+        return work.state == RUNNING and not (self._owned_until and self._lapsed(work))
 
     def _release(self, count: int) -> None:
         """``count`` works finished or were given up (0: tracked work was forgotten).

@@ -20,8 +20,9 @@ class Message:
     partition and offset).
     ``raw`` is the backend's native message object, an escape hatch for backend features.
     ``fence`` is the partition's ownership token: it increases every time the partition
-    changes owner (NATS: the revision of the group-state write that claimed the partition;
-    memory: the group's assignment count; Kafka: not yet, always 0), for handlers that
+    changes owner (Kafka: the group generation in which the partition was assigned to
+    this member; NATS: the revision of the group-state write that claimed the partition;
+    memory: the group's assignment count), for handlers that
     write elsewhere and must refuse a stale owner's write (compare-and-set on the fence;
     docs/api.md).
     """

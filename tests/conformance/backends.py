@@ -21,7 +21,8 @@ FEATURES = {
     "memory": Features(max_message_bytes=1_048_576),
     # librdkafka places keys with fnv1a_random (the transport's setting), as keybus and
     # the Go SDK's sarama do; if the transport changes it, partition_for changes here.
-    "kafka": Features(fences=False),
+    # The fence is the group generation in which the partition was assigned.
+    "kafka": Features(),
     # Leases per partition; a crashed pull task makes the member re-take its partition.
     # The fence is the revision of the group-state write that claimed the partition; the
     # limit is nats-server's default max_payload (payload plus header block).

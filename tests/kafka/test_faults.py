@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from inspect import CORO_SUSPENDED, getcoroutinestate
@@ -56,7 +57,7 @@ async def test_on_lost_cancels_running_handlers_at_once(
     shared = GroupConsumer(KafkaSettings(url=backend.url), "g")
     feed = KafkaConsumer(shared, "t", engine)
     shared.facades["t"] = feed
-    feed.assign([0])
+    feed.assign([0], math.inf)
     await engine.deliver([Message("t", b"x", "k", {}, 0, 5)])
     await eventually(started.is_set, what="handler running")
     rd = FakeRd()

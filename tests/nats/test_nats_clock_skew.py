@@ -13,7 +13,7 @@ import pytest
 import keybus
 from tests.conftest import Backend, BusFactory
 from tests.helpers import envelope, eventually
-from tests.nats.members import handled, member_process, overlaps
+from tests.members import handled, member_process, overlaps
 
 LEASE = {"lease_ttl": 1.5, "heartbeat": 0.3}
 DELAY = 0.003

@@ -15,6 +15,7 @@ from typing import Any
 from keybus.transports.kafka.errors import translate
 
 __all__ = [
+    "OWNERSHIP_MARGIN",
     "STEP_MARGIN",
     "KafkaSettings",
     "bootstrap_servers",
@@ -25,6 +26,11 @@ __all__ = [
 
 log = logging.getLogger("keybus.kafka")
 _librdkafka_log = logging.getLogger("keybus.kafka.librdkafka")
+
+OWNERSHIP_MARGIN = 1.0
+"""How much sooner than the coordinator could expire this member's session its own
+ownership deadline passes (seconds): the coordinator's clock and ours start the session
+at slightly different moments, and a loaded loop checks the deadline a little late."""
 
 STEP_MARGIN = 0.2
 """How long before its deadline a step of ours stops waiting: the core cuts a step off
@@ -134,7 +140,10 @@ class KafkaSettings:
 
     After construction, ``producer``, ``consumer`` and ``admin`` are the librdkafka
     configs (bootstrap servers from the URL, our defaults, the user's settings),
-    ``session_timeout`` the consumer's session timeout in seconds and ``eager`` whether
+    ``session_timeout`` the consumer's session timeout in seconds, ``ownership_window``
+    how long this member's ownership of its partitions is known to last after the
+    consumer thread last ran (see ``group_consumer``: the session timeout less a
+    heartbeat interval and :data:`OWNERSHIP_MARGIN`) and ``eager`` whether
     the consumer's assignor rebalances eagerly (:func:`is_eager`; e.g.
     ``consumer_config={"partition.assignment.strategy": "range"}``, how a keybus member
     joins a group of the Go services' sarama consumers).
@@ -153,6 +162,7 @@ class KafkaSettings:
     consumer: dict[str, Any] = field(init=False, repr=False)
     admin: dict[str, Any] = field(init=False, repr=False)
     session_timeout: float = field(init=False)
+    ownership_window: float = field(init=False)
     eager: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -183,4 +193,13 @@ class KafkaSettings:
             self.session_timeout = float(self.consumer.get("session.timeout.ms", 45000)) / 1000
         except (TypeError, ValueError):  # librdkafka rejects it when the consumer is made
             self.session_timeout = 45.0
+        try:
+            heartbeat = float(self.consumer.get("heartbeat.interval.ms", 3000)) / 1000
+        except (TypeError, ValueError):
+            heartbeat = 3.0
+        # The coordinator drops a member one session timeout after its last heartbeat;
+        # while the process runs, librdkafka's own thread heartbeats every interval. So a
+        # member seen running at T owned its partitions until at least T - heartbeat +
+        # session. (Never below a second: a tiny session would lapse under any load.)
+        self.ownership_window = max(1.0, self.session_timeout - heartbeat - OWNERSHIP_MARGIN)
         self.eager = is_eager(self.consumer)

@@ -33,6 +33,23 @@ range); librdkafka hands that to ``consume`` as an error event and retries the j
 which fails the subscriptions still starting (``SubscribeError`` with the remedy) and logs
 an ERROR, once per burst, for those already running: they get no records meanwhile.
 
+Ownership and fences. A member frozen (SIGSTOP, a VM pause) longer than its session has
+lost its partitions to another member by the time it resumes, but librdkafka tells us
+only later, inside a ``consume`` — meanwhile the loop would start the work it had
+queued, beside the new owner. So every partition goes to the core with an ownership
+deadline on this member's monotonic clock (``Sink.assign(valid_until=...)``), renewed
+while the consumer thread keeps running: a member seen running at ``T`` is still in the
+group until at least ``T + ownership_window`` (the session timeout less a heartbeat
+interval and a margin: librdkafka's own thread heartbeats meanwhile; a coordinator that
+stops answering is librdkafka's to notice, by its local session timeout and ``on_lost``).
+After a gap longer than that the thread renews nothing until it has proof of membership:
+a synchronous commit the coordinator accepts for the current generation. The core
+starts no message past the deadline; it gives such partitions up (``Consumer.lapsed``)
+and the thread re-takes them after that proof, seeking back to their done prefix, or
+librdkafka's rebalance callbacks take them away. Every record carries the group
+generation in which its partition was assigned to this member as ``Message.fence``: a
+partition's next owner was assigned it in a later generation, so its fence is larger.
+
 Commits. The core's commit only records ``offset + 1`` for the partition (the end of its
 contiguous done prefix). The thread commits what changed asynchronously every
 ``commit_interval`` seconds, synchronously on revoke, on ``flush`` and before leaving the
@@ -55,6 +72,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterable
@@ -111,6 +129,16 @@ _LOOP_MARGIN = 1.0
 # librdkafka retries a refused join every 2-3 s while the refusal lasts: one without a
 # refusal for this long before it starts a new burst (so is logged again).
 _REFUSAL_QUIET = 30.0
+# How often the thread passes a renewed ownership deadline to the loop (seconds); the
+# deadline itself is ``ownership_window`` ahead of the turn that computed it.
+_RENEW_EVERY = 0.5
+# How often a member whose ownership lapsed tries to prove it still belongs to the group.
+_RETAKE_EVERY = 0.5
+# librdkafka's serialised consumer group metadata (rd_kafka_consumer_group_metadata_write):
+# this magic, then the generation id as a native int32. confluent-kafka hands it out as
+# bytes and offers no accessor for the generation, which is the fence.
+_CGMD_MAGIC = b"CGMDv2:"
+_GENERATION = struct.Struct("=i")
 
 _ROUTINE_COMMIT_ERRORS = frozenset(
     {
@@ -141,7 +169,11 @@ class Feed(Protocol):
     def backlog(self) -> int:
         """Records handed over by the thread, not yet accepted by the core."""
 
-    def assign(self, partitions: list[int]) -> None: ...
+    def assign(self, partitions: list[int], valid_until: float) -> None: ...
+
+    def renew(self, valid_until: float) -> None: ...
+
+    def retake(self, partitions: list[int], valid_until: float) -> None: ...
 
     def push(self, messages: list[Message]) -> None: ...
 
@@ -149,6 +181,15 @@ class Feed(Protocol):
 
 
 FlushRequest = tuple[concurrent.futures.Future[None], Deadline]
+
+
+def generation_of(metadata: bytes | None) -> int:
+    """The group generation in librdkafka's serialised consumer group metadata (0 if it
+    cannot be read: an unknown layout, no generation yet)."""
+    if metadata and metadata.startswith(_CGMD_MAGIC) and len(metadata) >= 11:
+        generation: int = _GENERATION.unpack_from(metadata, len(_CGMD_MAGIC))[0]
+        return max(0, generation)
+    return 0
 
 
 class GroupConsumer:
@@ -178,6 +219,9 @@ class GroupConsumer:
         # Next offset to commit, per partition: the loop writes without the lock (see
         # record_commit), the thread copies it and pops revoked partitions.
         self.wanted: dict[tuple[str, int], int] = {}
+        # Partitions the core gave up when their ownership lapsed (loop adds, under lock;
+        # the thread takes them and re-takes them, or a rebalance takes them away).
+        self.lapsed: set[tuple[str, int]] = set()
         self.stop = threading.Event()  # set by shutdown
         self.stop_by = Deadline(math.inf)  # the stop's deadline, set before ``stop``
         # Set by the loop when a backlog drained (or anything else needs the thread) while
@@ -259,6 +303,13 @@ class GroupConsumer:
         if offset > wanted.get(tp, -1):
             wanted[tp] = offset
 
+    def note_lapsed(self, topic: str, partitions: Collection[int]) -> None:
+        """The core gave these partitions of ``topic`` up (their ownership lapsed): the
+        thread proves it still owns them and re-takes them, or they go in a rebalance."""
+        with self.lock:
+            self.lapsed.update((topic, p) for p in partitions)
+        self.drained.set()
+
     async def flush(self, deadline: Deadline) -> None:
         """Have the thread commit what was recorded, synchronously; wait for it until
         shortly before ``deadline``."""
@@ -298,14 +349,24 @@ class GroupConsumer:
 
     # -- notices from the thread, run on the loop (queued in order) --------------------
 
-    def on_assigned(self, by_topic: dict[str, list[int]], seq: int) -> None:
+    def on_assigned(self, by_topic: dict[str, list[int]], seq: int, valid_until: float) -> None:
         self._refusal_logged = False  # joined: a later refusal is a new occurrence
         for facade in list(self.facades.values()):
             parts = by_topic.get(facade.topic)
             if parts:
-                facade.assign(parts)
+                facade.assign(parts, valid_until)
             if facade.seq <= seq:
                 facade.rebalanced.set()
+
+    def on_renewed(self, valid_until: float) -> None:
+        for facade in list(self.facades.values()):
+            facade.renew(valid_until)
+
+    def on_retaken(self, by_topic: dict[str, list[int]], valid_until: float) -> None:
+        for topic, parts in by_topic.items():
+            facade = self.facades.get(topic)
+            if facade is not None:
+                facade.retake(parts, valid_until)
 
     def on_join_refused(self, error: KafkaError, seq: int) -> None:
         """The coordinator refused this member's join (``error``: the consume error
@@ -379,6 +440,16 @@ class _ConsumerThread:
         self._probed_at = 0.0
         self._async_pending = False  # an asynchronous commit awaits its result
         self._eager = group.settings.eager  # whole-assignment rebalance callbacks
+        # Ownership (see the module's docstring): the group generation each partition was
+        # assigned in (its fence), until when (time.monotonic()) this member is known to
+        # be in the group, when the loop was last told, and the partitions the core gave
+        # up that wait to be re-taken.
+        self._fences: dict[tuple[str, int], int] = {}
+        self._window = group.settings.ownership_window
+        self._valid_until = -math.inf
+        self._renewed_at = -math.inf
+        self._lapsed: set[tuple[str, int]] = set()
+        self._retake_at = -math.inf
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)`` on the loop (in order with every other notice)."""
@@ -394,12 +465,104 @@ class _ConsumerThread:
             coro.close()
             return
         try:
-            future.result(until.remaining())
+            while True:
+                # In slices: the thread still runs while it waits, so the member's
+                # ownership is still renewed (a revoke may wait for handlers a while).
+                self._keep_alive(time.monotonic())
+                try:
+                    future.result(min(_RENEW_EVERY, until.remaining()))
+                    break
+                except concurrent.futures.TimeoutError:
+                    if until.expired:
+                        raise
         except concurrent.futures.TimeoutError:
             future.cancel()
             log.error("keybus: rebalance step of group %s did not finish in time", group.group)
         except Exception:
             log.exception("keybus: rebalance step of group %s failed", group.group)
+
+    # -- ownership ------------------------------------------------------------------
+
+    def _keep_alive(self, now: float) -> None:
+        """The thread runs at ``now``: while it has run without a gap longer than the
+        ownership window, the member is still in the group, and its deadline moves on
+        (the loop is told every ``_RENEW_EVERY``). After such a gap it may not be: the
+        deadline stays where it was until :meth:`_retake` proves membership again."""
+        if now >= self._valid_until:
+            return
+        self._valid_until = now + self._window
+        if now - self._renewed_at >= _RENEW_EVERY:
+            self._renewed_at = now
+            self._call(self._group.on_renewed, self._valid_until)
+
+    def _retake(self, consumer: _RdConsumer) -> None:
+        """Re-take the partitions the core gave up when their ownership lapsed, if this
+        member still owns them: a synchronous commit of their done prefix that the
+        coordinator accepts proves membership of the current generation (a partition
+        that moved on would have been revoked first, or the commit refused). Then each is
+        sought back to its done prefix — records after it were dropped by the core — and
+        handed to the core again. Refused: the rebalance callbacks decide."""
+        group = self._group
+        with group.lock:
+            self._lapsed |= group.lapsed
+            group.lapsed.clear()
+        self._lapsed = {tp for tp in self._lapsed if tp[1] in self._assigned.get(tp[0], ())}
+        if not self._lapsed:
+            return
+        sent = time.monotonic()
+        try:
+            targets = self._done_prefix(consumer, self._lapsed)
+            offsets = [TopicPartition(t, p, o) for (t, p), o in targets.items()]
+            result = consumer.commit(offsets=offsets, asynchronous=False)
+            refused = [tp for tp in result or () if tp.error is not None]
+            if refused:
+                raise KafkaException(refused[0].error)
+            for tp in offsets:
+                consumer.seek(tp)
+        except Exception as exc:
+            log.info(
+                "keybus: group %s: partitions whose ownership lapsed not re-taken (yet): %s",
+                group.group,
+                reason(exc),
+            )
+            return
+        self._note_committed(offsets)
+        by_topic: dict[str, list[int]] = {}
+        for topic, partition in self._lapsed:
+            by_topic.setdefault(topic, []).append(partition)
+        self._lapsed.clear()
+        self._valid_until = sent + self._window
+        log.warning(
+            "keybus: group %s: re-took %s after their ownership lapsed (the member "
+            "stalled); resuming at their done prefix",
+            group.group,
+            {t: sorted(p) for t, p in by_topic.items()},
+        )
+        self._call(group.on_retaken, by_topic, self._valid_until)
+        self._renewed_at = sent
+        self._call(group.on_renewed, self._valid_until)
+
+    def _done_prefix(
+        self, consumer: _RdConsumer, partitions: Collection[tuple[str, int]]
+    ) -> dict[tuple[str, int], int]:
+        """Where each partition resumes: the end of its done prefix as the core reported
+        it, else its committed offset, else (never committed) its first offset."""
+        wanted = self._group.wanted
+        targets: dict[tuple[str, int], int] = {}
+        unknown: list[TopicPartition] = []
+        for tp in partitions:
+            offset = max(wanted.get(tp, -1), self._committed.get(tp, -1))
+            if offset >= 0:
+                targets[tp] = offset
+            else:
+                unknown.append(TopicPartition(*tp))
+        if unknown:
+            for found in consumer.committed(unknown, timeout=_PROBE_TIMEOUT * 2):
+                offset = found.offset
+                if offset < 0:
+                    offset, _ = consumer.get_watermark_offsets(found, timeout=_PROBE_TIMEOUT * 2)
+                targets[(found.topic, found.partition)] = offset
+        return targets
 
     def run(self, consumer: _RdConsumer) -> None:
         group = self._group
@@ -414,6 +577,10 @@ class _ConsumerThread:
                     self._apply_subscription(consumer)
                     self._serve_flushes(consumer)
                     now = time.monotonic()
+                    self._keep_alive(now)
+                    if (group.lapsed or self._lapsed) and now >= self._retake_at:
+                        self._retake_at = now + _RETAKE_EVERY
+                        self._retake(consumer)
                     if now >= next_commit:
                         next_commit = now + interval
                         self._commit(consumer, None, asynchronous=True)
@@ -538,6 +705,7 @@ class _ConsumerThread:
         by_topic: dict[str, list[Message]] = {}
         last_topic: str | None = None
         chunk: list[Message] = []
+        fences = self._fences
         for record in records:
             if record.error() is not None:
                 self._on_error_event(record.error())
@@ -555,16 +723,18 @@ class _ConsumerThread:
             else:
                 key = str(raw_key)
             kind, stamp = record.timestamp()
+            partition = record.partition()
             chunk.append(
                 Message(
                     topic,
                     record.value() or b"",
                     key,
                     RecordHeaders(record),
-                    record.partition(),
+                    partition,
                     record.offset(),
                     stamp / 1000.0 if kind else None,
                     record,
+                    fences.get((topic, partition), 0),
                 )
             )
         facades = self._group.facades
@@ -698,15 +868,20 @@ class _ConsumerThread:
             consumer.assign(partitions)
         else:
             consumer.incremental_assign(partitions)
+        fence = generation_of(consumer.consumer_group_metadata())
         by_topic: dict[str, list[int]] = {}
         for tp in partitions:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
             self._assigned.setdefault(tp.topic, set()).add(tp.partition)
+            self._fences[(tp.topic, tp.partition)] = fence
+            self._lapsed.discard((tp.topic, tp.partition))  # assigned anew: fetched afresh
         paused = [tp for tp in partitions if tp.topic in self._paused]
         if paused:
             consumer.pause(paused)
+        # Being handed an assignment proves membership of the current generation.
+        self._valid_until = time.monotonic() + self._window
         # Assignments reach the loop before any record of these partitions (FIFO).
-        self._call(self._group.on_assigned, by_topic, self._applied_seq)
+        self._call(self._group.on_assigned, by_topic, self._applied_seq, self._valid_until)
 
     def _unassign(self, consumer: _RdConsumer, partitions: list[Any]) -> None:
         if self._eager:
@@ -749,7 +924,10 @@ class _ConsumerThread:
         with group.lock:
             for tp in revoked:
                 group.wanted.pop(tp, None)
+                group.lapsed.discard(tp)
                 self._committed.pop(tp, None)
+                self._fences.pop(tp, None)
+                self._lapsed.discard(tp)
         for topic, parts in by_topic.items():
             owned = self._assigned.get(topic)
             if owned is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Collection
 
 from keybus._aio import cancel_and_wait, start_feeder, wait_event
 from keybus.deadline import Deadline
@@ -79,11 +80,36 @@ class KafkaConsumer(Consumer):
 
     # -- called on the loop by the group consumer -------------------------------------
 
-    def assign(self, partitions: list[int]) -> None:
+    def assign(self, partitions: list[int], valid_until: float) -> None:
         self.owned.update(partitions)
         self.released.clear()
         self._has_partitions.set()
-        self._sink.assign([(self.topic, p) for p in partitions])
+        self._sink.assign([(self.topic, p) for p in partitions], valid_until=valid_until)
+
+    def renew(self, valid_until: float) -> None:
+        if self.owned and not self.stopped:
+            self._sink.renew([(self.topic, p) for p in self.owned], valid_until)
+
+    def retake(self, partitions: list[int], valid_until: float) -> None:
+        """The thread re-took these partitions after their ownership lapsed, sought back
+        to their done prefix: records of them still queued here were fetched before the
+        seek (the core would take them out of order), so they go."""
+        if self.stopped:
+            return
+        self._drop_queued(set(partitions))
+        owned = [p for p in partitions if p in self.owned]
+        if owned:
+            self._sink.assign([(self.topic, p) for p in owned], valid_until=valid_until)
+
+    def _drop_queued(self, partitions: set[int]) -> None:
+        """Records of ``partitions`` not yet handed to the core never will be."""
+        kept: collections.deque[list[Message]] = collections.deque()
+        for chunk in self._queue:
+            rest = [m for m in chunk if m.partition not in partitions]
+            self.taken += len(chunk) - len(rest)
+            if rest:
+                kept.append(rest)
+        self._queue = kept
 
     def push(self, messages: list[Message]) -> None:
         if self.stopped:
@@ -94,14 +120,7 @@ class KafkaConsumer(Consumer):
 
     async def revoke(self, partitions: list[int], deadline: Deadline) -> None:
         revoked = set(partitions)
-        # Records of these partitions not yet handed to the core never will be.
-        kept: collections.deque[list[Message]] = collections.deque()
-        for chunk in self._queue:
-            rest = [m for m in chunk if m.partition not in revoked]
-            self.taken += len(chunk) - len(rest)
-            if rest:
-                kept.append(rest)
-        self._queue = kept
+        self._drop_queued(revoked)
         try:
             await self._sink.revoke([(self.topic, p) for p in partitions], deadline)
         finally:
@@ -131,6 +150,10 @@ class KafkaConsumer(Consumer):
                     shared.drained.set()
 
     # -- Consumer interface -----------------------------------------------------------
+
+    def lapsed(self, partitions: Collection[Partition]) -> None:
+        self._drop_queued({p for _, p in partitions})
+        self._shared.note_lapsed(self.topic, [p for _, p in partitions])
 
     def commit(self, message: Message) -> None:
         partition = message.partition

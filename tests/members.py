@@ -1,4 +1,4 @@
-"""Group members in processes of their own (``tests/nats/member_proc.py``), and what their
+"""Group members in processes of their own (``tests/member_proc.py``), and what their
 handlers did: one :class:`Span` per handler run, with its partition, offset, fence and
 ``CLOCK_MONOTONIC`` start and end, comparable across processes on this machine."""
 
@@ -19,7 +19,7 @@ from typing import Any
 import keybus
 from tests.conftest import Backend
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Member:
         self.spans: list[Span] = []
         self._running: dict[tuple[int, int], Span] = {}
         self.ready = asyncio.Event()
+        self.ticked = 0.0  # when its event loop last ran (``time.monotonic()``)
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -54,6 +55,8 @@ class Member:
             parts = line.decode().split()
             if parts == ["ready"]:
                 self.ready.set()
+            elif len(parts) == 2 and parts[0] == "tick":
+                self.ticked = float(parts[1])
             elif len(parts) == 7:
                 what, partition, offset, fence, key, version, moment = parts
                 where = (int(partition), int(offset))
@@ -90,7 +93,7 @@ async def member_process(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.nats.member_proc",
+        "tests.member_proc",
         backend.url,
         topic,
         group,

@@ -1,12 +1,14 @@
 """A group member process for the fault tests::
 
-    python -m tests.nats.member_proc URL TOPIC GROUP OPTIONS_JSON
+    python -m tests.member_proc URL TOPIC GROUP OPTIONS_JSON
 
 ``OPTIONS_JSON``: ``shift`` (seconds added to ``time.time()`` for the whole process,
 from its start: a wall clock that is wrong), ``delay`` (seconds each handler takes,
 awaited), and any ``keybus.connect`` options (``lease_ttl``, ``heartbeat``, ...).
 
-Prints ``ready`` once subscribed, then for every handler run two lines, flushed at once::
+Prints ``ready`` once subscribed, ``tick <time.monotonic()>`` every 0.1 s while its event
+loop runs (so the parent knows when a resumed process ran again), and for every handler
+run two lines, flushed at once::
 
     start <partition> <offset> <fence> <aggregate> <version> <time.monotonic()>
     end   <partition> <offset> <fence> <aggregate> <version> <time.monotonic()>
@@ -58,7 +60,10 @@ async def main(url: str, topic: str, group: str, options: dict[str, Any]) -> Non
         await bus.subscribe_envelope(topic, handler, max_concurrency=64)
         sys.stdout.write("ready\n")
         sys.stdout.flush()
-        await asyncio.Event().wait()  # until killed
+        while True:  # until killed
+            await asyncio.sleep(0.1)
+            sys.stdout.write(f"tick {time.monotonic():.6f}\n")
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""Kafka: a member whose consumer thread stalls longer than its ownership window while
+librdkafka keeps its session (heartbeats run on librdkafka's own thread) has its
+partitions' ownership lapse in the core — their queued work dropped — and then re-takes
+them after the coordinator accepted a commit, resuming at their done prefix: every
+message handled, each key in order, under the same fence (the member never left the
+group). The fence itself is the group generation of the partition's assignment."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import keybus
+from keybus.partitioning import key_partition
+from keybus.transports.kafka.group_consumer import generation_of
+from tests.conftest import Backend, BusFactory
+from tests.helpers import envelope, eventually
+
+STALL = 5.5  # > the ownership window with the default 6 s session (6 - 0.25 - 1.0 s)
+
+
+def test_the_fence_is_read_from_librdkafkas_group_metadata() -> None:
+    assert generation_of(b"CGMDv2:" + (7).to_bytes(4, "little") + b"g\x00m\x00\x01") == 7
+    assert generation_of(b"CGMDv2:\xff\xff\xff\xffg\x00\x00\x01") == 0  # no generation yet
+    assert generation_of(b"CGMDv9:junk") == 0
+    assert generation_of(None) == 0
+
+
+@pytest.mark.slow
+async def test_a_stalled_consumer_thread_lapses_its_partitions_then_retakes_them_in_order(
+    open_bus: BusFactory, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    stall = threading.Event()
+    stalled = threading.Event()
+
+    def stats(_: Any) -> None:
+        # Runs on the consumer thread, inside consume(): while it sleeps the thread turns
+        # no more (as in a process frozen between two heartbeats), but librdkafka's own
+        # threads go on heartbeating, so the member stays in the group.
+        if stall.is_set():
+            stall.clear()
+            time.sleep(STALL)
+            stalled.set()
+
+    topic = backend.topic("lapse")
+    bus = await open_bus(
+        group=topic,
+        consumer_config={"statistics.interval.ms": 200, "stats_cb": stats},
+    )
+    await bus.ensure_topic(topic, keybus.TopicConfig(partitions=2))
+    keys = [k for k in (f"agg-{i}" for i in range(40)) if key_partition(k, 2) == 0][:2]
+    keys += [k for k in (f"agg-{i}" for i in range(40)) if key_partition(k, 2) == 1][:2]
+    seen: list[tuple[str, int, int]] = []  # (key, version, fence) in the order started
+
+    async def handler(env: keybus.Envelope) -> None:
+        seen.append((env.aggregate_id, env.event_version, keybus.current_delivery().fence))
+        await asyncio.sleep(0.002)
+
+    await bus.subscribe_envelope(topic, handler)
+
+    async def produce(versions: range) -> None:
+        for version in versions:
+            await asyncio.gather(*(bus.publish_envelope(topic, envelope(k, version)) for k in keys))
+
+    await produce(range(1, 51))
+    await eventually(lambda: len({(k, v) for k, v, _ in seen}) == 4 * 50, what="first half")
+    (fence,) = {f for _, _, f in seen}
+    assert fence > 0, "the fence is the group generation"
+    caplog.set_level(logging.INFO, logger="keybus")
+    stall.set()
+    await eventually(lambda: not stall.is_set(), what="the consumer thread stalling")
+    # Published while the thread sleeps: fetched after it, past the ownership deadline.
+    await produce(range(51, 101))
+    await eventually(stalled.is_set, what="the stall ending", timeout=STALL + 10)
+    everything = {(k, v) for k in keys for v in range(1, 101)}
+    await eventually(
+        lambda: {(k, v) for k, v, _ in seen} >= everything, what="every envelope", timeout=30
+    )
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("lapsed" in m for m in messages), "the ownership lapsed in the core"
+    assert any("re-took" in m for m in messages), "the member re-took its partitions"
+    for key in keys:
+        first: dict[int, int] = {}
+        for index, (k, version, _) in enumerate(seen):
+            if k == key:
+                first.setdefault(version, index)
+        order = sorted(first, key=first.__getitem__)
+        assert order == list(range(1, 101)), f"{key} first handled out of order: {order}"
+    assert {f for _, _, f in seen} == {fence}, "the same member, the same fence"
