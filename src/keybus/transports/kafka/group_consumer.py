@@ -450,6 +450,7 @@ class _ConsumerThread:
         self._renewed_at = -math.inf
         self._lapsed: set[tuple[str, int]] = set()
         self._retake_at = -math.inf
+        self._retake_refused = False  # the last re-take was refused (logged once)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)`` on the loop (in order with every other notice)."""
@@ -495,6 +496,14 @@ class _ConsumerThread:
             self._renewed_at = now
             self._call(self._group.on_renewed, self._valid_until)
 
+    def _generation(self, consumer: _RdConsumer) -> int:
+        """The group's current generation: the fence of what this rebalance assigns."""
+        try:
+            return generation_of(consumer.consumer_group_metadata())
+        except Exception as exc:  # never keep an assignment from the core over a fence
+            log.warning("keybus: group %s: no generation for the fence: %s", self._group.group, exc)
+            return 0
+
     def _retake(self, consumer: _RdConsumer) -> None:
         """Re-take the partitions the core gave up when their ownership lapsed, if this
         member still owns them: a synchronous commit of their done prefix that the
@@ -510,6 +519,10 @@ class _ConsumerThread:
         if not self._lapsed:
             return
         sent = time.monotonic()
+        # A commit to a coordinator that does not answer blocks until the session times
+        # out: ask (briefly) whether the broker answers first.
+        if not self._probe(consumer, Deadline.after(1.0)):
+            return
         try:
             targets = self._done_prefix(consumer, self._lapsed)
             offsets = [TopicPartition(t, p, o) for (t, p), o in targets.items()]
@@ -520,12 +533,16 @@ class _ConsumerThread:
             for tp in offsets:
                 consumer.seek(tp)
         except Exception as exc:
-            log.info(
+            # The rebalance that follows (on_lost, a new assignment) decides; say so once.
+            log.log(
+                logging.DEBUG if self._retake_refused else logging.INFO,
                 "keybus: group %s: partitions whose ownership lapsed not re-taken (yet): %s",
                 group.group,
                 reason(exc),
             )
+            self._retake_refused = True
             return
+        self._retake_refused = False
         self._note_committed(offsets)
         by_topic: dict[str, list[int]] = {}
         for topic, partition in self._lapsed:
@@ -868,7 +885,7 @@ class _ConsumerThread:
             consumer.assign(partitions)
         else:
             consumer.incremental_assign(partitions)
-        fence = generation_of(consumer.consumer_group_metadata())
+        fence = self._generation(consumer)
         by_topic: dict[str, list[int]] = {}
         for tp in partitions:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
