@@ -45,11 +45,16 @@ _ATTEMPT_ERRORS: tuple[type[BaseException], ...] = (KeybusError, *NATS_ERRORS)
 
 @dataclass(frozen=True, slots=True)
 class Stream:
-    """What a topic is on the server: its stream, subject prefix and partition count."""
+    """What a topic is on the server: its stream, and the subject of each partition
+    (``kb.<token>.<p>`` in keybus's layout; the topic itself, one partition, in the
+    subject layout)."""
 
     name: str
-    subject_base: str
-    partitions: int
+    subjects: tuple[str, ...]
+
+    @property
+    def partitions(self) -> int:
+        return len(self.subjects)
 
 
 class Member(Protocol):

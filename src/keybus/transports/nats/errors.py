@@ -30,9 +30,11 @@ from keybus.errors import Action, BusClosedError, KeybusError, PublishError, err
 
 __all__ = [
     "NATS_ERRORS",
+    "OVERLAP",
     "PERMANENT_REFUSALS",
     "Action",
     "Duplicate",
+    "Overlap",
     "Unsent",
     "closed",
     "is_permanent",
@@ -49,6 +51,10 @@ PERMANENT_REFUSALS = frozenset({10054, 10097})
 cannot succeed: ``message size exceeds maximum allowed`` (the stream's ``max_msg_size``)
 and ``header size exceeds maximum allowed of 64k``."""
 
+OVERLAP = 10065
+"""JetStream's ``subjects overlap with an existing stream``: a stream of another name
+already stores a subject the new stream would."""
+
 DUPLICATE_REASON = "duplicate of an event published within the de-duplication window"
 
 
@@ -59,6 +65,30 @@ class Duplicate(nats.errors.Error):
 
     def __str__(self) -> str:
         return DUPLICATE_REASON
+
+
+class Overlap(nats.errors.Error):
+    """Creating a subject-layout topic's stream failed because another stream already
+    stores its subject (JetStream error 10065): the server's words, the stream that holds
+    the subject (when the server names it) and the remedy. The server's ``APIError`` is
+    kept as ``api_error`` (and chained as the cause)."""
+
+    def __init__(
+        self, api_error: nats.js.errors.APIError, subject: str, holder: str | None
+    ) -> None:
+        super().__init__()
+        self.api_error = api_error
+        self.subject = subject
+        self.holder = holder
+
+    def __str__(self) -> str:
+        text = reason(self.api_error)
+        if self.holder is None:
+            return text
+        return (
+            f"{text}: stream {self.holder} already stores subject {self.subject} "
+            f"(use it: SubjectLayout(stream={self.holder!r}, subjects=<its subjects>))"
+        )
 
 
 class Unsent(nats.errors.ConnectionClosedError):

@@ -498,7 +498,7 @@ class GroupMember(Consumer):
             api.ConsumerConfig(
                 name=name,
                 durable_name=name,
-                filter_subject=f"{stream.subject_base}.{partition}",
+                filter_subject=stream.subjects[partition],
                 ack_policy=api.AckPolicy.ALL,
                 deliver_policy=(
                     api.DeliverPolicy.BY_START_SEQUENCE if floor else api.DeliverPolicy.ALL

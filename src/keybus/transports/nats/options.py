@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from keybus.transports.nats.layout import SubjectLayout, SubjectTopics
 
 __all__ = ["NatsOptions"]
 
@@ -20,7 +23,11 @@ class NatsOptions:
     when set (the ``Nats-Msg-Id`` header and the duplicate window of streams this bus
     creates), and a publish the server found a duplicate raises ``PublishError``.
     ``replace_timeout``: how long the transport tries to replace a connection nats-py
-    closed for good before it declares itself failed.
+    closed for good before it declares itself failed. ``subject_topics``: the topics laid
+    out as the Go SDK lays them out (the subject is the topic, one partition, the stream
+    a Go service with the same config uses): topic names or patterns (``orders``,
+    ``business.>``, ``>``), each mapped to a :class:`~.layout.SubjectLayout` or listed
+    alone (the Go SDK's default stream config); see :class:`~.layout.SubjectTopics`.
     """
 
     publish_timeout: float = 10.0
@@ -36,6 +43,8 @@ class NatsOptions:
     max_pending_publishes: int = 8192
     api_timeout: float = 5.0
     replace_timeout: float = 30.0
+    subject_topics: Mapping[str, SubjectLayout] | Iterable[str] | None = None
+    layouts: SubjectTopics = field(init=False, repr=False, compare=False)
 
     @property
     def duplicate_window(self) -> float | None:
@@ -55,3 +64,6 @@ class NatsOptions:
             raise ValueError("dedupe_window must be positive (or None: off)")
         if not self.replace_timeout > 0:
             raise ValueError("replace_timeout must be positive")
+        topics = self.subject_topics
+        layouts = topics if isinstance(topics, SubjectTopics) else SubjectTopics(topics)
+        object.__setattr__(self, "layouts", layouts)

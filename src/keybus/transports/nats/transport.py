@@ -4,7 +4,9 @@ Layout on the server (see ``docs/nats.md`` for the why and the cost):
 
 * a topic is one stream ``KB_<token>`` over subjects ``kb.<token>.<partition>``; a
   record's partition is a hash of its key (like Kafka and the memory backend), so one
-  partition is a strictly ordered sub-stream;
+  partition is a strictly ordered sub-stream; a topic in ``subject_topics`` is instead
+  the subject named like it, in the stream a Go service with the same config uses — one
+  partition (:mod:`.layout`, :mod:`.streams`);
 * a group reads a partition through one durable pull consumer
   ``<group>_p<partition>_<epoch>`` (a new epoch per take-over) with ``AckPolicy.ALL``:
   committing "the contiguous done prefix ends at seq S" is one ack;
@@ -22,14 +24,13 @@ Everything else — order per key, retries, dead letters, done-tracking — is t
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from itertools import count
 from typing import Any
 
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.js import api
+from nats.js import JetStreamContext
 
 from keybus.deadline import Deadline
 from keybus.errors import ConnectError, KeybusError, PublishError
@@ -37,18 +38,16 @@ from keybus.partitioning import partition_for
 from keybus.topics import TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
 from keybus.transports.nats.bucket import forget_topic
-from keybus.transports.nats.client import Connection, Stream, close_client
+from keybus.transports.nats.client import Connection, close_client
 from keybus.transports.nats.errors import NATS_ERRORS, Unsent, translate
 from keybus.transports.nats.group import GroupMember
 from keybus.transports.nats.headers import encode_headers
-from keybus.transports.nats.names import stream_name, subject_base
 from keybus.transports.nats.options import NatsOptions
 from keybus.transports.nats.publisher import Publisher
+from keybus.transports.nats.streams import Streams
 
 __all__ = ["NatsTransport"]
 
-_PARTITIONS_META = "keybus.partitions"
-_TOPIC_META = "keybus.topic"
 # Shares of the close deadline (the time left when close begins; 5 s from the core):
 # outstanding PubAcks drain for at most the first, nats-py's own close gets the second,
 # and the rest is room for the abort path — local, and what releases the socket when the
@@ -69,13 +68,17 @@ class NatsTransport(Transport):
             self.options = NatsOptions(**options)
         except TypeError as exc:
             raise TypeError(f"unknown options for nats://: {exc}") from None
-        self._conn = Connection(url, self.options, self._stream)
+        self._streams = Streams(self._live, self.options)
+        self._conn = Connection(url, self.options, self._streams.lookup)
         self._conn.on_open = self._open_publisher
         self._conn.on_lost = self._drop_publisher
         self._publisher: Publisher | None = None
         self._dedupe = self.options.dedupe_window is not None
-        self._topics: dict[str, Stream] = {}
+        self._topics = self._streams.known  # topic -> Stream: the publish path's cache
         self._round_robin = count()
+
+    def _live(self) -> tuple[NatsClient, JetStreamContext]:
+        return self._conn.live()
 
     @property
     def reconnects(self) -> int:
@@ -144,60 +147,14 @@ class NatsTransport(Transport):
 
     async def ensure_topic(self, topic: str, config: TopicConfig) -> None:
         try:
-            await self._ensure(topic, config)
+            await self._streams.ensure(topic, config)
         except NATS_ERRORS as exc:
             raise translate(exc, "create", topic) from exc
 
-    async def _ensure(self, topic: str, config: TopicConfig) -> Stream:
-        _, js = self._conn.live()
-        name = stream_name(topic)
-        partitions = max(1, config.partitions)
-        # persistent: file storage, kept by limits (age) — survives restarts and crashes.
-        # ephemeral: memory storage — faster, gone when the server restarts.
-        stream = api.StreamConfig(
-            name=name,
-            subjects=[f"{subject_base(topic)}.*"],
-            retention=api.RetentionPolicy.LIMITS,
-            storage=api.StorageType.MEMORY if config.ephemeral else api.StorageType.FILE,
-            max_age=config.retention_seconds,
-            num_replicas=max(1, config.replication_factor),
-            # Off (None): the server's default, which never applies without Nats-Msg-Id.
-            duplicate_window=self.options.dedupe_window or 0,
-            compression=api.StoreCompression.S2 if config.compression else None,
-            metadata={_TOPIC_META: topic, _PARTITIONS_META: str(partitions)},
-        )
-        try:
-            info = await js.add_stream(stream)
-        except nats.js.errors.BadRequestError:
-            # It exists with other settings. The partition count of an existing topic is
-            # kept: changing it would move keys to other partitions and break their order.
-            info = await js.stream_info(name)
-        return self._remember(topic, info)
-
-    def _remember(self, topic: str, info: api.StreamInfo) -> Stream:
-        metadata = info.config.metadata or {}
-        partitions = int(metadata.get(_PARTITIONS_META, "1"))
-        known = Stream(info.config.name or stream_name(topic), subject_base(topic), partitions)
-        self._topics[topic] = known
-        return known
-
-    async def _stream(self, topic: str) -> Stream:
-        """The topic's stream, from the cache or the server; raises NATS errors (the
-        caller translates them for what it was doing)."""
-        known = self._topics.get(topic)
-        if known is not None:
-            return known
-        _, js = self._conn.live()
-        try:
-            return self._remember(topic, await js.stream_info(stream_name(topic)))
-        except nats.js.errors.NotFoundError:
-            # Publishing to a topic nobody created yet creates it (as Kafka auto-creates).
-            return await self._ensure(topic, TopicConfig())
-
     async def describe_topic(self, topic: str) -> TopicInfo:
-        _, js = self._conn.live()
+        self._conn.live()
         try:
-            known = self._remember(topic, await js.stream_info(stream_name(topic)))
+            known = await self._streams.find(topic)
         except nats.js.errors.NotFoundError as exc:
             raise translate(exc, "describe", topic, context="no such topic") from exc
         except NATS_ERRORS as exc:
@@ -206,10 +163,8 @@ class NatsTransport(Transport):
 
     async def delete_topic(self, topic: str) -> None:
         _, js = self._conn.live()
-        self._topics.pop(topic, None)
         try:
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await js.delete_stream(stream_name(topic))
+            await self._streams.delete(topic)
             await forget_topic(js, topic)
         except NATS_ERRORS as exc:
             raise translate(exc, "delete", topic) from exc
@@ -223,7 +178,7 @@ class NatsTransport(Transport):
         if publisher is None:
             publisher = await self._wait_for_publisher(topic)
         try:
-            info = self._topics.get(topic) or await self._stream(topic)
+            info = self._topics.get(topic) or await self._streams.lookup(topic)
         except NATS_ERRORS as exc:
             raise translate(exc, "publish", topic, context="cannot look up its stream") from exc
         partition = partition_for(key, info.partitions, self._round_robin)
@@ -242,7 +197,7 @@ class NatsTransport(Transport):
         block += sum(map(len, nats_headers.values()))
         if size + block > publisher.max_payload or block > _MAX_HEADER_BLOCK:
             raise self._too_large(topic, size, block, publisher.max_payload)
-        subject = f"{info.subject_base}.{partition}"
+        subject = info.subjects[partition]
         try:
             # Many publishes in flight on one reply subscription, each resolved by its
             # own PubAck — no round trip per message.
