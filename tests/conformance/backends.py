@@ -1,18 +1,27 @@
 """The backends this repository runs the conformance kit on, each with its features, and
 which of them are enabled (``KEYBUS_BACKENDS``: memory only by default; ``make test``
-sets ``memory,kafka,nats``; ``KEYBUS_KAFKA_URL`` / ``KEYBUS_NATS_URL`` move the brokers)."""
+sets ``memory,kafka,nats``; ``KEYBUS_KAFKA_URL`` / ``KEYBUS_NATS_URL`` move the brokers).
+
+``nats-subject`` is NATS with every topic in the Go SDK's subject layout (the
+``subject_topics`` option): it runs on the same server wherever ``nats`` does, or alone
+when ``KEYBUS_BACKENDS`` names it."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
+import keybus
 from keybus.bench.scenario import backend_url
 from keybus.testing.conformance import Backend, Features
 from keybus.testing.conformance.helpers import unused_port
 
-ALL_BACKENDS = ("memory", "kafka", "nats")
+ALL_BACKENDS = ("memory", "kafka", "nats", "nats-subject")
+# The URL scheme of "nats-subject": a NATS transport with every topic in the subject
+# layout, registered by register_nats_subject() (suite tests connect by URL alone).
+NATS_SUBJECT_SCHEME = "natssubject"
 
 FEATURES = {
     # A partitioned log in the process, shaped like Kafka: groups, rebalances, committed
@@ -27,7 +36,27 @@ FEATURES = {
     # The fence is the revision of the group-state write that claimed the partition; the
     # limit is nats-server's default max_payload (payload plus header block).
     "nats": Features(retakes_crashed_partition=True, max_message_bytes=1_048_576),
+    # The same transport, every topic one subject (one partition): a group has one active
+    # member, the others stand by; every key on partition 0.
+    "nats-subject": Features(
+        single_active_member=True,
+        partition_for=lambda key, partitions: 0,
+        retakes_crashed_partition=True,
+        max_message_bytes=1_048_576,
+    ),
 }
+
+
+def register_nats_subject() -> None:
+    """Serve ``natssubject://host:port`` with a NATS transport (on that server) that
+    lays out every topic (``>``) as the Go SDK does."""
+    from keybus.transports.nats import NatsTransport, SubjectLayout
+
+    def factory(url: str, **options: Any) -> NatsTransport:
+        # (The transport connects to nats://host:port whatever the URL's scheme.)
+        return NatsTransport(url, subject_topics={">": SubjectLayout()}, **options)
+
+    keybus.register_transport(NATS_SUBJECT_SCHEME, factory)
 
 
 def enabled_backends() -> list[str]:
@@ -37,6 +66,8 @@ def enabled_backends() -> list[str]:
     unknown = set(names) - set(ALL_BACKENDS)
     if unknown:
         raise pytest.UsageError(f"unknown backends in KEYBUS_BACKENDS: {sorted(unknown)}")
+    if "nats" in names and "nats-subject" not in names:
+        names.append("nats-subject")  # the same server, the other layout
     return [b for b in names if b]
 
 
@@ -49,6 +80,11 @@ def skip_unless_enabled(name: str) -> None:
 def descriptor(name: str) -> Backend:
     """The backend ``name`` under test: its URL (a fresh broker name for memory), its
     features and, for a broker, a URL of its scheme on a port nothing listens on."""
+    if name == "nats-subject":
+        register_nats_subject()
+        url = f"{NATS_SUBJECT_SCHEME}://" + backend_url("nats").split("://", 1)[1]
+        unreachable = f"{NATS_SUBJECT_SCHEME}://127.0.0.1:{unused_port()}"
+        return Backend(name, url, FEATURES[name], unreachable)
     url = backend_url(name)
     unreachable = None if name == "memory" else f"{name}://127.0.0.1:{unused_port()}"
     return Backend(name, url, FEATURES[name], unreachable)

@@ -34,6 +34,13 @@ class Features:
     resumes at the first message not committed, including one whose handler never
     finished when the previous member closed."""
 
+    single_active_member: bool = False
+    """A topic is one partition and a group has one active member on it at a time (NATS
+    topics in the Go SDK's subject layout: one subject): a member that joins while another
+    is active takes nothing until that one leaves, then takes over. Tests that need two
+    members sharing a topic close the first member instead, and a topic created with
+    more partitions has one (:meth:`topic_partitions`)."""
+
     retakes_crashed_partition: bool = False
     """After a crash inside the core's intake (a keybus bug), the backend re-takes the
     partition and delivers the message again, instead of only reporting the crash (the
@@ -58,6 +65,10 @@ class Features:
     handover_timeout: float = 20.0
     """Seconds within which a partition reaches another member: one joining mid-stream,
     a successor after a close, a re-take after a crash. The suite's deadline for those."""
+
+    def topic_partitions(self, requested: int) -> int:
+        """The partitions a topic created with ``TopicConfig(partitions=requested)`` has."""
+        return 1 if self.single_active_member else requested
 
     @classmethod
     def flags(cls) -> frozenset[str]:

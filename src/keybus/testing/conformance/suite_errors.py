@@ -49,7 +49,8 @@ class ErrorsSuite(BackendFixtures):
         bus = await open_bus()
         topic = backend.topic()
         await bus.ensure_topic(topic, keybus.TopicConfig(partitions=2))
-        assert await bus.describe_topic(topic) == keybus.TopicInfo(topic, 2)
+        partitions = backend.features.topic_partitions(2)
+        assert await bus.describe_topic(topic) == keybus.TopicInfo(topic, partitions)
         missing = backend.topic("missing")
         with pytest.raises(keybus.TopicError) as info:
             await bus.describe_topic(missing)

@@ -68,27 +68,28 @@ class Duplicate(nats.errors.Error):
 
 
 class Overlap(nats.errors.Error):
-    """Creating a subject-layout topic's stream failed because another stream already
-    stores its subject (JetStream error 10065): the server's words, the stream that holds
-    the subject (when the server names it) and the remedy. The server's ``APIError`` is
-    kept as ``api_error`` (and chained as the cause)."""
+    """Creating a topic's stream failed because another stream already stores its
+    subject (JetStream error 10065): the server's words, the stream that holds the
+    subject (when the server names it) and — for a subject-layout topic (``hint``) — how
+    to use that stream. The server's ``APIError`` is ``api_error`` (and the cause)."""
 
     def __init__(
-        self, api_error: nats.js.errors.APIError, subject: str, holder: str | None
+        self, api_error: nats.js.errors.APIError, subject: str, holder: str | None, *, hint: bool
     ) -> None:
         super().__init__()
         self.api_error = api_error
         self.subject = subject
         self.holder = holder
+        self.hint = hint
 
     def __str__(self) -> str:
         text = reason(self.api_error)
         if self.holder is None:
             return text
-        return (
-            f"{text}: stream {self.holder} already stores subject {self.subject} "
-            f"(use it: SubjectLayout(stream={self.holder!r}, subjects=<its subjects>))"
-        )
+        text = f"{text}: stream {self.holder} already stores subject {self.subject}"
+        if self.hint:
+            text += f" (to use it: SubjectLayout(stream={self.holder!r}, subjects=<its subjects>))"
+        return text
 
 
 class Unsent(nats.errors.ConnectionClosedError):

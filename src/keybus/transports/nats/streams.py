@@ -113,8 +113,8 @@ class Streams:
         try:
             await js.add_stream(self._config(name, subjects, config, metadata))
         except nats.js.errors.BadRequestError as exc:
-            if exc.err_code == OVERLAP and layout is not None:
-                raise await self._overlap(js, topic, exc) from exc
+            if exc.err_code == OVERLAP:
+                raise await _overlap(js, subjects[0], exc, hint=layout is not None) from exc
             # It exists with other settings (kept, above), or meanwhile (a Go service
             # made it): use it. Anything else is the server's refusal, reported as is.
             try:
@@ -140,17 +140,6 @@ class Streams:
             compression=api.StoreCompression.S2 if config.compression else None,
             metadata=metadata,
         )
-
-    @staticmethod
-    async def _overlap(
-        js: JetStreamContext, topic: str, exc: nats.js.errors.APIError
-    ) -> BaseException:
-        """The server's refusal, naming the stream that already stores the subject."""
-        try:
-            holder: str | None = await js.find_stream_name_by_subject(topic)
-        except (nats.errors.Error, TimeoutError):
-            holder = None
-        return Overlap(exc, topic, holder)
 
     async def delete(self, topic: str) -> None:
         """Delete the topic's stream — or, for a subject-layout topic in a stream shared
@@ -187,6 +176,17 @@ class Streams:
 def _partitions(info: api.StreamInfo) -> int:
     metadata = info.config.metadata or {}
     return max(1, int(metadata.get(_PARTITIONS_META, "1")))
+
+
+async def _overlap(
+    js: JetStreamContext, subject: str, exc: nats.js.errors.APIError, *, hint: bool
+) -> Overlap:
+    """The server's refusal, naming the stream that already stores ``subject``."""
+    try:
+        holder: str | None = await js.find_stream_name_by_subject(subject)
+    except (nats.errors.Error, TimeoutError):
+        holder = None
+    return Overlap(exc, subject, holder, hint=hint)
 
 
 async def _exists(js: JetStreamContext, name: str) -> bool:
