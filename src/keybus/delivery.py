@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any, Protocol
 
+from keybus.envelope import Envelope
 from keybus.message import Message
 
 __all__ = ["Delivery", "current_delivery"]
@@ -68,8 +69,13 @@ class Delivery:
 
     @property
     def key(self) -> str | None:
-        """The record key (an envelope's aggregate id on keybus's publishes)."""
-        return self.message.key
+        """The key the message is ordered by: the record key (an envelope's aggregate id
+        on keybus's publishes) — or, in an envelope subscription, the envelope's aggregate
+        id when the record has none (a Go service's NATS publish carries no key)."""
+        key = self.message.key
+        if key is None and isinstance(self.payload, Envelope):
+            return self.payload.aggregate_id
+        return key
 
     def __repr__(self) -> str:
         return (
