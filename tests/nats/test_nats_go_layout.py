@@ -275,8 +275,16 @@ async def test_keybus_attaches_to_a_go_services_configured_stream_and_deletes_on
         await sub.unsubscribe()
     # The topic's DLQ is not under the pattern: keybus's own layout, as configured.
     assert await stream_names(go.js) - before <= {stream_name(f"{topic}.dlq")}
+    go_durable = await go.durable(neighbour)  # another topic's consumer: it stays
+    durables = [(c.name, c.config.filter_subject) for c in await go.js.consumers_info(name)]
+    assert any(n.startswith("billing_p0_") and f == topic for n, f in durables), durables
     await bus.delete_topic(f"{topic}.dlq")
     await bus.delete_topic(topic)
+    assert [c.name for c in await go.js.consumers_info(name)] == [
+        f"{GO_DURABLE}-unified_{go_suffix(neighbour)}"
+    ], "keybus's durables went with the topic, Go's stayed"
+    await go_durable.unsubscribe()
+    await go.js.delete_consumer(name, f"{GO_DURABLE}-unified_{go_suffix(neighbour)}")
     info = await go.js.stream_info(name)
     assert info.state.messages == 1, "the neighbouring topic's record is still there"
     assert info.config.subjects == list(subjects)

@@ -20,6 +20,7 @@ __all__ = [
     "escape",
     "group_key",
     "group_keys_subject",
+    "is_group_durable",
     "ping_subject",
     "stream_name",
     "subject_base",
@@ -71,6 +72,15 @@ def consumer_name(group: str, partition: int) -> str:
     # "_p" cannot come out of escape() ("_" is always followed by two hex digits), so the
     # suffix is unambiguous.
     return f"{token(group)}_p{partition}"
+
+
+_GROUP_DURABLE = re.compile(r"[A-Za-z0-9_-]+_p[0-9]+_[0-9a-f]{8}")
+
+
+def is_group_durable(name: str) -> bool:
+    """Whether ``name`` is one of a group's durables: ``consumer_name(...)`` plus an
+    epoch of 8 hex digits (``GroupMember`` makes one per take-over)."""
+    return _GROUP_DURABLE.fullmatch(name) is not None
 
 
 def group_key(topic: str, group: str) -> str:

@@ -26,7 +26,7 @@ from keybus.topics import TopicConfig
 from keybus.transports.nats.client import Stream
 from keybus.transports.nats.errors import OVERLAP, Overlap
 from keybus.transports.nats.layout import SubjectLayout, SubjectTopics, subject_matches
-from keybus.transports.nats.names import stream_name, subject_base
+from keybus.transports.nats.names import is_group_durable, stream_name, subject_base
 from keybus.transports.nats.options import NatsOptions
 
 __all__ = ["Streams"]
@@ -160,8 +160,13 @@ class Streams:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             if list(info.config.subjects or []) == [topic]:
                 await js.delete_stream(name)
-            else:
-                await js.purge_stream(name, subject=topic)
+                return
+            await js.purge_stream(name, subject=topic)
+            # The stream stays (others' subjects): drop keybus's durables on this topic
+            # with the topic, as deleting a stream of its own would. Go's stay.
+            for consumer in await js.consumers_info(name):
+                if consumer.config.filter_subject == topic and is_group_durable(consumer.name):
+                    await js.delete_consumer(name, consumer.name)
 
     def _remember(self, topic: str, name: str, partitions: int) -> Stream:
         if self.layout(topic) is None:
