@@ -111,7 +111,7 @@ class Streams:
                 name, subjects = layout.topic_stream(topic), [topic]
         _, js = self._live()
         try:
-            await js.add_stream(self._config(name, subjects, config, metadata))
+            info = await js.add_stream(self._config(name, subjects, config, metadata))
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code == OVERLAP:
                 raise await _overlap(js, subjects[0], exc, hint=layout is not None) from exc
@@ -121,7 +121,8 @@ class Streams:
                 return await self.find(topic)
             except nats.js.errors.NotFoundError:
                 raise exc from None
-        return await self.find(topic)
+        # (Either layout's new stream stores the topic: no second look-up.)
+        return self._remember(topic, name, _partitions(info) if layout is None else 1)
 
     def _config(
         self, name: str, subjects: list[str], config: TopicConfig, metadata: dict[str, str]
