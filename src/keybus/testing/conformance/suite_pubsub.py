@@ -121,6 +121,38 @@ class PubSubSuite(BackendFixtures):
         assert all(seen[f"agg-{i}"] == list(range(1, versions + 1)) for i in range(keys))
         assert sub.peak_concurrency > 1, "different aggregates must run concurrently"
 
+    async def test_an_envelope_without_a_key_is_ordered_by_its_aggregate_id(
+        self, open_bus: BusFactory, backend: Backend
+    ) -> None:
+        """What a Go service's NATS publish (and its raw Kafka ``Publish``) looks like: the
+        envelope JSON with no record key. An envelope subscription orders it by the
+        aggregate id, and ``Delivery.key`` says so; one partition keeps the broker order."""
+        bus = await open_bus()
+        topic = backend.topic()
+        await bus.ensure_topic(topic, keybus.TopicConfig(partitions=1))
+        aggregates, versions = 8, 10
+        for v in range(1, versions + 1):  # all stored before anyone reads: one burst
+            for i in range(aggregates):
+                event = keybus.Envelope(
+                    aggregate_id=f"agg-{i}", event_type="E", event_version=v, payload={}
+                )
+                await bus.publish(topic, event.to_bytes())
+        seen: dict[str, list[int]] = defaultdict(list)
+        keys: set[tuple[str | None, str]] = set()
+        rng = random.Random(11)
+
+        async def handler(envelope: keybus.Envelope) -> None:
+            keys.add((keybus.current_delivery().key, envelope.aggregate_id))
+            await asyncio.sleep(rng.random() * 0.003)  # unordered handling would show
+            seen[envelope.aggregate_id].append(envelope.event_version)
+
+        sub = await bus.subscribe_envelope(topic, handler, max_concurrency=16)
+        total = aggregates * versions
+        await eventually(lambda: sum(map(len, seen.values())) >= total, what=f"{total} envelopes")
+        assert all(seen[f"agg-{i}"] == list(range(1, versions + 1)) for i in range(aggregates))
+        assert keys == {(f"agg-{i}", f"agg-{i}") for i in range(aggregates)}
+        assert sub.peak_concurrency > 1, "different aggregates must run concurrently"
+
     async def test_max_concurrency_bounds_parallel_handlers(
         self, open_bus: BusFactory, backend: Backend
     ) -> None:
