@@ -30,8 +30,12 @@ FEATURES = {
     "memory": Features(max_message_bytes=1_048_576),
     # librdkafka places keys with fnv1a_random (the transport's setting), as keybus and
     # the Go SDK's sarama do; if the transport changes it, partition_for changes here.
-    # The fence is the group generation in which the partition was assigned.
-    "kafka": Features(),
+    # The fence is the group generation in which the partition was assigned. The limit
+    # is librdkafka's producer message.max.bytes (1,000,000 by default), smaller than the
+    # broker's message.max.bytes (1,048,588 by default; tools/kafka/kafka.sh keeps it).
+    # librdkafka counts value, key, header names and values and up to 36 bytes of record
+    # framing (plus two length bytes per header) against it.
+    "kafka": Features(max_message_bytes=1_000_000),
     # Leases per partition; a crashed pull task makes the member re-take its partition.
     # The fence is the revision of the group-state write that claimed the partition; the
     # limit is nats-server's default max_payload (payload plus header block).

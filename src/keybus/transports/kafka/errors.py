@@ -6,6 +6,7 @@ same event raises the same type here as on the other backends::
 
     connect      ConnectError(url, reason)            the probe or the admin client failed
     publish      PublishError(topic, reason)          refused, not acknowledged, purged
+                 (permanent=True for a refusal of the record itself: PERMANENT_REFUSALS)
     subscribe    SubscribeError(topic, group, reason) no consumer, no assignment in time,
                                                       the group refused the member's join
                                                       (INCONSISTENT_GROUP_PROTOCOL)
@@ -24,41 +25,69 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
-from keybus.errors import Action, BusClosedError, KeybusError, error_for
+from keybus.errors import Action, BusClosedError, KeybusError, PublishError, error_for
 
 __all__ = [
+    "PERMANENT_REFUSALS",
     "Action",
     "closed",
     "error_code",
     "is_fatal",
+    "is_permanent",
     "protocol_conflict",
     "reason",
     "translate",
 ]
 
 
-def reason(err: Any) -> str:
-    """librdkafka's error name and text, or a Python exception's text."""
+PERMANENT_REFUSALS = frozenset(
+    {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD}
+)
+"""librdkafka error codes that refuse a record for what it is, so that sending it again
+cannot succeed, while a smaller or different record could: the record is larger than the
+producer's ``message.max.bytes`` (librdkafka raises this code itself, from ``produce()``;
+it has no separate local code) or than the broker's or topic's limit (a delivery report,
+at once: librdkafka does not retry it); its batch is larger than the topic's segment; the
+broker's validation refused it (e.g. no key on a compacted topic). Not here: errors an
+operator or time can cure while the same record waits — ``TOPIC_AUTHORIZATION_FAILED``
+(an ACL granted later), ``INVALID_TIMESTAMP`` (a clock put right), ``_MSG_TIMED_OUT``,
+``UNKNOWN_TOPIC_OR_PART`` — for which the dead-letter path keeps retrying the record as it
+is instead of writing it reduced (a reduced form would be refused alike and lose the
+value)."""
+
+
+def _kafka_error(err: Any) -> KafkaError | None:
+    """The ``KafkaError`` of a ``KafkaException`` (or the error itself), else None."""
     if isinstance(err, KafkaException) and err.args and isinstance(err.args[0], KafkaError):
         err = err.args[0]
-    if isinstance(err, KafkaError):
-        return f"{err.name()}: {err.str()}"
+    return err if isinstance(err, KafkaError) else None
+
+
+def reason(err: Any) -> str:
+    """librdkafka's error name and text, or a Python exception's text."""
+    kafka = _kafka_error(err)
+    if kafka is not None:
+        return f"{kafka.name()}: {kafka.str()}"
     return str(err) or type(err).__name__
 
 
 def error_code(exc: BaseException) -> int | None:
     """The librdkafka error code of a ``KafkaException``, else None."""
-    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
-        code: int = exc.args[0].code()
-        return code
-    return None
+    kafka = _kafka_error(exc)
+    return None if kafka is None else int(kafka.code())
+
+
+def is_permanent(err: BaseException | KafkaError) -> bool:
+    """A publish that failed with ``err`` (an exception or a delivery report's error) can
+    never succeed as it is: :data:`PERMANENT_REFUSALS`."""
+    kafka = _kafka_error(err)
+    return kafka is not None and kafka.code() in PERMANENT_REFUSALS
 
 
 def is_fatal(exc: BaseException) -> bool:
     """librdkafka raised a fatal error: the handle is unusable from now on."""
-    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
-        return bool(exc.args[0].fatal())
-    return False
+    kafka = _kafka_error(exc)
+    return kafka is not None and bool(kafka.fatal())
 
 
 def protocol_conflict(eager: bool) -> str:
@@ -103,7 +132,11 @@ def translate(
         text = f"{context}: {text}"
     if hint:
         text = f"{text} - {hint}"
-    error = error_for(action, subject, text, group=group)
+    error: KeybusError
+    if action == "publish" and not isinstance(cause, str) and is_permanent(cause):
+        error = PublishError(subject, text, permanent=True)
+    else:
+        error = error_for(action, subject, text, group=group)
     if isinstance(cause, KafkaError):  # a delivery report's error is no exception
         error.__cause__ = KafkaException(cause)
     elif isinstance(cause, BaseException):

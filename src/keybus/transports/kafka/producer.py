@@ -123,7 +123,7 @@ class KafkaProducer:
                 headers=(headers if type(headers) is dict else dict(headers)) if headers else None,
                 on_delivery=functools.partial(_delivered, future),
             )
-        except (KafkaException, TypeError, ValueError) as exc:  # e.g. MSG_SIZE_TOO_LARGE
+        except (KafkaException, TypeError, ValueError) as exc:  # MSG_SIZE_TOO_LARGE: permanent
             raise translate(exc, "publish", topic) from exc
         wake = self._wake
         if wake is not None and not wake.done():
