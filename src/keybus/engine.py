@@ -452,6 +452,7 @@ class SubscriptionEngine:
         headers.update(_origin(message, reason, work.attempts))
         value = message.value
         attempt = 0
+        reduced = False
         while True:
             # Nothing is dropped: until the dead letter is acknowledged the message stays
             # undone (uncommitted), so a close or crash redelivers it instead of losing it.
@@ -462,7 +463,7 @@ class SubscriptionEngine:
             except KeybusError as exc:
                 if not self._still_ours(work):
                     return  # abandoned: undone, the partition's next owner redoes it
-                if isinstance(exc, PublishError) and exc.permanent and value is message.value:
+                if isinstance(exc, PublishError) and exc.permanent and not reduced:
                     # As it is, it can never be written (too large, say: its headers grow
                     # it past the broker's limit): write what identifies it instead, so
                     # the key is not wedged behind a retry without end.
@@ -473,6 +474,9 @@ class SubscriptionEngine:
                         exc.reason,
                     )
                     value, headers = b"", _reduced(message, reason, work.attempts, exc)
+                    # A flag, not `value is message.value`: an empty value is the b""
+                    # singleton, and a refused reduced form would loop without backoff.
+                    reduced = True
                     continue
                 attempt += 1
                 log.warning("keybus: dead-lettering to %s failed: %s", self.dead_letter_topic, exc)
