@@ -6,6 +6,7 @@ from keybus.testing.conformance.suite_delivery import DeliverySuite
 from keybus.testing.conformance.suite_errors import ErrorsSuite
 from keybus.testing.conformance.suite_failures import FailuresSuite
 from keybus.testing.conformance.suite_lifecycle import LifecycleSuite
+from keybus.testing.conformance.suite_limits import LimitsSuite
 from keybus.testing.conformance.suite_middleware import MiddlewareSuite
 from keybus.testing.conformance.suite_pubsub import PubSubSuite
 from keybus.testing.conformance.suite_robustness import RobustnessSuite
@@ -20,6 +21,7 @@ class Conformance(
     ErrorsSuite,
     RobustnessSuite,
     LifecycleSuite,
+    LimitsSuite,
     FailuresSuite,
     PubSubSuite,
 ):

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections import defaultdict
-
-import pytest
 
 import keybus
 from keybus.testing.conformance.backend import Backend
@@ -118,39 +114,3 @@ class FailuresSuite(BackendFixtures):
         await eventually(lambda: len(letters) == 1, what="dead letter on the custom topic")
         assert letters[0].headers["X-Error"] == b"ValueError: bad b'payload'"
         assert letters[0].headers["X-Attempts"] == b"1"
-
-    async def test_a_poison_record_near_the_size_limit_does_not_wedge_its_key(
-        self, open_bus: BusFactory, backend: Backend
-    ) -> None:
-        """Its dead letter, with the headers that say why, is over the broker's limit:
-        written reduced (no value; size, SHA-256 and origin in headers) instead of retried
-        without end, and the key's later envelopes are handled."""
-        limit = backend.features.max_message_bytes
-        if limit is None:
-            pytest.skip("the backend declares no max_message_bytes")
-        bus = await open_bus()
-        topic = backend.topic()
-        letters = await watch_dead_letters(open_bus, topic)
-        handled: list[int] = []
-
-        async def handler(envelope: keybus.Envelope) -> None:
-            handled.append(envelope.event_version)
-
-        await bus.subscribe_envelope(topic, handler)
-        # Not JSON, incompressible, a few bytes under the limit with its own headers; its
-        # dead letter adds X-Error and the X-Original-* headers, which take it over.
-        poison = os.urandom(limit - 160)
-        await bus.publish(topic, poison, key="agg", headers={"X-Note": "x" * 32})
-        for version in (1, 2, 3):
-            await bus.publish_envelope(topic, envelope("agg", version))
-        await eventually(
-            lambda: handled == [1, 2, 3] and len(letters) == 1, what="the key moving on"
-        )
-        letter = letters[0]
-        assert letter.value == b""
-        assert letter.headers["X-Original-Size"] == str(len(poison)).encode()
-        assert letter.headers["X-Original-SHA256"] == hashlib.sha256(poison).hexdigest().encode()
-        assert letter.headers["X-Original-Topic"] == topic.encode()
-        assert letter.headers["X-Error"].startswith(b"EnvelopeError")
-        assert "X-Truncated" in letter.headers
-        assert "X-Note" not in letter.headers
