@@ -27,25 +27,28 @@ FEATURES = {
     # A partitioned log in the process, shaped like Kafka: groups, rebalances, committed
     # offsets that outlive a member while the broker (any bus of that name) is open. A
     # crashed intake is reported; the subscription stalls until reopened.
-    "memory": Features(max_message_bytes=1_048_576),
+    "memory": Features(dedupe=True, max_message_bytes=1_048_576),
     # librdkafka places keys with fnv1a_random (the transport's setting), as keybus and
     # the Go SDK's sarama do; if the transport changes it, partition_for changes here.
     # The fence is the group generation in which the partition was assigned. The limit
     # is librdkafka's producer message.max.bytes (1,000,000 by default), smaller than the
     # broker's message.max.bytes (1,048,588 by default; tools/kafka/kafka.sh keeps it).
     # librdkafka counts value, key, header names and values and up to 36 bytes of record
-    # framing (plus two length bytes per header) against it.
+    # framing (plus two length bytes per header) against it. No de-duplication by
+    # event id on Kafka: dedupe_window is refused at connect.
     "kafka": Features(max_message_bytes=1_000_000),
     # Leases per partition; a crashed pull task makes the member re-take its partition.
     # The fence is the revision of the group-state write that claimed the partition; the
-    # limit is nats-server's default max_payload (payload plus header block).
-    "nats": Features(retakes_crashed_partition=True, max_message_bytes=1_048_576),
+    # limit is nats-server's default max_payload (payload plus header block). dedupe:
+    # JetStream's duplicate window (Nats-Msg-Id).
+    "nats": Features(retakes_crashed_partition=True, dedupe=True, max_message_bytes=1_048_576),
     # The same transport, every topic one subject (one partition): a group has one active
     # member, the others stand by; every key on partition 0.
     "nats-subject": Features(
         single_active_member=True,
         partition_for=lambda key, partitions: 0,
         retakes_crashed_partition=True,
+        dedupe=True,
         max_message_bytes=1_048_576,
     ),
 }

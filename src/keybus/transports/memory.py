@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from itertools import count
 
 from keybus._aio import cancel_and_wait, log_failure, start_feeder
 from keybus.deadline import Deadline
+from keybus.dedupe import check_window, duplicate, event_id
 from keybus.errors import BusClosedError, ConnectError, PublishError, TopicError
 from keybus.groups import is_anonymous
 from keybus.message import Message
@@ -117,12 +119,38 @@ class _Group:
                 member._assign(p, self.committed[p], self.fences[p])
 
 
+class _Recent:
+    """The event ids published to one topic within a de-duplication window, each with
+    the monotonic time its window ends. Bounded by the window: expired ids leave from the
+    front (ids enter in time order), so it holds what was published in the last
+    ``dedupe_window`` seconds (the longest window of the buses publishing, if they
+    differ)."""
+
+    __slots__ = ("_until",)
+
+    def __init__(self) -> None:
+        self._until: OrderedDict[bytes, float] = OrderedDict()
+
+    def admit(self, event: bytes, window: float) -> bool:
+        """Record ``event`` for ``window`` seconds; False if it is still recorded."""
+        now = time.monotonic()
+        until = self._until
+        while until and next(iter(until.values())) <= now:
+            until.popitem(last=False)
+        if until.get(event, 0.0) > now:
+            return False
+        until[event] = now + window
+        until.move_to_end(event)
+        return True
+
+
 class _Topic:
     def __init__(self, name: str, config: TopicConfig) -> None:
         self.name = name
         self.config = config
         self.logs = [_Log() for _ in range(max(1, config.partitions))]
         self.groups: dict[str, _Group] = {}
+        self.recent: _Recent | None = None  # made by the first de-duplicating publish
         self._round_robin = count()
 
     def append(self, value: bytes, key: str | None, headers: Mapping[str, bytes]) -> None:
@@ -176,12 +204,17 @@ broker's limit in production hits it here first."""
 
 
 class MemoryTransport(Transport):
-    """``memory://[NAME]``. Option: ``max_message_bytes`` (value plus header names and
+    """``memory://[NAME]``. Options: ``max_message_bytes`` (value plus header names and
     values; default 1 MiB, ``None`` for no limit): a larger publish raises a permanent
-    :class:`~keybus.errors.PublishError`, as a broker would refuse it."""
+    :class:`~keybus.errors.PublishError`, as a broker would refuse it. ``dedupe_window``
+    (seconds; default ``None``, off): a record whose ``X-Event-ID`` this bus, or another
+    de-duplicating bus of the same NAME, published to the topic within the window is not
+    stored, and its publish raises :func:`keybus.dedupe.duplicate` (dead letters are never
+    de-duplicated) — as JetStream's duplicate window, see :mod:`keybus.dedupe`."""
 
     def __init__(self, url: str, **options: object) -> None:
         max_message_bytes = options.pop("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+        self._window = check_window(options.pop("dedupe_window", None))
         if options:
             raise TypeError(f"unknown options for memory://: {sorted(options)}")
         if max_message_bytes is not None and (
@@ -229,6 +262,13 @@ class MemoryTransport(Transport):
                     permanent=True,
                 )
         log = broker.topics.get(topic) or broker.topic(topic)
+        if self._window is not None:  # the only cost of de-duplication while it is off
+            event = event_id(headers)
+            if event is not None:
+                recent = log.recent or _Recent()
+                log.recent = recent
+                if not recent.admit(event, self._window):
+                    raise duplicate(topic)
         log.append(value, key, headers)
         self._published += 1
         if not self._published % _YIELD_EVERY:

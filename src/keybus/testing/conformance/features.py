@@ -18,8 +18,9 @@ __all__ = ["Features"]
 @dataclass(frozen=True, kw_only=True)
 class Features:
     """Capability flags and facts of one backend. The defaults are the full contract
-    (every flag but ``retakes_crashed_partition`` on): a backend switches off what it
-    cannot do, and the tests that need it are skipped, naming the flag."""
+    (every flag on but ``retakes_crashed_partition`` and ``dedupe``, which are optional):
+    a backend switches off what it cannot do, and the tests that need it are skipped,
+    naming the flag."""
 
     consumer_groups: bool = True
     """Members of one group share a topic's partitions (each message handled by one of
@@ -49,6 +50,13 @@ class Features:
     fences: bool = True
     """Every delivery carries ``Message.fence``, the partition's ownership token, and it
     increases every time the partition changes owner."""
+
+    dedupe: bool = False
+    """Publish-side de-duplication by event id, opt-in with ``dedupe_window`` (seconds):
+    a record whose ``X-Event-ID`` was published to its topic within the window is not
+    stored, and its publish raises a permanent ``PublishError``; dead letters are never
+    de-duplicated. Without it, the backend refuses a window at connect with a
+    ``ValueError``. Either way, ``dedupe_window=None`` (off) is the default and is taken."""
 
     max_message_bytes: int | None = None
     """The largest record (value and headers) the backend accepts, if the suite should

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from keybus.testing.conformance.suite_dedupe import DedupeSuite
 from keybus.testing.conformance.suite_delivery import DeliverySuite
 from keybus.testing.conformance.suite_errors import ErrorsSuite
 from keybus.testing.conformance.suite_failures import FailuresSuite
@@ -22,6 +23,7 @@ class Conformance(
     RobustnessSuite,
     LifecycleSuite,
     LimitsSuite,
+    DedupeSuite,
     FailuresSuite,
     PubSubSuite,
 ):

@@ -12,9 +12,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from keybus.dedupe import check_window
 from keybus.transports.kafka.errors import translate
 
 __all__ = [
+    "NO_DEDUPE",
     "OWNERSHIP_MARGIN",
     "STEP_MARGIN",
     "KafkaSettings",
@@ -36,6 +38,13 @@ STEP_MARGIN = 0.2
 """How long before its deadline a step of ours stops waiting: the core cuts a step off
 at its deadline, and one that ends just before it still reports why it gave up (and
 does what it must after the wait) instead of being cancelled mid-way."""
+
+NO_DEDUPE = (
+    "dedupe_window: Kafka cannot de-duplicate publishes by event id (no broker keeps a "
+    "window of ids; its idempotent producer, on by default, drops only its own retries of "
+    "one send). Leave it None and make handlers idempotent by event_id, or use NATS"
+)
+"""Why ``dedupe_window`` is refused on Kafka, and what to do instead."""
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,  # no duplicates or reordering from the producer's retries
@@ -136,7 +145,9 @@ class KafkaSettings:
     (s, 3): how long a joining member that got no partition in the first round of a
     cooperative rebalance waits for the second; ``probe_timeout`` (s, 5): the most the
     metadata request that proves the broker reachable at connect may take (the connect's
-    deadline may cut it shorter).
+    deadline may cut it shorter). ``dedupe_window``: only ``None`` (off, as on every
+    backend by default); a window is a ``ValueError`` (:data:`NO_DEDUPE`): Kafka has no
+    publish-side de-duplication by event id.
 
     After construction, ``producer``, ``consumer`` and ``admin`` are the librdkafka
     configs (bootstrap servers from the URL, our defaults, the user's settings),
@@ -158,6 +169,7 @@ class KafkaSettings:
     assign_timeout: float = 30.0
     join_settle: float = 3.0
     probe_timeout: float = 5.0
+    dedupe_window: float | None = None
     producer: dict[str, Any] = field(init=False, repr=False)
     consumer: dict[str, Any] = field(init=False, repr=False)
     admin: dict[str, Any] = field(init=False, repr=False)
@@ -167,6 +179,8 @@ class KafkaSettings:
 
     def __post_init__(self) -> None:
         servers = bootstrap_servers(self.url)
+        if check_window(self.dedupe_window) is not None:
+            raise ValueError(NO_DEDUPE)
         if (
             self.commit_interval <= 0
             or self.fetch_batch < 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 import nats.errors
 import nats.js.errors
 
+from keybus.dedupe import DUPLICATE_REASON
 from keybus.errors import Action, BusClosedError, KeybusError, PublishError, error_for
 
 __all__ = [
@@ -54,8 +55,6 @@ and ``header size exceeds maximum allowed of 64k``."""
 OVERLAP = 10065
 """JetStream's ``subjects overlap with an existing stream``: a stream of another name
 already stores a subject the new stream would."""
-
-DUPLICATE_REASON = "duplicate of an event published within the de-duplication window"
 
 
 class Duplicate(nats.errors.Error):

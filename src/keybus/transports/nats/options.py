@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from keybus.transports.nats.layout import SubjectLayout, SubjectTopics
 
+from keybus.dedupe import check_window
+
 __all__ = ["NatsOptions"]
 
 
@@ -60,8 +62,7 @@ class NatsOptions:
             raise ValueError("fetch_expires must be at least 2 idle heartbeats")
         if self.ack_wait <= 0 or self.max_ack_pending < 1 or self.fetch_batch < 1:
             raise ValueError("ack_wait, max_ack_pending and fetch_batch must be positive")
-        if self.dedupe_window is not None and not self.dedupe_window > 0:
-            raise ValueError("dedupe_window must be positive (or None: off)")
+        check_window(self.dedupe_window)  # None or positive seconds, else ValueError
         if not self.replace_timeout > 0:
             raise ValueError("replace_timeout must be positive")
         topics = self.subject_topics

@@ -33,6 +33,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from keybus.deadline import Deadline
+from keybus.dedupe import EVENT_ID, ORIGIN
 from keybus.errors import ConnectError, KeybusError, PublishError
 from keybus.partitioning import partition_for
 from keybus.topics import TopicConfig, TopicInfo
@@ -54,8 +55,6 @@ __all__ = ["NatsTransport"]
 # client's close hangs, so it must never be what the core's bound cuts off.
 _DRAIN_SHARE = 0.2
 _CLIENT_CLOSE_SHARE = 0.3
-_EVENT_ID = "X-Event-ID"
-_ORIGIN = "X-Original-Topic"  # a dead letter (or one re-published): never de-duplicated
 _MAX_HEADER_BLOCK = 65535  # JetStream refuses a larger header block (error 10097)
 
 
@@ -183,10 +182,10 @@ class NatsTransport(Transport):
             raise translate(exc, "publish", topic, context="cannot look up its stream") from exc
         partition = partition_for(key, info.partitions, self._round_robin)
         nats_headers = encode_headers(key, headers)
-        if self._dedupe and _ORIGIN not in headers:
+        if self._dedupe and ORIGIN not in headers:  # a dead letter is never de-duplicated
             # JetStream drops a re-publish of the same event within the duplicate window
             # (and the publisher reports it). The wire form of X-Event-ID is ASCII.
-            event_id = nats_headers.get(_EVENT_ID)
+            event_id = nats_headers.get(EVENT_ID)
             if event_id is not None:
                 nats_headers["Nats-Msg-Id"] = event_id
         # What the server counts against max_payload: the payload and the header block
