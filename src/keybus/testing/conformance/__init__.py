@@ -26,8 +26,9 @@ topics a test makes with ``backend.topic()`` are deleted afterwards), ``open_bus
 keybus's ``no_leaks`` (every test that opens a bus fails if a task, thread or fd
 outlives it). Override ``describe_backend()`` when the URL must be fresh per test. One
 part of the suite is enough too: subclass :class:`PubSubSuite`, :class:`FailuresSuite`,
-:class:`LifecycleSuite`, :class:`RobustnessSuite`, :class:`ErrorsSuite` or
-:class:`MiddlewareSuite` instead of :class:`Conformance`.
+:class:`LifecycleSuite`, :class:`RobustnessSuite`, :class:`ErrorsSuite`,
+:class:`MiddlewareSuite`, :class:`LimitsSuite` or :class:`DedupeSuite` instead of
+:class:`Conformance`.
 
 The helpers the suite uses (``eventually``, ``Collected``, ``key_on``, ...) are in
 :mod:`keybus.testing.conformance.helpers`. ``import keybus`` imports none of this.
@@ -41,10 +42,12 @@ pytest.register_assert_rewrite(
     *(
         f"{__name__}.{module}"
         for module in (
+            "suite_dedupe",
             "suite_delivery",
             "suite_errors",
             "suite_failures",
             "suite_lifecycle",
+            "suite_limits",
             "suite_middleware",
             "suite_pubsub",
             "suite_robustness",
@@ -60,10 +63,12 @@ from keybus.testing.conformance.fixtures import (  # noqa: E402
     bus_factory,
 )
 from keybus.testing.conformance.suite import Conformance  # noqa: E402
+from keybus.testing.conformance.suite_dedupe import DedupeSuite  # noqa: E402
 from keybus.testing.conformance.suite_delivery import DeliverySuite  # noqa: E402
 from keybus.testing.conformance.suite_errors import ErrorsSuite  # noqa: E402
 from keybus.testing.conformance.suite_failures import FailuresSuite  # noqa: E402
 from keybus.testing.conformance.suite_lifecycle import LifecycleSuite  # noqa: E402
+from keybus.testing.conformance.suite_limits import LimitsSuite  # noqa: E402
 from keybus.testing.conformance.suite_middleware import MiddlewareSuite  # noqa: E402
 from keybus.testing.conformance.suite_pubsub import PubSubSuite  # noqa: E402
 from keybus.testing.conformance.suite_robustness import RobustnessSuite  # noqa: E402
@@ -73,11 +78,13 @@ __all__ = [
     "BackendFixtures",
     "BusFactory",
     "Conformance",
+    "DedupeSuite",
     "DeliverySuite",
     "ErrorsSuite",
     "FailuresSuite",
     "Features",
     "LifecycleSuite",
+    "LimitsSuite",
     "MiddlewareSuite",
     "PubSubSuite",
     "RobustnessSuite",
