@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from keybus.transports.nats.layout import SubjectLayout, SubjectTopics
-
 from keybus.dedupe import check_window
+from keybus.transports.nats.layout import SubjectLayout, SubjectTopics
 
 __all__ = ["NatsOptions"]
 
