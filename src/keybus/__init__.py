@@ -4,6 +4,7 @@ Per-aggregate order with concurrency across aggregates, at-least-once delivery w
 retries in place and dead letters, and a bounded, leak-free close — on every backend.
 """
 
+from keybus.background import Background
 from keybus.bus import EventBus
 from keybus.connect import Connector, connect
 from keybus.deadline import Deadline
@@ -18,17 +19,22 @@ from keybus.errors import (
     SubscribeError,
     TopicError,
 )
+from keybus.health import Check, Health
+from keybus.heartbeat import HeartbeatAlert, HeartbeatWatch
+from keybus.lag import Lag, LagAlert, LagWatch, PartitionLag
 from keybus.message import Message
 from keybus.middleware import CallNext, Middleware
 from keybus.options import SubscribeOptions
 from keybus.registry import register_transport
-from keybus.stats import SubscriptionStats
+from keybus.stats import HeldPartition, SubscriptionSnapshot, SubscriptionStats, WaitingKey
 from keybus.subscription import Subscription
 from keybus.topics import TopicConfig, TopicInfo
 
 __all__ = [
+    "Background",
     "BusClosedError",
     "CallNext",
+    "Check",
     "ConnectError",
     "Connector",
     "Deadline",
@@ -36,17 +42,27 @@ __all__ = [
     "Envelope",
     "EnvelopeError",
     "EventBus",
+    "Health",
+    "HeartbeatAlert",
+    "HeartbeatWatch",
+    "HeldPartition",
     "KeybusError",
+    "Lag",
+    "LagAlert",
+    "LagWatch",
     "Message",
     "Middleware",
+    "PartitionLag",
     "PublishError",
     "SubscribeError",
     "SubscribeOptions",
     "Subscription",
+    "SubscriptionSnapshot",
     "SubscriptionStats",
     "TopicConfig",
     "TopicError",
     "TopicInfo",
+    "WaitingKey",
     "connect",
     "current_delivery",
     "register_transport",

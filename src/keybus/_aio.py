@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from inspect import isawaitable
+from typing import Any, TypeVar
 
 from keybus.deadline import Deadline
 
-__all__ = ["cancel_and_wait", "log_failure", "start_feeder", "wait_event"]
+__all__ = ["call_hook", "cancel_and_wait", "log_failure", "start_feeder", "wait_event"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("keybus")
 
@@ -78,3 +81,14 @@ async def wait_event(event: asyncio.Event, deadline: Deadline | float) -> bool:
         async with asyncio.timeout(seconds):
             await event.wait()
     return event.is_set()
+
+
+async def call_hook(hook: Callable[[T], Awaitable[None] | None], event: T) -> None:
+    """Call a user's callback (plain or async) with ``event``. What it raises is logged,
+    not spread: a failing alert hook must not stop the loop that watches."""
+    try:
+        result = hook(event)
+        if isawaitable(result):
+            await result
+    except Exception:
+        log.exception("keybus: callback %r failed", hook)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from keybus._aio import log_failure
+from keybus._aio import call_hook, log_failure
+from keybus.background import Background
 from keybus.deadline import Deadline
 from keybus.engine import Handler, SubscriptionEngine
 from keybus.envelope import Envelope, envelope_headers
-from keybus.errors import BusClosedError
+from keybus.errors import BusClosedError, KeybusError
 from keybus.groups import anonymous_group
+from keybus.health import Check, Health
+from keybus.heartbeat import HeartbeatAlert, HeartbeatWatch, publish_heartbeats, watch_heartbeats
+from keybus.lag import Lag, LagAlert, LagWatch, PartitionLag
+from keybus.message import Message
 from keybus.middleware import Middleware, check_middleware
 from keybus.options import SubscribeOptions
 from keybus.subscription import Subscription
@@ -54,6 +59,7 @@ class EventBus:
         # begins: the handlers it lets finish may still publish (follow-up events).
         self._publish_closed = False
         self._close_task: asyncio.Task[None] | None = None
+        self._background: set[Background] = set()
 
     @property
     def url(self) -> str:
@@ -132,7 +138,13 @@ class EventBus:
         return await self._subscribe(topic, handler, options, envelopes=True)
 
     async def _subscribe(
-        self, topic: str, handler: Handler, options: dict[str, Any], *, envelopes: bool
+        self,
+        topic: str,
+        handler: Handler,
+        options: dict[str, Any],
+        *,
+        envelopes: bool,
+        group: str | None = None,
     ) -> Subscription:
         if self._closing:
             raise BusClosedError("the bus is closed")
@@ -154,7 +166,7 @@ class EventBus:
             raise TypeError(f"invalid subscribe option: {exc}") from None
         engine = SubscriptionEngine(
             topic,
-            self.group,
+            group or self.group,
             handler,
             settings,
             envelopes=envelopes,
@@ -175,7 +187,7 @@ class EventBus:
                 await self.ensure_topic(engine.dead_letter_topic)
             if self._closing:
                 raise BusClosedError("the bus was closed while subscribing")
-            await engine.start(self._transport.consumer(topic, self.group, engine))
+            await engine.start(self._transport.consumer(topic, engine.group, engine))
             if self._closing:
                 raise BusClosedError("the bus was closed while subscribing")
         except BaseException:
@@ -213,6 +225,184 @@ class EventBus:
         self._ensured.discard(topic)
         await self._transport.delete_topic(topic)
 
+    # -- operating -------------------------------------------------------------------
+
+    async def health(self, timeout: float = 2.0) -> Health:
+        """The bus's checks, within ``timeout``: ``broker`` (a round trip), one per
+        subscription, ``publisher``. Never raises for an unhealthy broker: it reports it
+        (``Health.ok`` is False). After close: every check says so."""
+        checks: dict[str, Check] = {}
+        backend = self.url.split("://", 1)[0]
+        if self._publish_closed:
+            checks["bus"] = Check("bus", False, "closed")
+            return Health(backend, checks)
+        try:
+            rtt = await asyncio.wait_for(
+                self._transport.ping(Deadline.after(timeout)), max(0.0, timeout)
+            )
+        except TimeoutError:
+            checks["broker"] = Check("broker", False, f"no answer within {timeout:g} s")
+        except KeybusError as exc:
+            checks["broker"] = Check("broker", False, str(exc))
+        else:
+            detail = f"answered in {rtt * 1000:.1f} ms"
+            checks["broker"] = Check("broker", True, detail, {"rtt_seconds": rtt})
+        now = time.monotonic()
+        for engine in list(self._engines):
+            name = f"subscription:{engine.topic}"
+            since_fetch = None if engine.last_fetch is None else now - engine.last_fetch
+            since_commit = None if engine.last_commit is None else now - engine.last_commit
+            state = "stopping" if engine.closing else "running"
+            checks[name] = Check(
+                name,
+                not engine.closing,
+                f"{state} in group {engine.group}",
+                {
+                    "state": state,
+                    "group": engine.group,
+                    "in_flight": engine.in_flight,
+                    "seconds_since_fetch": since_fetch,
+                    "seconds_since_commit": since_commit,
+                },
+            )
+        pending = self._transport.pending_publishes
+        checks["publisher"] = Check(
+            "publisher", True, f"{pending} unacknowledged", {"pending": pending}
+        )
+        return Health(backend, checks)
+
+    async def lag(
+        self, topic: str | None = None, group: str | None = None, *, timeout: float = 5.0
+    ) -> Lag:
+        """Per partition: the group's committed and end positions and the count lag (from
+        the broker, for any group); for the partitions this bus consumes, also the age of
+        the oldest unfinished message and the done messages held behind it. ``topic``:
+        one topic (default: every topic this bus subscribes to in ``group``); ``group``:
+        default this bus's. :class:`TopicError` if the broker cannot tell in time."""
+        if self._publish_closed:
+            raise BusClosedError("the bus is closed")
+        group = group or self.group
+        engines = [e for e in self._engines if e.group == group]
+        topics = [topic] if topic is not None else sorted({e.topic for e in engines})
+        for name in topics:
+            check_topic(name)
+        deadline = Deadline.after(timeout)
+        found = await asyncio.gather(
+            *(self._transport.positions(name, group, deadline) for name in topics)
+        )
+        local: dict[tuple[str, int], tuple[float | None, int]] = {}
+        for engine in engines:
+            for partition, state in engine.partition_state().items():
+                local[(engine.topic, partition)] = state
+        rows = []
+        for name, positions in zip(topics, found, strict=True):
+            for position in positions:
+                age, held = local.get((name, position.partition), (None, None))
+                rows.append(
+                    PartitionLag(
+                        name,
+                        position.partition,
+                        group,
+                        position.committed,
+                        position.end,
+                        position.lag,
+                        age,
+                        held,
+                    )
+                )
+        return Lag(tuple(rows))
+
+    def start_heartbeat(
+        self,
+        topic: str = "keybus.heartbeat",
+        interval: float = 5.0,
+        *,
+        source: str | None = None,
+    ) -> Background:
+        """Publish a heartbeat (source, instance id, sequence, sent time) to ``topic`` now
+        and every ``interval`` seconds, keyed by ``source`` (default: the bus's group),
+        until ``stop()`` or ``close()``."""
+        self._check_admin(topic)
+        if not interval > 0:
+            raise ValueError(f"interval must be > 0, got {interval!r}")
+        name = source or self.group
+
+        async def run(handle: Background) -> None:
+            if self.create_topics:
+                await self.ensure_topic(topic)
+            handle.started()
+            await publish_heartbeats(self._send_plain, topic, name, interval)
+
+        return self._start(Background(f"keybus-heartbeat:{topic}", run))
+
+    def watch_heartbeats(
+        self,
+        topic: str = "keybus.heartbeat",
+        interval: float = 5.0,
+        *,
+        on_alert: Callable[[HeartbeatAlert], Awaitable[None] | None],
+    ) -> Background:
+        """Call ``on_alert`` when a heartbeat source of ``topic`` misses 3 / 5 / 10
+        intervals (warning / error / critical) and when it is back (recovered). The
+        watch sees every heartbeat (a group of its own); it ends with ``stop()`` or
+        ``close()``."""
+        self._check_admin(topic)
+        watch = HeartbeatWatch(interval)
+
+        async def on_beat(message: Message) -> None:
+            alert = watch.beat(message.value, time.monotonic())
+            if alert is not None:
+                await call_hook(on_alert, alert)
+
+        async def run(handle: Background) -> None:
+            sub = await self._subscribe(
+                topic, on_beat, {"max_concurrency": 1}, envelopes=False, group=anonymous_group()
+            )
+            handle.on_stop(sub.unsubscribe)
+            handle.started()
+            await watch_heartbeats(watch, on_alert)
+
+        return self._start(Background(f"keybus-heartbeat-watch:{topic}", run, watch))
+
+    def watch_lag(
+        self,
+        threshold: int | None = 10_000,
+        max_age: float | None = 60.0,
+        interval: float = 5.0,
+        *,
+        on_change: Callable[[LagAlert], Awaitable[None] | None],
+        topic: str | None = None,
+        group: str | None = None,
+    ) -> Background:
+        """Every ``interval`` seconds, read :meth:`lag` (``topic``, ``group``: as there)
+        and call ``on_change`` when a partition's count lag reaches ``threshold`` or its
+        oldest unfinished record ``max_age`` seconds (either may be None), and again when
+        it is back under both. Ends with ``stop()`` or ``close()``."""
+        if not interval > 0:
+            raise ValueError(f"interval must be > 0, got {interval!r}")
+        watch = LagWatch(threshold, max_age)
+
+        async def run(handle: Background) -> None:
+            handle.started()
+            while True:
+                try:
+                    lag = await self.lag(topic, group, timeout=interval)
+                except KeybusError as exc:
+                    log.warning("keybus: lag not read: %s", exc)
+                else:
+                    for alert in watch.update(lag):
+                        await call_hook(on_change, alert)
+                await asyncio.sleep(interval)
+
+        return self._start(Background("keybus-lag-watch", run, watch))
+
+    def _start(self, handle: Background) -> Background:
+        self._background.add(handle)
+        return handle
+
+    async def _send_plain(self, topic: str, value: bytes, key: str) -> None:
+        await self._transport.send(topic, value, key, {})
+
     # -- closing ---------------------------------------------------------------------
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -243,6 +433,9 @@ class EventBus:
 
     async def _close(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        background, self._background = self._background, set()
+        for handle in background:
+            await handle.stop()
         engines = list(self._engines)
         if engines:
             results = await asyncio.gather(

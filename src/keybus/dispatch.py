@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 
@@ -118,6 +120,17 @@ class KeyedDispatcher:
             self._workers.add(task)
             self._waking += 1
 
+    def waiting(self, top: int) -> list[tuple[Hashable, int, Work]]:
+        """The ``top`` keys with the most queued (not running) work: ``(key, count, first
+        queued work)``, most first. Walks every lane: for an operator's look, not for a
+        hot path."""
+        lanes = heapq.nlargest(
+            top,
+            (lane for lane in self._lanes.values() if lane.items),
+            key=lambda lane: len(lane.items),
+        )
+        return [(lane.key, len(lane.items), lane.items[0]) for lane in lanes]
+
     def drop(self, predicate: Callable[[Work], bool]) -> list[Work]:
         """Remove queued (not yet running) work matching ``predicate``; returns it."""
         dropped: list[Work] = []
@@ -136,6 +149,7 @@ class KeyedDispatcher:
         ready = self._ready
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
+        monotonic = time.monotonic
         try:
             self._waking -= 1
             while not self._closed:
@@ -152,6 +166,7 @@ class KeyedDispatcher:
                     work = lane.items.popleft()
                     work.state = RUNNING
                     work.task = me
+                    work.started = monotonic()
                     self._running += 1
                     if self._running > self._peak:
                         self._peak = self._running

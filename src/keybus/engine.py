@@ -36,7 +36,7 @@ from keybus.middleware import CallNext, Delivery, chain
 from keybus.options import SubscribeOptions
 from keybus.partitioning import Partition
 from keybus.positions import DoneTracker
-from keybus.stats import SubscriptionStats
+from keybus.stats import HeldPartition, SubscriptionSnapshot, SubscriptionStats, WaitingKey
 from keybus.work import DROPPED, RUNNING, Work
 
 if TYPE_CHECKING:
@@ -94,6 +94,10 @@ class SubscriptionEngine:
         # running it beside the partition's new owner.
         self._owned_until: dict[Partition, float] = {}
         self._generation = 0
+        # When records last came in and a commit point was last reported
+        # (time.monotonic(); None: not yet): bus.health() shows both.
+        self.last_fetch: float | None = None
+        self.last_commit: float | None = None
         self._in_flight = 0
         self._limit = options.in_flight_limit()
         self._resume_at = self._limit - max(1, self._limit // 4)
@@ -109,6 +113,74 @@ class SubscriptionEngine:
         # When the stop gives up waiting for handlers; a later unsubscribe() or close()
         # with an earlier deadline brings it forward (each is bounded by its own timeout).
         self._deadline = math.inf
+
+    def partition_state(self) -> dict[int, tuple[float | None, int]]:
+        """Per partition this subscription owns: the age of its oldest unfinished message
+        (seconds since the broker stored it; ``None``: nothing unfinished, or no
+        timestamp) and how many done messages wait behind that one (``bus.lag()``)."""
+        wall = time.time()
+        state: dict[int, tuple[float | None, int]] = {
+            p: (None, 0) for (t, p) in self._assigned if t == self.topic
+        }
+        for work, done, _ in self._tracker.heads():
+            stamp = work.message.timestamp
+            state[work.partition[1]] = (wall - stamp if stamp is not None else None, done)
+        return state
+
+    def snapshot(self, top: int = 10) -> SubscriptionSnapshot:
+        """The counters and the live state now (see :class:`SubscriptionSnapshot`)."""
+        now, wall = time.monotonic(), time.time()
+        running = [w for w in self._tracker.open_work() if w.state == RUNNING]
+        running_by_key = {_key_of(w): w for w in running}
+
+        def run_for(work: Work | None) -> float | None:
+            return now - work.started if work is not None and work.state == RUNNING else None
+
+        waiting = []
+        for key, count, first in self._dispatcher.waiting(top):
+            current = running_by_key.get(str(key))
+            waiting.append(
+                WaitingKey(
+                    str(key),
+                    first.partition[1],
+                    count,
+                    run_for(current),
+                    current.attempts if current is not None else 0,
+                )
+            )
+        heads = sorted(self._tracker.heads(), key=lambda h: (-h[1], -h[2]))[:top]
+        held = tuple(
+            HeldPartition(
+                work.partition[0],
+                work.partition[1],
+                _key_of(work),
+                work.message.offset,
+                work.attempts,
+                run_for(work),
+                done,
+                unfinished,
+                wall - work.message.timestamp if work.message.timestamp is not None else None,
+            )
+            for work, done, unfinished in heads
+        )
+        stats = self.stats
+        return SubscriptionSnapshot(
+            topic=self.topic,
+            group=self.group,
+            delivered=stats.delivered,
+            handled=stats.handled,
+            retries=stats.retries,
+            dead_lettered=stats.dead_lettered,
+            dropped=stats.dropped,
+            committed=stats.committed,
+            errors=tuple(stats.errors),
+            in_flight=self._in_flight,
+            uncommitted=self._tracker.size,
+            running=self._dispatcher.running,
+            oldest_running_age=max((now - w.started for w in running), default=None),
+            waiting_keys=tuple(waiting),
+            held_partitions=held,
+        )
 
     @property
     def peak_concurrency(self) -> int:
@@ -259,6 +331,7 @@ class SubscriptionEngine:
         return True
 
     async def deliver(self, messages: Sequence[Message]) -> None:
+        self.last_fetch = time.monotonic()
         assigned = self._assigned
         tracker = self._tracker
         submit = self._dispatcher.submit
@@ -442,6 +515,7 @@ class SubscriptionEngine:
 
     def _commit(self, message: Message) -> None:
         self.stats.committed += 1
+        self.last_commit = time.monotonic()
         if self._consumer is not None:
             self._consumer.commit(message)
 
@@ -528,3 +602,11 @@ async def _bounded(
         log.error("keybus: %s did not finish in time", what)
     except Exception:
         log.exception("keybus: %s failed", what)
+
+
+def _key_of(work: Work) -> str | None:
+    """The key a work's lane has: the record key, else an envelope's aggregate id."""
+    key = work.message.key
+    if key is None and isinstance(work.payload, Envelope):
+        return work.payload.aggregate_id
+    return key

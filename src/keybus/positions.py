@@ -59,6 +59,15 @@ class DoneTracker:
                 left.extend(w for w in queue if w.state != DONE)
         return left
 
+    def heads(self) -> Iterator[tuple[Work, int, int]]:
+        """Per partition with tracked work: the oldest work not done (it holds the commit
+        point), how many works behind it are done (held back by it) and how many are not
+        done (itself included). Walks every tracked work: not for a hot path."""
+        for queue in self._pending.values():
+            if queue:
+                done = sum(1 for w in queue if w.state == DONE)
+                yield queue[0], done, len(queue) - done
+
     def open_work(self) -> Iterator[Work]:
         """Work not yet done, in no particular order across partitions."""
         for queue in self._pending.values():

@@ -10,9 +10,15 @@ import time
 
 from keybus.engine import Handler, SubscriptionEngine
 from keybus.options import SubscribeOptions
-from keybus.stats import SubscriptionStats
+from keybus.stats import SubscriptionSnapshot, SubscriptionStats
 
-__all__ = ["Handler", "SubscribeOptions", "Subscription", "SubscriptionStats"]
+__all__ = [
+    "Handler",
+    "SubscribeOptions",
+    "Subscription",
+    "SubscriptionSnapshot",
+    "SubscriptionStats",
+]
 
 
 class Subscription:
@@ -39,10 +45,13 @@ class Subscription:
     def dead_letter_topic(self) -> str:
         return self._engine.dead_letter_topic
 
-    @property
-    def stats(self) -> SubscriptionStats:
-        """Live counters: delivered, handled, retries, dead-lettered, dropped, committed."""
-        return self._engine.stats
+    def stats(self, top: int = 10) -> SubscriptionSnapshot:
+        """The counters (delivered, handled, retries, dead-lettered, dropped, committed)
+        and the live state: in flight, uncommitted, running handlers and the oldest one's
+        age, the ``top`` keys with the most queued messages, and the partitions whose
+        commit point is held back, by which key and for how long. What tells an operator
+        "order-42 has failed for 3 minutes and holds 12,000 messages of partition 2"."""
+        return self._engine.snapshot(top)
 
     @property
     def peak_concurrency(self) -> int:

@@ -6,7 +6,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-__all__ = ["TopicConfig", "TopicInfo", "check_topic"]
+__all__ = ["PartitionPosition", "TopicConfig", "TopicInfo", "check_topic"]
 
 # Kafka's topic rule, the strictest of our backends: one name works everywhere.
 _TOPIC = re.compile(r"[A-Za-z0-9._\-]{1,249}")
@@ -51,3 +51,20 @@ class TopicInfo:
 
     name: str
     partitions: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionPosition:
+    """Where a group stands in one partition, as the backend has it (``Transport.positions``).
+
+    ``committed``: the position the group resumes at (``None``: it never committed here);
+    ``end``: the position the next record gets; ``lag``: records of the partition the
+    group has not committed. On Kafka and memory positions are offsets (``lag`` is
+    ``end - committed``, or ``end - first retained offset``); on NATS they are stream
+    sequences, shared by every partition of the stream, and ``lag`` is the partition's
+    own count (its consumer's pending plus unacknowledged messages)."""
+
+    partition: int
+    committed: int | None
+    end: int
+    lag: int

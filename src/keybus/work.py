@@ -18,7 +18,16 @@ class Work:
     """A message plus what the core knows about it. ``payload`` is what the handler gets
     (the message, or its decoded envelope); ``error`` is why it could not be decoded."""
 
-    __slots__ = ("attempts", "error", "message", "partition", "payload", "state", "task")
+    __slots__ = (
+        "attempts",
+        "error",
+        "message",
+        "partition",
+        "payload",
+        "started",
+        "state",
+        "task",
+    )
 
     def __init__(
         self,
@@ -37,3 +46,5 @@ class Work:
         self.attempts = 0
         # The worker running it (while RUNNING), so a revoke can cancel just this one.
         self.task: asyncio.Task[None] | None = None
+        # When it started running (time.monotonic()): how long a stuck handler has run.
+        self.started = 0.0

@@ -89,7 +89,7 @@ async def a_revoking_partition_1(
         joining = asyncio.create_task(bus_b.subscribe(topic, members.handler_b))
         # A's revoke of partition 1 drops the message queued there, then waits for the
         # handler running there.
-        await eventually(lambda: sub_a.stats.dropped == 1, what="A revoking partition 1")
+        await eventually(lambda: sub_a.stats().dropped == 1, what="A revoking partition 1")
         assert members.running_in_a == {members.k0, members.k1}
         yield members, joining
     finally:

@@ -119,7 +119,7 @@ async def test_long_handler_keeps_its_message_instead_of_redelivery(
 
     sub = await bus.subscribe(topic, handler)
     await bus.publish(topic, b"slow", key="k")
-    await eventually(lambda: sub.stats.handled == 1, what="the slow handler", timeout=20)
+    await eventually(lambda: sub.stats().handled == 1, what="the slow handler", timeout=20)
     assert calls == 1
     # Every delivery, redeliveries too, takes a consumer sequence (num_redelivered only
     # counts redelivered messages still pending, and this one is acked by now).

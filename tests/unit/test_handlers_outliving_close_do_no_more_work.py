@@ -44,8 +44,8 @@ async def test_a_handler_outliving_close_neither_retries_nor_dead_letters(
     await asyncio.wait_for(unwound.wait(), 5)
     # no_leaks waits for the worker to end; it must not retry or dead-letter on the way.
     await eventually(lambda: sub.running == 0, what="the late handler's end")
-    assert sub.stats.retries == 0
-    assert sub.stats.dead_lettered == 0
+    assert sub.stats().retries == 0
+    assert sub.stats().dead_lettered == 0
     assert not [r for r in caplog.records if "dead-lettering" in r.getMessage()]
 
 

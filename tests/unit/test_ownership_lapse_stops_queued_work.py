@@ -72,8 +72,8 @@ async def test_queued_work_of_a_lapsed_partition_never_starts(no_leaks: LeakChec
         assert started == [b"1"], "queued work of the lapsed partition must not start"
         # The first one ran (it started while the partition was ours) and may be committed;
         # nothing after it is: the queued two stay for the partition's next owner.
-        assert sub.stats.handled == 1
-        assert sub.stats.committed <= 1
+        assert sub.stats().handled == 1
+        assert sub.stats().committed <= 1
 
 
 async def test_renewed_ownership_keeps_work_flowing(no_leaks: LeakChecker) -> None:
@@ -90,7 +90,7 @@ async def test_renewed_ownership_keeps_work_flowing(no_leaks: LeakChecker) -> No
             await eventually(lambda i=i: len(seen) == i + 1, what=f"message {i}")
             await asyncio.sleep(LEASE / 2)  # half a lease between renewals
         assert LeasedMemory.lapsed == []
-        assert sub.stats.handled == 5
+        assert sub.stats().handled == 5
 
 
 async def test_a_lapse_cancels_the_partitions_other_running_handlers(

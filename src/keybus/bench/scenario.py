@@ -198,8 +198,8 @@ async def run_scenario(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(all_delivered.wait(), timeout)
             result.seconds = last_delivery - first_publish if completed else 0.0
-            result.retries = sum(s.stats.retries for s in subscriptions)
-            result.dead_lettered = sum(s.stats.dead_lettered for s in subscriptions)
+            result.retries = sum(s.stats().retries for s in subscriptions)
+            result.dead_lettered = sum(s.stats().dead_lettered for s in subscriptions)
             checker.sample()
             for name in topic_names:
                 await consumer.delete_topic(name)

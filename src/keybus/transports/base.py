@@ -28,9 +28,10 @@ from collections.abc import Awaitable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from keybus.deadline import TRANSPORT_CLOSE_BUDGET, Deadline
+from keybus.errors import error_for
 from keybus.message import Message
 from keybus.partitioning import Partition
-from keybus.topics import TopicConfig, TopicInfo
+from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 
 __all__ = ["Consumer", "Sink", "Transport"]
 
@@ -153,6 +154,24 @@ class Transport(abc.ABC):
     async def delete_topic(self, topic: str) -> None:
         """Delete the topic and its data if it exists (idempotent). Failure:
         :class:`~keybus.errors.TopicError`."""
+
+    async def positions(
+        self, topic: str, group: str, deadline: Deadline
+    ) -> list[PartitionPosition]:
+        """Where ``group`` stands in each partition of ``topic`` (committed, end, lag), by
+        ``deadline``; read-only: any group, consumed by this bus or not. Failure:
+        :class:`~keybus.errors.TopicError`. The default: the transport cannot tell."""
+        raise error_for("describe", topic, "this transport reports no positions", group=group)
+
+    @property
+    def pending_publishes(self) -> int:
+        """Records handed to the client library and not yet acknowledged (health)."""
+        return 0
+
+    async def ping(self, deadline: Deadline) -> float:
+        """A round trip to the broker, in seconds, by ``deadline`` (for ``bus.health()``).
+        Failure: :class:`~keybus.errors.ConnectError`. The default: no broker to reach."""
+        return 0.0
 
     @abc.abstractmethod
     def consumer(self, topic: str, group: str, sink: Sink) -> Consumer:

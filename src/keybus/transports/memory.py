@@ -26,7 +26,7 @@ from keybus.errors import BusClosedError, ConnectError, PublishError, TopicError
 from keybus.groups import is_anonymous
 from keybus.message import Message
 from keybus.partitioning import Partition, assign_partitions, partition_for
-from keybus.topics import TopicConfig, TopicInfo
+from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
@@ -282,6 +282,21 @@ class MemoryTransport(Transport):
         if known is None:
             raise TopicError(topic, "describe", "no such topic")
         return TopicInfo(topic, len(known.logs))
+
+    async def positions(
+        self, topic: str, group: str, deadline: Deadline
+    ) -> list[PartitionPosition]:
+        known = self._live().topics.get(topic)
+        if known is None:
+            raise TopicError(topic, "describe", "no such topic")
+        held = known.groups.get(group)
+        out = []
+        for p, log in enumerate(known.logs):
+            committed = held.committed[p] if held is not None else None
+            out.append(
+                PartitionPosition(p, committed, log.end, log.end - max(committed or 0, log.base))
+            )
+        return out
 
     async def delete_topic(self, topic: str) -> None:
         self._live().topics.pop(topic, None)

@@ -27,7 +27,8 @@ keybus's ``no_leaks`` (every test that opens a bus fails if a task, thread or fd
 outlives it). Override ``describe_backend()`` when the URL must be fresh per test. One
 part of the suite is enough too: subclass :class:`PubSubSuite`, :class:`FailuresSuite`,
 :class:`LifecycleSuite`, :class:`RobustnessSuite`, :class:`ErrorsSuite`,
-:class:`MiddlewareSuite`, :class:`LimitsSuite` or :class:`DedupeSuite` instead of
+:class:`MiddlewareSuite`, :class:`LimitsSuite`, :class:`DedupeSuite` or
+:class:`ObserveSuite` instead of
 :class:`Conformance`.
 
 The helpers the suite uses (``eventually``, ``Collected``, ``key_on``, ...) are in
@@ -49,6 +50,7 @@ pytest.register_assert_rewrite(
             "suite_lifecycle",
             "suite_limits",
             "suite_middleware",
+            "suite_observe",
             "suite_pubsub",
             "suite_robustness",
         )
@@ -70,6 +72,7 @@ from keybus.testing.conformance.suite_failures import FailuresSuite  # noqa: E40
 from keybus.testing.conformance.suite_lifecycle import LifecycleSuite  # noqa: E402
 from keybus.testing.conformance.suite_limits import LimitsSuite  # noqa: E402
 from keybus.testing.conformance.suite_middleware import MiddlewareSuite  # noqa: E402
+from keybus.testing.conformance.suite_observe import ObserveSuite  # noqa: E402
 from keybus.testing.conformance.suite_pubsub import PubSubSuite  # noqa: E402
 from keybus.testing.conformance.suite_robustness import RobustnessSuite  # noqa: E402
 
@@ -86,6 +89,7 @@ __all__ = [
     "LifecycleSuite",
     "LimitsSuite",
     "MiddlewareSuite",
+    "ObserveSuite",
     "PubSubSuite",
     "RobustnessSuite",
     "bus_factory",

@@ -44,8 +44,8 @@ class FailuresSuite(BackendFixtures):
         assert letter.headers["X-Original-Topic"] == topic.encode()
         assert letter.headers["X-Attempts"] == b"3"
         assert letter.headers["X-Event-Version"] == b"2", "original headers are kept"
-        assert sub.stats.dead_lettered == 1
-        assert sub.stats.retries == 2
+        assert sub.stats().dead_lettered == 1
+        assert sub.stats().retries == 2
 
     async def test_transient_failure_succeeds_on_retry_without_dead_letter(
         self, open_bus: BusFactory, backend: Backend
@@ -69,8 +69,8 @@ class FailuresSuite(BackendFixtures):
         await eventually(lambda: len(handled) == 12, what="12 handled after retries")
         for aggregate in ("a", "b", "c"):
             assert [v for a, v in handled if a == aggregate] == [1, 2, 3, 4]
-        assert sub.stats.dead_lettered == 0
-        assert sub.stats.retries == 24
+        assert sub.stats().dead_lettered == 0
+        assert sub.stats().retries == 24
 
     async def test_poison_message_is_dead_lettered_with_reason_and_stream_continues(
         self, open_bus: BusFactory, backend: Backend

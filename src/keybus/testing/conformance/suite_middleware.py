@@ -149,8 +149,8 @@ class MiddlewareSuite(BackendFixtures):
         assert letter.value == b"refused"
         assert letter.headers["X-Error"] == b"PermissionError: middleware refused it"
         assert letter.headers["X-Attempts"] == b"2"
-        assert sub.stats.retries == 1
-        assert sub.stats.dead_lettered == 1
+        assert sub.stats().retries == 1
+        assert sub.stats().dead_lettered == 1
 
     async def test_a_middleware_that_swallows_the_handlers_error_makes_it_a_success(
         self, open_bus: BusFactory, backend: Backend
@@ -173,11 +173,11 @@ class MiddlewareSuite(BackendFixtures):
         sub = await bus.subscribe(topic, handler, middleware=[forgive])
         await bus.publish(topic, b"bad", key="k")
         await bus.publish(topic, b"good", key="k")
-        await eventually(lambda: sub.stats.handled == 2, what="both counted as handled")
+        await eventually(lambda: sub.stats().handled == 2, what="both counted as handled")
         assert [str(exc) for exc in swallowed] == ["the handler failed"]
-        assert sub.stats.retries == 0
-        assert sub.stats.dead_lettered == 0
-        await eventually(lambda: sub.stats.committed >= 1, what="a commit past both")
+        assert sub.stats().retries == 0
+        assert sub.stats().dead_lettered == 0
+        await eventually(lambda: sub.stats().committed >= 1, what="a commit past both")
         if not backend.features.restart_resumes:
             return
         # Committed: a successor in the group starts after both, at the next message.

@@ -227,11 +227,11 @@ class PubSubSuite(BackendFixtures):
         sub = await bus.subscribe(topic, handler, max_in_flight=10, max_uncommitted=50)
         await bus.publish(topic, b"first", key="stuck")
         await asyncio.gather(*(bus.publish(topic, b"x", key=f"k{i}") for i in range(200)))
-        await eventually(lambda: sub.stats.handled == 49, what="49 handled behind the stuck one")
-        assert sub.stats.delivered == 50, "taken in beyond max_uncommitted"
-        assert sub.stats.committed == 0
+        await eventually(lambda: sub.stats().handled == 49, what="49 handled behind the stuck one")
+        assert sub.stats().delivered == 50, "taken in beyond max_uncommitted"
+        assert sub.stats().committed == 0
         release.set()
-        await eventually(lambda: sub.stats.handled == 201, what="everything once released")
+        await eventually(lambda: sub.stats().handled == 201, what="everything once released")
 
     async def test_unkeyed_messages_are_handled_concurrently(
         self, open_bus: BusFactory, backend: Backend
@@ -252,7 +252,7 @@ class PubSubSuite(BackendFixtures):
         # All ten are inside the handler at once: none waits for another.
         await eventually(lambda: entered == 10, what="10 concurrent handlers")
         gate.set()
-        await eventually(lambda: sub.stats.handled == 10, what="10 handled")
+        await eventually(lambda: sub.stats().handled == 10, what="10 handled")
 
     async def test_message_published_after_subscribe_returns_is_delivered(
         self, open_bus: BusFactory, backend: Backend

@@ -14,12 +14,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicCollection
+from confluent_kafka import (
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka import admin as rd_admin
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from keybus.deadline import Deadline
-from keybus.topics import TopicConfig, TopicInfo
+from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.kafka.errors import Action, closed, error_code, translate
 
 __all__ = ["KafkaAdmin"]
@@ -33,6 +40,9 @@ _VISIBLE_TIMEOUT = 15.0  # until the brokers serve the change in their metadata
 # librdkafka reports a request that timed out a little after its request timeout: the
 # probe's own wait allows this much more, so librdkafka's reason arrives first.
 _ANSWER_MARGIN = 1.0
+# (OffsetSpec is neither exported nor typed by confluent-kafka's stubs.)
+_LATEST = rd_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]
+_EARLIEST = rd_admin.OffsetSpec.earliest()  # type: ignore[attr-defined,no-untyped-call]
 
 
 class KafkaAdmin:
@@ -117,6 +127,60 @@ class KafkaAdmin:
         if partitions is None:
             raise translate("no such topic", "describe", topic)
         return TopicInfo(topic, partitions)
+
+    async def positions(
+        self, topic: str, group: str, deadline: Deadline
+    ) -> list[PartitionPosition]:
+        """The group's committed offsets and the partitions' first and next offsets."""
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                count = await self._partitions(topic)
+                if count is None:
+                    raise translate("no such topic", "describe", topic)
+                client = self._live()
+                timeout = max(0.1, deadline.remaining())
+                parts = [TopicPartition(topic, p) for p in range(count)]
+                committed_f = client.list_consumer_group_offsets(
+                    [ConsumerGroupTopicPartitions(group, parts)], request_timeout=timeout
+                )[group]
+                ends_f = client.list_offsets(dict.fromkeys(parts, _LATEST), request_timeout=timeout)
+                starts_f = client.list_offsets(
+                    dict.fromkeys(parts, _EARLIEST), request_timeout=timeout
+                )
+                listed = await asyncio.wrap_future(committed_f)
+                ends = {
+                    tp.partition: (await asyncio.wrap_future(f)).offset for tp, f in ends_f.items()
+                }
+                starts = {
+                    tp.partition: (await asyncio.wrap_future(f)).offset
+                    for tp, f in starts_f.items()
+                }
+        except TimeoutError:
+            raise translate("no answer in time", "describe", topic) from None
+        except KafkaException as exc:
+            raise translate(exc, "describe", topic) from exc
+        committed = {tp.partition: tp.offset for tp in listed.topic_partitions}
+        out = []
+        for p in range(count):
+            at = committed.get(p, -1)
+            mark = at if at >= 0 else None
+            end = ends[p]
+            out.append(PartitionPosition(p, mark, end, max(0, end - max(at, starts[p]))))
+        return out
+
+    async def ping(self, deadline: Deadline) -> float:
+        """A metadata round trip (the cluster's description), in seconds."""
+        began = time.monotonic()
+        future = self._live().describe_cluster(request_timeout=max(0.1, deadline.remaining()))
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                await asyncio.wrap_future(future)
+        except TimeoutError:
+            future.cancel()
+            raise translate("no answer in time", "connect", self._url) from None
+        except KafkaException as exc:
+            raise translate(exc, "connect", self._url) from exc
+        return time.monotonic() - began
 
     async def delete_topic(self, topic: str) -> None:
         await self._change(

@@ -175,6 +175,12 @@ class KafkaProducer:
         finally:
             del rd
 
+    @property
+    def pending(self) -> int:
+        """Records queued or in flight, and reports not yet served."""
+        rd = self._rd
+        return len(rd) if rd is not None else 0
+
     async def close(self, deadline: Deadline) -> None:
         """Flush, purge and destroy the handle by ``deadline`` (idempotent)."""
         rd, self._rd = self._rd, None

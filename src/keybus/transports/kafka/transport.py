@@ -10,7 +10,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from keybus.deadline import TRANSPORT_CLOSE_BUDGET, Deadline
-from keybus.topics import TopicConfig, TopicInfo
+from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
 from keybus.transports.kafka.admin import KafkaAdmin
 from keybus.transports.kafka.config import KafkaSettings
@@ -59,6 +59,18 @@ class KafkaTransport(Transport):
 
     async def delete_topic(self, topic: str) -> None:
         await self._admin.delete_topic(topic)
+
+    async def positions(
+        self, topic: str, group: str, deadline: Deadline
+    ) -> list[PartitionPosition]:
+        return await self._admin.positions(topic, group, deadline)
+
+    async def ping(self, deadline: Deadline) -> float:
+        return await self._admin.ping(deadline)
+
+    @property
+    def pending_publishes(self) -> int:
+        return self._producer.pending if self._producer is not None else 0
 
     # -- publish ---------------------------------------------------------------------
 

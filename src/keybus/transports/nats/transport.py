@@ -24,6 +24,9 @@ Everything else — order per key, retries, dead letters, done-tracking — is t
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
 from collections.abc import Mapping
 from itertools import count
 from typing import Any
@@ -36,7 +39,7 @@ from keybus.deadline import Deadline
 from keybus.dedupe import EVENT_ID, ORIGIN
 from keybus.errors import ConnectError, KeybusError, PublishError
 from keybus.partitioning import partition_for
-from keybus.topics import TopicConfig, TopicInfo
+from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
 from keybus.transports.nats.bucket import forget_topic
 from keybus.transports.nats.client import Connection, close_client
@@ -44,6 +47,7 @@ from keybus.transports.nats.errors import NATS_ERRORS, Unsent, translate
 from keybus.transports.nats.group import GroupMember
 from keybus.transports.nats.headers import encode_headers
 from keybus.transports.nats.options import NatsOptions
+from keybus.transports.nats.positions import group_positions
 from keybus.transports.nats.publisher import Publisher
 from keybus.transports.nats.streams import Streams
 
@@ -159,6 +163,37 @@ class NatsTransport(Transport):
         except NATS_ERRORS as exc:
             raise translate(exc, "describe", topic) from exc
         return TopicInfo(topic, known.partitions)
+
+    async def positions(
+        self, topic: str, group: str, deadline: Deadline
+    ) -> list[PartitionPosition]:
+        _, js = self._conn.live()
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                return await group_positions(js, await self._streams.find(topic), group)
+        except TimeoutError:
+            raise translate("no answer in time", "describe", topic) from None
+        except nats.js.errors.NotFoundError as exc:
+            raise translate(exc, "describe", topic, context="no such topic") from exc
+        except NATS_ERRORS as exc:
+            raise translate(exc, "describe", topic) from exc
+
+    @property
+    def pending_publishes(self) -> int:
+        return self._publisher.pending() if self._publisher is not None else 0
+
+    async def ping(self, deadline: Deadline) -> float:
+        nc, _ = self._conn.live()
+        began = time.monotonic()
+        try:
+            # (nats-py's flush takes whole seconds; the deadline cuts it shorter.)
+            async with asyncio.timeout(deadline.remaining()):
+                await nc.flush(timeout=max(1, math.ceil(deadline.remaining())))
+        except TimeoutError:
+            raise translate("no answer in time", "connect", self.url) from None
+        except NATS_ERRORS as exc:
+            raise translate(exc, "connect", self.url) from exc
+        return time.monotonic() - began
 
     async def delete_topic(self, topic: str) -> None:
         _, js = self._conn.live()

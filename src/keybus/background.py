@@ -1,0 +1,60 @@
+"""What a bus runs beside its subscriptions — heartbeats, heartbeat and lag watches — as
+tasks it owns: each ends with ``stop()`` or with the bus's ``close()``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from keybus._aio import cancel_and_wait, log_failure
+
+__all__ = ["Background"]
+
+
+class Background:
+    """A handle on one background activity of a bus."""
+
+    def __init__(
+        self,
+        name: str,
+        body: Callable[[Background], Coroutine[Any, Any, None]],
+        watch: object = None,
+    ) -> None:
+        self.name = name
+        # A watch's state, to look at (a HeartbeatWatch's sources, a LagWatch's behind).
+        self.watch = watch
+        self._ready = asyncio.Event()
+        self._stopping: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._task = asyncio.get_running_loop().create_task(body(self), name=name)
+        self._task.add_done_callback(log_failure)
+
+    @property
+    def running(self) -> bool:
+        return not self._task.done()
+
+    def started(self) -> None:
+        """Called by the activity once it runs (subscribed, topic made)."""
+        self._ready.set()
+
+    def on_stop(self, step: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Something to undo after the task ended (an unsubscribe)."""
+        self._stopping.append(step)
+
+    async def ready(self) -> None:
+        """Wait until the activity runs (or ended: it failed, logged)."""
+        waiter = asyncio.ensure_future(self._ready.wait())
+        try:
+            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait(waiter)
+
+    async def stop(self) -> None:
+        """End it (idempotent)."""
+        await cancel_and_wait(self._task)
+        steps, self._stopping = self._stopping, []
+        for step in steps:
+            await step()
+
+    def __repr__(self) -> str:
+        return f"<Background {self.name} {'running' if self.running else 'stopped'}>"
