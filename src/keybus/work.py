@@ -29,6 +29,8 @@ class Work:
         "task",
     )
 
+    started: float  # set by the dispatcher when it starts running (see __init__)
+
     def __init__(
         self,
         message: Message,
@@ -46,5 +48,5 @@ class Work:
         self.attempts = 0
         # The worker running it (while RUNNING), so a revoke can cancel just this one.
         self.task: asyncio.Task[None] | None = None
-        # When it started running (time.monotonic()): how long a stuck handler has run.
-        self.started = 0.0
+        # ``started``: when it started running (time.monotonic()), set by the dispatcher
+        # as it does (so read it only of RUNNING work): how long a stuck handler has run.
