@@ -1,6 +1,6 @@
 """The broker stops and comes back (same data) while publishing and consuming: every
-publish either succeeds or raises PublishError, nothing acknowledged is lost, and the
-same bus carries on."""
+publish either succeeds or raises PublishError, nothing acknowledged is lost, the same
+bus carries on, and its health reports the broker away (within its timeout) and back."""
 
 from __future__ import annotations
 
@@ -60,9 +60,21 @@ async def test_broker_restart_loses_nothing_acknowledged_and_bus_recovers(
         producers = [asyncio.create_task(produce(publisher, f"agg-{i}")) for i in range(10)]
         try:
             await eventually(lambda: sum(map(len, handled.values())) >= 200, what="traffic")
+            assert (await consumer.health(timeout=5.0)).ok
             await kafka_sh("stop")
             at_stop = acked()
+            # The broker away: health says so within its timeout, and raises nothing.
+            began = asyncio.get_running_loop().time()
+            health = await consumer.health(timeout=1.0)
+            assert asyncio.get_running_loop().time() - began < 1.0 + 0.5
+            assert not health.ok
+            assert not health.checks["broker"].ok, health.checks["broker"]
             await kafka_sh("start")
+
+            async def healthy() -> bool:
+                return (await consumer.health(timeout=1.0)).ok
+
+            await eventually(healthy, timeout=60, what="health ok again after the restart")
             # Publishing and consuming resume on the same buses.
             await eventually(lambda: acked() >= at_stop + 200, timeout=90, what="publishes")
             stop.set()
