@@ -311,6 +311,7 @@ class SubscriptionEngine:
         log.warning(
             "keybus: ownership of %s lapsed (not renewed in time); dropping its work",
             partition,
+            extra={"topic": partition[0], "partition": partition[1], "group": self.group},
         )
         self._owned_until.pop(partition, None)
         self._assigned.pop(partition, None)
@@ -468,7 +469,17 @@ class SubscriptionEngine:
         options = self.options
         while work.attempts < options.max_attempts:
             self.stats.retries += 1
-            await asyncio.sleep(options.backoff(work.attempts))
+            delay = options.backoff(work.attempts)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "keybus: handler failed (%s, attempt %d of %d); retrying in %.3g s",
+                    type(error).__name__,
+                    work.attempts,
+                    options.max_attempts,
+                    delay,
+                    extra=self._where(work),
+                )
+            await asyncio.sleep(delay)
             if not self._still_ours(work):
                 return
             work.attempts += 1
@@ -559,6 +570,31 @@ class SubscriptionEngine:
                 break
         self.stats.dead_lettered += 1
         self.stats.note_error(reason)
+        # The type only: an exception's text may quote the payload (it is in the dead
+        # letter's X-Error header, where the payload is anyway).
+        log.warning(
+            "keybus: %s@%d of %s dead-lettered to %s after %d attempt(s): %s",
+            message.partition,
+            message.offset,
+            message.topic,
+            self.dead_letter_topic,
+            work.attempts,
+            type(error).__name__,
+            extra=self._where(work),
+        )
+
+    def _where(self, work: Work) -> dict[str, Any]:
+        """A log record's structured fields for ``work`` (``extra=``): where the message
+        is and which attempt — never its payload."""
+        message = work.message
+        return {
+            "topic": message.topic,
+            "partition": message.partition,
+            "offset": message.offset,
+            "group": self.group,
+            "key": _key_of(work),
+            "attempt": work.attempts,
+        }
 
 
 def _origin(message: Message, reason: str, attempts: int) -> dict[str, bytes]:
