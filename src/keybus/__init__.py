@@ -26,11 +26,14 @@ from keybus.message import Message
 from keybus.middleware import CallNext, Middleware
 from keybus.options import SubscribeOptions
 from keybus.registry import register_transport
+from keybus.security import SASL, TLS, Secret
 from keybus.stats import HeldPartition, SubscriptionSnapshot, SubscriptionStats, WaitingKey
 from keybus.subscription import Subscription
 from keybus.topics import TopicConfig, TopicInfo
 
 __all__ = [
+    "SASL",
+    "TLS",
     "Background",
     "BusClosedError",
     "CallNext",
@@ -54,6 +57,7 @@ __all__ = [
     "Middleware",
     "PartitionLag",
     "PublishError",
+    "Secret",
     "SubscribeError",
     "SubscribeOptions",
     "Subscription",
