@@ -6,12 +6,13 @@ retries in place and dead letters, and a bounded, leak-free close — on every b
 
 from keybus.background import Background
 from keybus.bus import EventBus
-from keybus.connect import Connector, connect
+from keybus.connect import Connector, connect, connect_from_config
 from keybus.deadline import Deadline
 from keybus.delivery import Delivery, current_delivery
 from keybus.envelope import Envelope
 from keybus.errors import (
     BusClosedError,
+    ConfigError,
     ConnectError,
     EnvelopeError,
     KeybusError,
@@ -38,6 +39,7 @@ __all__ = [
     "BusClosedError",
     "CallNext",
     "Check",
+    "ConfigError",
     "ConnectError",
     "Connector",
     "Deadline",
@@ -68,6 +70,7 @@ __all__ = [
     "TopicInfo",
     "WaitingKey",
     "connect",
+    "connect_from_config",
     "current_delivery",
     "register_transport",
 ]

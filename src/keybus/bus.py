@@ -44,6 +44,7 @@ class EventBus:
         topic_config: TopicConfig | None = None,
         create_topics: bool = True,
         middleware: Sequence[Middleware] | None = None,
+        subscribe_defaults: Mapping[str, Any] | None = None,
     ) -> None:
         self._transport = transport
         # Without a group each bus is its own group: it sees every message (fan-out).
@@ -52,6 +53,11 @@ class EventBus:
         self.create_topics = create_topics
         # Wraps every subscription's own middleware (keybus.middleware).
         self.middleware = check_middleware(middleware)
+        # Every subscription's options start from these (a configuration's `subscribe`).
+        self.subscribe_defaults = dict(subscribe_defaults or {})
+        unknown = sorted(set(self.subscribe_defaults) - set(SubscribeOptions.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown subscribe option(s) in subscribe_defaults: {unknown}")
         self._engines: dict[SubscriptionEngine, Subscription] = {}
         self._ensured: set[str] = set()
         self._closing = False
@@ -153,6 +159,8 @@ class EventBus:
         if type(topic) is not str:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
+        if self.subscribe_defaults:
+            options = {**self.subscribe_defaults, **options}
         unknown = sorted(set(options) - set(SubscribeOptions.__dataclass_fields__))
         if unknown:
             raise TypeError(f"unknown subscribe option(s): {unknown}")

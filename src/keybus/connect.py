@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+import os
+from collections.abc import Generator, Mapping
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,9 +15,9 @@ from keybus.errors import ConnectError, KeybusError
 from keybus.registry import make_transport
 from keybus.topics import TopicConfig
 
-__all__ = ["Connector", "connect"]
+__all__ = ["Connector", "connect", "connect_from_config"]
 
-_BUS_OPTIONS = ("topic_config", "create_topics", "middleware")
+_BUS_OPTIONS = ("topic_config", "create_topics", "middleware", "subscribe_defaults")
 
 
 class Connector:
@@ -88,3 +89,22 @@ def connect(url: str, *, group: str | None = None, **options: Any) -> Connector:
     if type(url) is not str:
         raise TypeError("url must be a str")
     return Connector(url, group, options)
+
+
+def connect_from_config(
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Connector:
+    """:func:`connect` with what a configuration says: ``source`` is a ``.toml``,
+    ``.yaml``/``.yml`` or ``.json`` file, or a mapping; ``KEYBUS_*`` environment variables
+    override it (nested keys joined by ``__``); ``overrides`` (any ``connect`` option, and
+    ``group``) override both. A bad value raises :class:`~keybus.errors.ConfigError`
+    naming the key. See :mod:`keybus.config`."""
+    from keybus.config import load_config  # the loader is needed only here
+
+    config = load_config(source, environ=environ)
+    options = {**config.connect_options(), **overrides}
+    group = options.pop("group", config.group)
+    return connect(config.url, group=group, **options)

@@ -10,7 +10,10 @@ its client library's errors at its boundary, in ``transports/<backend>/errors.py
     ├── EnvelopeError     an envelope is invalid or cannot be decoded (also a ValueError)
     ├── PublishError      the broker refused a record or did not acknowledge it in time
     ├── TopicError        creating, describing or deleting a topic failed
-    └── SubscribeError    a subscription could not join its group or get its partitions
+    ├── SubscribeError    a subscription could not join its group or get its partitions
+    └── ConfigError       a configuration (file, mapping, environment) is invalid: names
+                          the key, the value (secrets masked) and what was expected
+                          (also a ValueError)
 
 Where a client library's exception was the cause, it is chained (``__cause__``). Bad
 arguments (a non-bytes value, an unknown option) are Python's own ``TypeError`` /
@@ -24,6 +27,7 @@ from typing import Literal
 __all__ = [
     "Action",
     "BusClosedError",
+    "ConfigError",
     "ConnectError",
     "EnvelopeError",
     "KeybusError",
@@ -84,6 +88,20 @@ class TopicError(KeybusError):
         super().__init__(f"cannot {action} topic {topic!r}: {reason}")
         self.topic = topic
         self.action = action
+        self.reason = reason
+
+
+class ConfigError(KeybusError, ValueError):
+    """A configuration is invalid. ``key`` is the dotted key (``topic_config.partitions``;
+    empty when the whole source is at fault), ``value`` the value as shown (a secret's
+    masked), ``reason`` what was expected."""
+
+    def __init__(self, key: str, value: str, reason: str) -> None:
+        where = f"configuration key {key!r}" if key else "configuration"
+        shown = f" = {value}" if value else ""
+        super().__init__(f"{where}{shown}: {reason}")
+        self.key = key
+        self.value = value
         self.reason = reason
 
 
