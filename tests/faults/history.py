@@ -19,8 +19,9 @@ c. **No start after an ownership ended** (README: "a member never starts a messa
    - *superseded fence*: once any run on a partition started with fence ``f``, no run on
      that partition starts with a fence below ``f`` (fences grow with every change of
      owner, so a lower one is an ownership that already ended);
-   - *after a lapse*: once a member logged that its ownership of a partition lapsed, it
-     starts no run there with a fence at or below the highest it had used there before.
+   - *after a lapse*: once a member logged that its ownership of a partition lapsed (or
+     its lease of the topic's partitions was not renewed), it starts no run there with a
+     fence at or below the highest it had used there before.
 d. **Overlaps carry ordered fences** (README: what self-fencing cannot stop — a handler
    already running when its process froze, finishing after the next owner began — is
    what ``Message.fence`` is for; docs/nats.md "Exclusivity: ... where it ends"). So
@@ -77,11 +78,12 @@ class Run:
 
 @dataclass(frozen=True)
 class Lapse:
-    """A member logged that its ownership of a partition lapsed (the core gave it up)."""
+    """A member logged that its ownership of a partition lapsed (the core gave it up), or
+    of every partition of ``topic`` (``partition`` None: its lease was not renewed)."""
 
     member: str
     topic: str
-    partition: int
+    partition: int | None
     at: float
 
 
@@ -204,17 +206,19 @@ def _superseded_starts(runs: list[Run]) -> list[tuple[Run, Run]]:
 
 
 def _starts_after_lapse(runs: list[Run], lapses: list[Lapse]) -> list[tuple[Run, Lapse]]:
-    by_owner: dict[tuple[str, str, int], list[Run]] = defaultdict(list)
+    by_owner: dict[tuple[str, str], dict[int, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        by_owner[(run.member, run.topic, run.partition)].append(run)
+        by_owner[(run.member, run.topic)][run.partition].append(run)
     found = []
     for lapse in lapses:
-        mine = by_owner.get((lapse.member, lapse.topic, lapse.partition), [])
-        before = [r.fence for r in mine if r.start <= lapse.at]
-        held = max(before, default=0)
-        if held == 0:
-            continue  # no known fence held: a re-take cannot be told apart
-        found.extend((r, lapse) for r in mine if r.start > lapse.at and r.fence <= held)
+        partitions = by_owner[(lapse.member, lapse.topic)]
+        lapsed = partitions if lapse.partition is None else [lapse.partition]
+        for partition in lapsed:
+            mine = partitions.get(partition, [])
+            held = max((r.fence for r in mine if r.start <= lapse.at), default=0)
+            if held == 0:
+                continue  # no known fence held: a re-take cannot be told apart
+            found.extend((r, lapse) for r in mine if r.start > lapse.at and r.fence <= held)
     return found
 
 

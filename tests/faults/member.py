@@ -49,8 +49,10 @@ class Log:
 
 
 class LapseWatch(logging.Handler):
-    """Turns the core's "ownership of (topic, partition) lapsed" warning into a record:
-    the only moment a member itself knows its ownership ended."""
+    """Turns the warnings that say an ownership ended into records: the core's
+    "ownership of (topic, partition) lapsed" and the NATS member's "topic/group: lease
+    not renewed" (every partition of the topic) — the only moments a member itself knows
+    its ownership ended."""
 
     def __init__(self, log: Log, member: str) -> None:
         super().__init__(logging.WARNING)
@@ -58,18 +60,17 @@ class LapseWatch(logging.Handler):
         self.member = member
 
     def emit(self, record: logging.LogRecord) -> None:
-        args = record.args
-        if "lapsed" in str(record.msg) and isinstance(args, tuple) and args:
-            where = args[0]
-            if isinstance(where, tuple) and len(where) == 2:
-                topic, partition = where
-                self.log.write(
-                    ev="lapse",
-                    member=self.member,
-                    topic=topic,
-                    partition=partition,
-                    at=time.monotonic(),
-                )
+        at = time.monotonic()
+        text, args = str(record.msg), record.args
+        if not isinstance(args, tuple) or not args:
+            return
+        if "lapsed" in text and isinstance(args[0], tuple):
+            topic, partition = args[0]
+        elif "lease not renewed" in text:
+            topic, partition = args[0], None
+        else:
+            return
+        self.log.write(ev="lapse", member=self.member, topic=topic, partition=partition, at=at)
 
 
 async def main(url: str, topic: str, group: str, name: str, path: str, seed: int) -> None:

@@ -128,6 +128,20 @@ def test_a_start_after_the_members_own_lapse_is_reported_until_a_new_fence() -> 
     assert report.lapses == 1
 
 
+def test_a_lapse_of_the_whole_lease_covers_every_partition_the_member_ran() -> None:
+    history = [
+        run("m1", 1, 0.0, 0.1, fence=5),
+        run("m1", 1, 0.2, 0.3, fence=6, aggregate="b", partition=1),
+        run("m1", 2, 3.0, 3.1, fence=5),
+        run("m1", 2, 3.2, 3.3, fence=6, aggregate="b", partition=1),
+    ]
+    report = check(acked("a", 2) | acked("b", 2), history, [Lapse("m1", TOPIC, None, 2.0)])
+    assert sorted((r.aggregate, r.version) for r, _ in report.starts_after_lapse) == [
+        ("a", 2),
+        ("b", 2),
+    ]
+
+
 def test_overlapping_runs_without_an_older_fence_on_the_older_run_are_reported() -> None:
     equal = [run("m1", 1, 0.0, 1.0, fence=4), run("m2", 2, 0.5, 0.6, fence=4)]
     inverted = [run("m1", 1, 0.0, 1.0, fence=6), run("m2", 2, 0.5, 0.6, fence=4)]
