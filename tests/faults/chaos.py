@@ -228,6 +228,7 @@ class Chaos:
     kills: list[str] = field(default_factory=list)
     pauses: list[tuple[str, float]] = field(default_factory=list)
     restarts: int = 0
+    events: list[tuple[float, str]] = field(default_factory=list)  # (monotonic, what)
     _thawing: set[asyncio.Task[None]] = field(default_factory=set)
 
     def live(self) -> list[Member]:
@@ -239,8 +240,10 @@ class Chaos:
         while time.monotonic() < end:
             await asyncio.sleep(self.rng.uniform(3.0, 6.0))
             if not self.restarts and time.monotonic() >= restart_at:
+                self.note("broker stops")
                 await self.restart()
                 self.restarts += 1
+                self.note("broker restarted")
             elif not self.pauses or (self.kills and self.rng.random() < 0.5):
                 await self.pause()
             else:
@@ -252,6 +255,7 @@ class Chaos:
         member = self.rng.choice(self.live())
         seconds = self.ownership_timeout + self.rng.uniform(2.0, 5.0)
         member.freeze()
+        self.note(f"SIGSTOP {member.name} for {seconds:.1f} s")
         self.pauses.append((member.name, seconds))
         task = asyncio.create_task(self._thaw_after(member, seconds))
         self._thawing.add(task)
@@ -261,14 +265,23 @@ class Chaos:
         await asyncio.sleep(seconds)
         if member.alive:
             member.thaw()
+            self.note(f"SIGCONT {member.name}")
 
     async def kill(self) -> None:
         member = self.rng.choice(self.live())
         await member.kill()
+        self.note(f"SIGKILL {member.name}")
         self.kills.append(member.name)
         replacement = await self.spawn()
         self.members.append(replacement)
         await replacement.ready()
+        self.note(f"{replacement.name} ready")
+
+    def note(self, what: str) -> None:
+        self.events.append((time.monotonic(), what))
+
+    def timeline(self, since: float) -> str:
+        return ", ".join(f"{at - since:.1f} {what}" for at, what in self.events)
 
     async def settle(self) -> None:
         """Thaw whatever is still frozen (the controller's time is up)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import time
@@ -49,6 +50,20 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         pytest.skip(f"{request.param} is not in KEYBUS_BACKENDS")
     async for value in backend_fixture(request.param):
         yield value
+
+
+def stalls(runs: list[Run], since: float) -> str:
+    """Per partition, the longest time between two handler starts (and when it began):
+    how long a fault kept a partition from being worked on."""
+    starts: dict[int, list[float]] = {}
+    for run in runs:
+        starts.setdefault(run.partition, []).append(run.start)
+    longest = {}
+    for partition, moments in sorted(starts.items()):
+        moments.sort()
+        gap, at = max((b - a, a) for a, b in itertools.pairwise(moments))
+        longest[partition] = f"{gap:.1f} from {at - since:.1f}"
+    return ", ".join(f"p{p} {text}" for p, text in longest.items())
 
 
 async def test_members_killed_frozen_and_a_broker_restart_keep_every_promise(
@@ -116,7 +131,9 @@ async def test_members_killed_frozen_and_a_broker_restart_keep_every_promise(
         f"({', '.join(f'{name} {s:.1f} s' for name, s in chaos.pauses)}), "
         f"{chaos.restarts} broker restart, {produced.failures} publish errors retried; "
         f"producer done {faults_over - began:.1f} s, drained {drained - faults_over:.1f} s "
-        f"after it\n{report.summary()}"
+        f"after it\ntimeline (s): {chaos.timeline(began)}\n"
+        f"longest stretch without a start, per partition (s): {stalls(runs, began)}\n"
+        f"{report.summary()}"
     )
     assert report.acknowledged >= AGGREGATES * VERSIONS
     assert chaos.kills, "the controller killed no member"
