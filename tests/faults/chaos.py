@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import keybus
 from keybus.transports.kafka.config import CONSUMER_DEFAULTS
 from keybus.transports.nats.options import NatsOptions
-from tests.faults.history import Envelope, Lapse, Run, parse_member_log
+from tests.faults.history import Envelope, History, Pause, parse_member_log
 from tests.helpers import envelope
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +61,7 @@ class MemberLog:
                 elif record["ev"] == "end" and record["outcome"] == "ok":
                     handled.add(self._started[record["seq"]])
 
-    def history(self) -> tuple[list[Run], list[Lapse]]:
+    def history(self) -> History:
         return parse_member_log(self.lines)
 
 
@@ -74,6 +74,8 @@ class Member:
         self.log = log
         self.killed_at: float | None = None
         self.frozen = False
+        self.pauses: list[Pause] = []
+        self._frozen_at = 0.0
 
     @classmethod
     async def start(
@@ -110,12 +112,14 @@ class Member:
 
     def freeze(self) -> None:
         """SIGSTOP: the whole process stops, as in a long GC or VM pause."""
+        self._frozen_at = time.monotonic()
         self.process.send_signal(signal.SIGSTOP)
         self.frozen = True
 
     def thaw(self) -> None:
         self.process.send_signal(signal.SIGCONT)
         self.frozen = False
+        self.pauses.append(Pause(self.name, self._frozen_at, time.monotonic()))
 
     async def kill(self) -> None:
         if self.alive:

@@ -21,7 +21,12 @@ c. **No start after an ownership ended** (README: "a member never starts a messa
      owner, so a lower one is an ownership that already ended);
    - *after a lapse*: once a member logged that its ownership of a partition lapsed (or
      its lease of the topic's partitions was not renewed), it starts no run there with a
-     fence at or below the highest it had used there before.
+     fence at or below the highest it had used there before;
+   - *after a pause past its ownership*: a member frozen (SIGSTOP) for longer than its
+     session/lease lost every partition ``ownership_timeout`` after it froze at the
+     latest; from then on it starts no run of a partition its core was not assigned
+     again since. This one needs no fence: the controller knows when it froze the
+     member, the member logs when its core is assigned partitions.
 d. **Overlaps carry ordered fences** (README: what self-fencing cannot stop — a handler
    already running when its process froze, finishing after the next owner began — is
    what ``Message.fence`` is for; docs/nats.md "Exclusivity: ... where it ends"). So
@@ -29,6 +34,10 @@ d. **Overlaps carry ordered fences** (README: what self-fencing cannot stop — 
    then the run that started first carries the strictly lower fence: where runs of one
    aggregate on two members overlap in time, ``first.fence < second.fence``. Equal
    fences would be two members acting on one claim.
+
+A run's start is logged by the handler, a few microseconds after the core checked the
+partition's ownership: a SIGSTOP landing exactly between the two would make a start look
+later than it was (a false finding of check c, as rare as that window is short).
 
 Fence 0 means "unknown" (a transport that does not stamp fences): checks (c) and (d)
 cannot judge such runs; they are counted apart (``unfenced_*``) and the summary says so.
@@ -38,6 +47,7 @@ Duplicates (an envelope handled to its end more than once) are counted, not fail
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +56,8 @@ from typing import Any
 Envelope = tuple[str, int]  # (aggregate, version)
 
 OK = "ok"
+# The check that needs no fence: it fails wherever self-fencing is missing.
+STARTED_AFTER_PAUSE = "c: started after a pause past its ownership, not assigned again"
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,39 @@ class Lapse:
     at: float
 
 
+@dataclass(frozen=True)
+class Assign:
+    """A member's core was assigned a partition (``Sink.assign``)."""
+
+    member: str
+    topic: str
+    partition: int
+    at: float
+
+
+@dataclass(frozen=True)
+class Pause:
+    """The controller froze ``member`` (SIGSTOP) at ``frozen`` and thawed it at ``thawed``."""
+
+    member: str
+    frozen: float
+    thawed: float
+
+
+@dataclass
+class History:
+    """What the members logged."""
+
+    runs: list[Run] = field(default_factory=list)
+    lapses: list[Lapse] = field(default_factory=list)
+    assigns: list[Assign] = field(default_factory=list)
+
+    def extend(self, other: History) -> None:
+        self.runs += other.runs
+        self.lapses += other.lapses
+        self.assigns += other.assigns
+
+
 @dataclass
 class Report:
     acknowledged: int = 0
@@ -97,6 +142,7 @@ class Report:
     forward_skips: list[tuple[Run, list[int]]] = field(default_factory=list)  # (b)
     superseded_starts: list[tuple[Run, Run]] = field(default_factory=list)  # (c): run, newer
     starts_after_lapse: list[tuple[Run, Lapse]] = field(default_factory=list)  # (c)
+    starts_after_pause: list[tuple[Run, Pause]] = field(default_factory=list)  # (c)
     fenced_overlaps: int = 0  # (d) overlaps with ordered fences: what the fence is for
     unordered_overlaps: list[tuple[Run, Run]] = field(default_factory=list)  # (d)
     unfenced_overlaps: list[tuple[Run, Run]] = field(default_factory=list)  # (d) unjudged
@@ -121,6 +167,10 @@ class Report:
             "c: started after its ownership lapsed": [
                 f"{run.brief()} | lapse at {lapse.at:.3f}" for run, lapse in self.starts_after_lapse
             ],
+            STARTED_AFTER_PAUSE: [
+                f"{run.brief()} | frozen {pause.frozen:.3f}..{pause.thawed:.3f}"
+                for run, pause in self.starts_after_pause
+            ],
             "d: overlap without an older fence on the older run": [
                 f"{first.brief()} | {second.brief()}" for first, second in self.unordered_overlaps
             ],
@@ -138,7 +188,12 @@ class Report:
         ]
         if self.unfenced_starts:
             lines.append(
-                f"fence 0 (unknown) on {self.unfenced_starts} runs: checks c and d skipped for them"
+                f"fence 0 (unknown) on {self.unfenced_starts} runs: the fence checks of c "
+                "and d skipped for them"
+            )
+            lines.extend(
+                f"  unjudged overlap: {first.brief()} | {second.brief()}"
+                for first, second in self.unfenced_overlaps[:3]
             )
         for check, offending in self.violations().items():
             lines.append(f"VIOLATION {check}: {len(offending)}")
@@ -151,11 +206,15 @@ def check(
     runs: Iterable[Run],
     lapses: Iterable[Lapse] = (),
     *,
+    assigns: Iterable[Assign] = (),
+    pauses: Iterable[Pause] = (),
+    ownership_timeout: float = math.inf,
     ended_by: Mapping[str, float] | None = None,
 ) -> Report:
     """Judge a history. ``ended_by``: when a member's process was known to end (a
     SIGKILL): its runs without an end count as running until then; without an entry,
-    until the last moment of the history."""
+    until the last moment of the history. ``pauses`` longer than ``ownership_timeout``
+    (the session / lease) cost the member its partitions."""
     runs = sorted(runs, key=lambda r: r.start)
     lapses = list(lapses)
     acked = set(acknowledged)
@@ -168,6 +227,12 @@ def check(
     report.unfenced_starts = sum(1 for r in runs if r.fence == 0)
     report.superseded_starts = _superseded_starts(runs)
     report.starts_after_lapse = _starts_after_lapse(runs, lapses)
+    report.starts_after_pause = _starts_after_pause(
+        runs,
+        list(assigns),
+        [p for p in pauses if p.thawed - p.frozen > ownership_timeout],
+        ownership_timeout,
+    )
     horizon = max((r.end or r.start for r in runs), default=0.0)
     _judge_overlaps(runs, dict(ended_by or {}), horizon, report)
     return report
@@ -222,6 +287,27 @@ def _starts_after_lapse(runs: list[Run], lapses: list[Lapse]) -> list[tuple[Run,
     return found
 
 
+def _starts_after_pause(
+    runs: list[Run], assigns: list[Assign], pauses: list[Pause], timeout: float
+) -> list[tuple[Run, Pause]]:
+    found = []
+    for pause in pauses:
+        lost = pause.frozen + timeout
+        regained = {
+            (a.topic, a.partition): a.at
+            for a in sorted(assigns, key=lambda a: a.at, reverse=True)
+            if a.member == pause.member and a.at >= lost
+        }  # the first assignment of each partition since it was lost
+        found.extend(
+            (run, pause)
+            for run in runs
+            if run.member == pause.member
+            and run.start >= lost
+            and regained.get((run.topic, run.partition), math.inf) > run.start
+        )
+    return found
+
+
 def _judge_overlaps(
     runs: list[Run], ended_by: dict[str, float], horizon: float, report: Report
 ) -> None:
@@ -250,14 +336,15 @@ def _judge_overlaps(
                     report.unordered_overlaps.append((first, second))
 
 
-def parse_member_log(lines: Iterable[str]) -> tuple[list[Run], list[Lapse]]:
+def parse_member_log(lines: Iterable[str]) -> History:
     """A member's log (``tests/faults/member.py``), one JSON object a line: ``start``
     lines (the fields of :class:`Run` up to ``start``, and ``seq``) joined with their
-    ``end`` line (``seq``, ``end``, ``outcome``); ``lapse`` lines as they are. A torn
-    last line (the process killed mid-write) is skipped."""
+    ``end`` line (``seq``, ``end``, ``outcome``); ``lapse`` and ``assign`` lines (one
+    per partition) as they are. A torn last line (the process killed mid-write) is
+    skipped."""
     starts: dict[int, dict[str, Any]] = {}
     ends: dict[int, dict[str, Any]] = {}
-    lapses = []
+    history = History()
     for line in lines:
         try:
             record = json.loads(line)
@@ -265,8 +352,10 @@ def parse_member_log(lines: Iterable[str]) -> tuple[list[Run], list[Lapse]]:
             continue
         kind = record.pop("ev")
         if kind == "lapse":
-            lapses.append(Lapse(**record))
+            history.lapses.append(Lapse(**record))
+        elif kind == "assign":
+            history.assigns.append(Assign(**record))
         else:
             (starts if kind == "start" else ends)[record.pop("seq")] = record
-    runs = [Run(**start, **ends.get(seq, {})) for seq, start in starts.items()]
-    return runs, lapses
+    history.runs = [Run(**start, **ends.get(seq, {})) for seq, start in starts.items()]
+    return history

@@ -12,7 +12,8 @@ one clock for every process on the machine):
   to ``start`` (the fence and position from ``keybus.current_delivery()``);
 - ``end``: it finished: ``seq``, ``end`` and ``outcome`` (``ok``, or ``cancelled`` when
   the core cancelled it: a revoke that ran out of time, or a lapsed ownership);
-- ``lapse``: the core logged that this member's ownership of a partition lapsed.
+- ``lapse``: the core logged that this member's ownership of a partition lapsed;
+- ``assign``: the core was assigned a partition (one line per partition).
 
 SIGTERM closes the bus (a graceful leave) and prints ``closed``; SIGKILL is the crash.
 """
@@ -31,6 +32,7 @@ import time
 from typing import Any
 
 import keybus
+from keybus.engine import SubscriptionEngine
 
 MAX_DELAY = 0.020
 
@@ -73,10 +75,25 @@ class LapseWatch(logging.Handler):
         self.log.write(ev="lapse", member=self.member, topic=topic, partition=partition, at=at)
 
 
+def watch_assignments(log: Log, member: str) -> None:
+    """Log every partition the core is assigned (white-box: the core's ``Sink.assign``
+    is the one moment every transport reports, in this process)."""
+    original = SubscriptionEngine.assign
+
+    def assign(engine: SubscriptionEngine, partitions: Any, **options: Any) -> None:
+        at = time.monotonic()
+        for topic, partition in partitions:
+            log.write(ev="assign", member=member, topic=topic, partition=partition, at=at)
+        original(engine, partitions, **options)
+
+    SubscriptionEngine.assign = assign  # type: ignore[method-assign]
+
+
 async def main(url: str, topic: str, group: str, name: str, path: str, seed: int) -> None:
     log = Log(path)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     logging.getLogger("keybus").addHandler(LapseWatch(log, name))
+    watch_assignments(log, name)
     delays = random.Random(seed)
     sequence = itertools.count()
     pid = os.getpid()

@@ -32,7 +32,7 @@ from tests.faults.chaos import (
     produce,
     restart_broker,
 )
-from tests.faults.history import Envelope, Lapse, Run, check
+from tests.faults.history import STARTED_AFTER_PAUSE, Envelope, History, Run, check
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.slow
@@ -116,15 +116,20 @@ async def test_members_killed_frozen_and_a_broker_restart_keep_every_promise(
         finally:
             closed = await asyncio.gather(*(m.terminate() for m in chaos.members if m.alive))
 
-    runs: list[Run] = []
-    lapses: list[Lapse] = []
+    history = History()
     for member in chaos.members:
         member.log.poll(handled)
-        member_runs, member_lapses = member.log.history()
-        runs += member_runs
-        lapses += member_lapses
-    ended_by = {m.name: m.killed_at for m in chaos.members if m.killed_at is not None}
-    report = check(produced.acknowledged, runs, lapses, ended_by=ended_by)
+        history.extend(member.log.history())
+    runs = history.runs
+    report = check(
+        produced.acknowledged,
+        runs,
+        history.lapses,
+        assigns=history.assigns,
+        pauses=[pause for member in chaos.members for pause in member.pauses],
+        ownership_timeout=OWNERSHIP_TIMEOUT[backend.name],
+        ended_by={m.name: m.killed_at for m in chaos.members if m.killed_at is not None},
+    )
     print(
         f"\nchaos on {backend.name}: seed {seed}, {SECONDS:g} s of faults, "
         f"{len(chaos.kills)} kills, {len(chaos.pauses)} pauses "
@@ -139,5 +144,17 @@ async def test_members_killed_frozen_and_a_broker_restart_keep_every_promise(
     assert chaos.kills, "the controller killed no member"
     assert chaos.pauses, "the controller froze no member"
     assert chaos.restarts == 1, "the broker was not restarted"
-    assert report.violations() == {}, f"seed {seed}:\n{report.summary()}"
+    violations = report.violations()
+    # A backend without fences (Kafka, until the Kafka side of issue 9 lands: ownership
+    # deadlines for the core and the group generation as the fence) is known to fail this
+    # check: a member thawed after a pause longer than its session starts queued work
+    # before librdkafka reports the session lost. Expected there (xfail), asserted elsewhere.
+    pending = [] if backend.features.fences else violations.pop(STARTED_AFTER_PAUSE, [])
+    assert violations == {}, f"seed {seed}:\n{report.summary()}"
     assert all(closed), "a member did not close cleanly on SIGTERM"
+    if pending:
+        pytest.xfail(
+            f"{backend.name} has no self-fencing yet (issue 9): {len(pending)} handlers "
+            f"started after a pause longer than the session, before the member was "
+            f"assigned the partition again, e.g. {pending[0]}"
+        )

@@ -7,7 +7,15 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from tests.faults.history import Lapse, Run, check, parse_member_log
+from tests.faults.history import (
+    STARTED_AFTER_PAUSE,
+    Assign,
+    Lapse,
+    Pause,
+    Run,
+    check,
+    parse_member_log,
+)
 
 TOPIC = "t"
 
@@ -142,6 +150,43 @@ def test_a_lapse_of_the_whole_lease_covers_every_partition_the_member_ran() -> N
     ]
 
 
+def test_a_start_after_a_pause_past_the_ownership_before_a_new_assignment_is_reported() -> None:
+    """m1 is frozen at 1.0 for 9 s, its session 6 s: at 7.0 its partitions were lost.
+    After the thaw it starts queued v2 of partition 0 (a violation) before its core is
+    assigned partition 0 again at 10.5; v3 after that is fine, and so is partition 1's
+    v1, assigned again at 10.2."""
+    history = [
+        run("m1", 1, 0.0, 0.1),
+        run("m1", 2, 10.0, 10.1),
+        run("m1", 3, 11.0, 11.1),
+        run("m1", 1, 10.3, 10.4, aggregate="b", partition=1),
+    ]
+    assigns = [
+        Assign("m1", TOPIC, 0, 0.0),
+        Assign("m1", TOPIC, 1, 10.2),
+        Assign("m1", TOPIC, 0, 10.5),
+    ]
+    pause = Pause("m1", 1.0, 10.0)
+    report = check(
+        acked("a", 3) | acked("b", 1),
+        history,
+        assigns=assigns,
+        pauses=[pause],
+        ownership_timeout=6.0,
+    )
+    assert [(r.aggregate, r.version, p) for r, p in report.starts_after_pause] == [("a", 2, pause)]
+    assert list(report.violations()) == [STARTED_AFTER_PAUSE]
+    # A pause shorter than the session costs nothing.
+    short = check(
+        acked("a", 3) | acked("b", 1),
+        history,
+        assigns=assigns,
+        pauses=[Pause("m1", 5.0, 10.0)],
+        ownership_timeout=6.0,
+    )
+    assert short.violations() == {}
+
+
 def test_overlapping_runs_without_an_older_fence_on_the_older_run_are_reported() -> None:
     equal = [run("m1", 1, 0.0, 1.0, fence=4), run("m2", 2, 0.5, 0.6, fence=4)]
     inverted = [run("m1", 1, 0.0, 1.0, fence=6), run("m2", 2, 0.5, 0.6, fence=4)]
@@ -177,7 +222,7 @@ def test_fence_zero_is_unknown_overlaps_are_counted_unjudged_and_said() -> None:
     assert report.violations() == {}
     assert len(report.unfenced_overlaps) == 1
     assert report.unfenced_starts == 3
-    assert "checks c and d skipped" in report.summary()
+    assert "the fence checks of c and d skipped" in report.summary()
 
 
 def test_member_log_lines_join_into_runs_and_a_torn_line_is_skipped() -> None:
@@ -199,12 +244,14 @@ def test_member_log_lines_join_into_runs_and_a_torn_line_is_skipped() -> None:
         json.dumps(start),
         json.dumps({**start, "seq": 1, "version": 2, "start": 1.7}),
         json.dumps({"ev": "lapse", "member": "m1", "topic": TOPIC, "partition": 2, "at": 1.8}),
+        json.dumps({"ev": "assign", "member": "m1", "topic": TOPIC, "partition": 2, "at": 1.0}),
         json.dumps({"ev": "end", "seq": 0, "end": 1.6, "outcome": "ok"}),
         '{"ev": "end", "seq": 1, "en',
     ]
-    runs, lapses = parse_member_log(lines)
-    assert sorted(runs, key=lambda r: r.version) == [
+    history = parse_member_log(lines)
+    assert sorted(history.runs, key=lambda r: r.version) == [
         replace(run("m1", 1, 1.5, 1.6, fence=3, partition=2), pid=42, offset=17),
         replace(run("m1", 2, 1.7, None, fence=3, partition=2), pid=42, offset=17),
     ]
-    assert lapses == [Lapse("m1", TOPIC, 2, 1.8)]
+    assert history.lapses == [Lapse("m1", TOPIC, 2, 1.8)]
+    assert history.assigns == [Assign("m1", TOPIC, 2, 1.0)]
