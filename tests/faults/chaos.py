@@ -193,28 +193,37 @@ async def produce(
     await asyncio.gather(*(one(i, aggregate) for i, aggregate in enumerate(aggregates)))
 
 
-async def restart_broker(backend: str, url: str) -> None:
-    """Stop the broker and start it again on the same data, with the repository's script
-    for it (on the URL's port: never someone else's broker)."""
+async def broker(backend: str, url: str, *commands: str) -> None:
+    """Run the repository's script for the broker (``tools/<backend>/<backend>.sh``) with
+    each of ``commands`` in turn, on the URL's port: never someone else's broker."""
     port = str(urlsplit(url).port)
-    if backend == "kafka":
-        steps, env = (
-            [["tools/kafka/kafka.sh", "stop"], ["tools/kafka/kafka.sh", "start"]],
-            {"KEYBUS_KAFKA_PORT": port},
-        )
-    else:
-        steps, env = [["tools/nats/nats.sh", "restart-keep-data"]], {"KEYBUS_NATS_PORT": port}
-    for step in steps:
+    env = {**os.environ, f"KEYBUS_{backend.upper()}_PORT": port}
+    for command in commands:
         process = await asyncio.create_subprocess_exec(
-            *step,
+            f"tools/{backend}/{backend}.sh",
+            command,
             cwd=ROOT,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
-            env={**os.environ, **env},
+            env=env,
         )
         code = await asyncio.wait_for(process.wait(), 120)
-        assert code == 0, f"{' '.join(step)} exited with {code}"
+        assert code == 0, f"{backend}.sh {command} exited with {code}"
+
+
+async def restart_broker(backend: str, url: str) -> None:
+    """Stop the broker and start it again on the same data."""
+    if backend == "kafka":
+        await broker(backend, url, "stop", "start")
+    else:
+        await broker(backend, url, "restart-keep-data")
+
+
+async def ensure_broker(backend: str, url: str) -> None:
+    """Start the broker on the data it kept if a failed restart left it down (both
+    commands do nothing to a broker that runs)."""
+    await broker(backend, url, "start")
 
 
 @dataclass
@@ -241,8 +250,10 @@ class Chaos:
     async def run(self, seconds: float) -> None:
         begun = time.monotonic()
         end, restart_at = begun + seconds, begun + seconds / 2
-        while time.monotonic() < end:
+        while True:
             await asyncio.sleep(self.rng.uniform(3.0, 6.0))
+            if time.monotonic() >= end:
+                return
             if not self.restarts and time.monotonic() >= restart_at:
                 self.note("broker stops")
                 await self.restart()

@@ -29,6 +29,7 @@ from tests.faults.chaos import (
     Chaos,
     Member,
     Produced,
+    ensure_broker,
     produce,
     restart_broker,
 )
@@ -115,6 +116,7 @@ async def test_members_killed_frozen_and_a_broker_restart_keep_every_promise(
             drained = time.monotonic()
         finally:
             closed = await asyncio.gather(*(m.terminate() for m in chaos.members if m.alive))
+            await ensure_broker(backend.name, backend.url)  # for the tests after this one
 
     history = History()
     for member in chaos.members:
