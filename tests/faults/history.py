@@ -39,8 +39,9 @@ A run's start is logged by the handler, a few microseconds after the core checke
 partition's ownership: a SIGSTOP landing exactly between the two would make a start look
 later than it was (a false finding of check c, as rare as that window is short).
 
-Fence 0 means "unknown" (a transport that does not stamp fences): checks (c) and (d)
-cannot judge such runs; they are counted apart (``unfenced_*``) and the summary says so.
+Fence 0 means "unknown" (a transport that does not stamp fences): the fence checks of (c)
+and (d) cannot judge such runs; they are counted apart (``unfenced_*``) and the summary
+says so. The pause check of (c) judges them all the same.
 Duplicates (an envelope handled to its end more than once) are counted, not failures.
 """
 
