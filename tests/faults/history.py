@@ -20,13 +20,14 @@ c. **No start after an ownership ended** (README: "a member never starts a messa
      that partition starts with a fence below ``f`` (fences grow with every change of
      owner, so a lower one is an ownership that already ended);
    - *after a lapse*: once a member logged that its ownership of a partition lapsed (or
-     its lease of the topic's partitions was not renewed), it starts no run there with a
-     fence at or below the highest it had used there before;
+     its lease of the topic's partitions was not renewed), it starts no run there until
+     its core is assigned the partition again (a re-take: NATS claims it anew, Kafka
+     proves it is still in the group's generation — so the fence may stay the same);
    - *after a pause past its ownership*: a member frozen (SIGSTOP) for longer than its
      session/lease lost every partition ``ownership_timeout`` after it froze at the
-     latest; from then on it starts no run of a partition its core was not assigned
-     again since. This one needs no fence: the controller knows when it froze the
-     member, the member logs when its core is assigned partitions.
+     latest; from then on, the same: no run of a partition its core was not assigned
+     again since. The controller knows when it froze the member; the member logs when
+     its core is assigned partitions. Neither of these two needs a fence.
 d. **Overlaps carry ordered fences** (README: what self-fencing cannot stop — a handler
    already running when its process froze, finishing after the next owner began — is
    what ``Message.fence`` is for; docs/nats.md "Exclusivity: ... where it ends"). So
@@ -41,7 +42,7 @@ later than it was (a false finding of check c, as rare as that window is short).
 
 Fence 0 means "unknown" (a transport that does not stamp fences): the fence checks of (c)
 and (d) cannot judge such runs; they are counted apart (``unfenced_*``) and the summary
-says so. The pause check of (c) judges them all the same.
+says so. The lapse and pause checks of (c) judge them all the same.
 Duplicates (an envelope handled to its end more than once) are counted, not failures.
 """
 
@@ -57,7 +58,6 @@ from typing import Any
 Envelope = tuple[str, int]  # (aggregate, version)
 
 OK = "ok"
-# The check that needs no fence: it fails wherever self-fencing is missing.
 STARTED_AFTER_PAUSE = "c: started after a pause past its ownership, not assigned again"
 
 
@@ -227,7 +227,7 @@ def check(
     report.forward_skips = _forward_skips(runs)
     report.unfenced_starts = sum(1 for r in runs if r.fence == 0)
     report.superseded_starts = _superseded_starts(runs)
-    report.starts_after_lapse = _starts_after_lapse(runs, lapses)
+    report.starts_after_lapse = _starts_after_lapse(runs, list(assigns), lapses)
     report.starts_after_pause = _starts_after_pause(
         runs,
         list(assigns),
@@ -271,20 +271,16 @@ def _superseded_starts(runs: list[Run]) -> list[tuple[Run, Run]]:
     return found
 
 
-def _starts_after_lapse(runs: list[Run], lapses: list[Lapse]) -> list[tuple[Run, Lapse]]:
-    by_owner: dict[tuple[str, str], dict[int, list[Run]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        by_owner[(run.member, run.topic)][run.partition].append(run)
+def _starts_after_lapse(
+    runs: list[Run], assigns: list[Assign], lapses: list[Lapse]
+) -> list[tuple[Run, Lapse]]:
     found = []
     for lapse in lapses:
-        partitions = by_owner[(lapse.member, lapse.topic)]
-        lapsed = partitions if lapse.partition is None else [lapse.partition]
-        for partition in lapsed:
-            mine = partitions.get(partition, [])
-            held = max((r.fence for r in mine if r.start <= lapse.at), default=0)
-            if held == 0:
-                continue  # no known fence held: a re-take cannot be told apart
-            found.extend((r, lapse) for r in mine if r.start > lapse.at and r.fence <= held)
+        found.extend(
+            (run, lapse)
+            for run in _started_unowned(runs, assigns, lapse.member, lapse.at)
+            if run.topic == lapse.topic and lapse.partition in (None, run.partition)
+        )
     return found
 
 
@@ -294,19 +290,25 @@ def _starts_after_pause(
     found = []
     for pause in pauses:
         lost = pause.frozen + timeout
-        regained = {
-            (a.topic, a.partition): a.at
-            for a in sorted(assigns, key=lambda a: a.at, reverse=True)
-            if a.member == pause.member and a.at >= lost
-        }  # the first assignment of each partition since it was lost
-        found.extend(
-            (run, pause)
-            for run in runs
-            if run.member == pause.member
-            and run.start >= lost
-            and regained.get((run.topic, run.partition), math.inf) > run.start
-        )
+        found.extend((run, pause) for run in _started_unowned(runs, assigns, pause.member, lost))
     return found
+
+
+def _started_unowned(runs: list[Run], assigns: list[Assign], member: str, lost: float) -> list[Run]:
+    """``member``'s runs that started at or after ``lost`` (when it lost its partitions)
+    on a partition its core had not been assigned again since."""
+    regained: dict[tuple[str, int], float] = {}  # the first assignment since ``lost``
+    for assign in assigns:
+        where = (assign.topic, assign.partition)
+        if assign.member == member and lost <= assign.at < regained.get(where, math.inf):
+            regained[where] = assign.at
+    return [
+        run
+        for run in runs
+        if run.member == member
+        and run.start >= lost
+        and regained.get((run.topic, run.partition), math.inf) > run.start
+    ]
 
 
 def _judge_overlaps(

@@ -33,7 +33,7 @@ from tests.faults.chaos import (
     produce,
     restart_broker,
 )
-from tests.faults.history import STARTED_AFTER_PAUSE, Envelope, History, Run, check
+from tests.faults.history import Envelope, History, Run, check
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.slow
@@ -146,17 +146,5 @@ async def test_members_killed_frozen_and_a_broker_restart_keep_every_promise(
     assert chaos.kills, "the controller killed no member"
     assert chaos.pauses, "the controller froze no member"
     assert chaos.restarts == 1, "the broker was not restarted"
-    violations = report.violations()
-    # A backend without fences (Kafka, until the Kafka side of issue 9 lands: ownership
-    # deadlines for the core and the group generation as the fence) is known to fail this
-    # check: a member thawed after a pause longer than its session starts queued work
-    # before librdkafka reports the session lost. Expected there (xfail), asserted elsewhere.
-    pending = [] if backend.features.fences else violations.pop(STARTED_AFTER_PAUSE, [])
-    assert violations == {}, f"seed {seed}:\n{report.summary()}"
+    assert report.violations() == {}, f"seed {seed}:\n{report.summary()}"
     assert all(closed), "a member did not close cleanly on SIGTERM"
-    if pending:
-        pytest.xfail(
-            f"{backend.name} has no self-fencing yet (issue 9): {len(pending)} handlers "
-            f"started after a pause longer than the session, before the member was "
-            f"assigned the partition again, e.g. {pending[0]}"
-        )

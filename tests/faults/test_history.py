@@ -123,20 +123,27 @@ def test_a_start_under_a_superseded_fence_is_reported() -> None:
     assert list(report.violations()) == ["c: started under a superseded fence"]
 
 
-def test_a_start_after_the_members_own_lapse_is_reported_until_a_new_fence() -> None:
+def test_a_start_after_the_members_own_lapse_is_reported_until_it_is_assigned_again() -> None:
     history = [
         run("m1", 1, 0.0, 0.1, fence=5),
-        run("m1", 2, 3.0, 3.1, fence=5),  # after the lapse, same fence: a violation
-        run("m1", 3, 4.0, 4.1, fence=7),  # re-taken with a new fence: fine
+        run("m1", 2, 3.0, 3.1, fence=5),  # after the lapse, not re-taken yet: a violation
+        run("m1", 3, 4.0, 4.1, fence=5),  # re-taken (same fence: Kafka's same generation)
+        run("m1", 1, 2.5, 2.6, fence=2, aggregate="b", partition=1),  # not lapsed: fine
     ]
     lapse = Lapse("m1", TOPIC, 0, 2.0)
-    report = check(acked("a", 3), history, [lapse])
+    assigns = [Assign("m1", TOPIC, 0, 0.0), Assign("m1", TOPIC, 1, 0.0)]
+    report = check(
+        acked("a", 3) | acked("b", 1),
+        history,
+        [lapse],
+        assigns=[*assigns, Assign("m1", TOPIC, 0, 3.5)],
+    )
     assert [(r.version, lapsed) for r, lapsed in report.starts_after_lapse] == [(2, lapse)]
     assert list(report.violations()) == ["c: started after its ownership lapsed"]
     assert report.lapses == 1
 
 
-def test_a_lapse_of_the_whole_lease_covers_every_partition_the_member_ran() -> None:
+def test_a_lapse_of_the_whole_lease_covers_every_partition_of_the_topic() -> None:
     history = [
         run("m1", 1, 0.0, 0.1, fence=5),
         run("m1", 1, 0.2, 0.3, fence=6, aggregate="b", partition=1),
@@ -148,6 +155,8 @@ def test_a_lapse_of_the_whole_lease_covers_every_partition_the_member_ran() -> N
         ("a", 2),
         ("b", 2),
     ]
+    other_topic = check(acked("a", 2) | acked("b", 2), history, [Lapse("m1", "u", None, 2.0)])
+    assert other_topic.violations() == {}
 
 
 def test_a_start_after_a_pause_past_the_ownership_before_a_new_assignment_is_reported() -> None:
@@ -218,7 +227,9 @@ def test_fence_zero_is_unknown_overlaps_are_counted_unjudged_and_said() -> None:
         run("m2", 2, 0.5, 0.6, fence=0),
         run("m1", 2, 1.1, 1.2, fence=0),
     ]
-    report = check(acked("a", 2), history, [Lapse("m1", TOPIC, 0, 0.7)])
+    report = check(
+        acked("a", 2), history, [Lapse("m1", TOPIC, 0, 0.7)], assigns=[Assign("m1", TOPIC, 0, 1.0)]
+    )
     assert report.violations() == {}
     assert len(report.unfenced_overlaps) == 1
     assert report.unfenced_starts == 3
