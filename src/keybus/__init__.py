@@ -4,6 +4,7 @@ Per-aggregate order with concurrency across aggregates, at-least-once delivery w
 retries in place and dead letters, and a bounded, leak-free close — on every backend.
 """
 
+from keybus.app import App
 from keybus.background import Background
 from keybus.bus import EventBus
 from keybus.connect import Connector, connect, connect_from_config
@@ -35,6 +36,7 @@ from keybus.topics import TopicConfig, TopicInfo
 __all__ = [
     "SASL",
     "TLS",
+    "App",
     "Background",
     "BusClosedError",
     "CallNext",
