@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,7 @@ from keybus.background import Background
 from keybus.deadline import Deadline
 from keybus.engine import Handler, SubscriptionEngine
 from keybus.envelope import Envelope, envelope_headers
-from keybus.errors import BusClosedError, KeybusError
+from keybus.errors import BusClosedError, KeybusError, PublishBatchError, PublishError
 from keybus.groups import anonymous_group
 from keybus.health import Check, Health
 from keybus.heartbeat import HeartbeatAlert, HeartbeatWatch, publish_heartbeats, watch_heartbeats
@@ -116,6 +116,52 @@ class EventBus:
         await self._transport.send(
             topic, envelope.to_bytes(), envelope.aggregate_id, envelope_headers(envelope)
         )
+
+    async def publish_many(
+        self,
+        topic: str,
+        items: Iterable[Envelope | bytes | tuple[Any, ...]],
+        *,
+        raise_on_error: bool = True,
+    ) -> list[PublishError | None]:
+        """Send a batch — envelopes, or records ``(value, key, headers)`` (``key`` and
+        ``headers`` may be left out; a bare ``bytes`` is a record without key) — handed
+        to the client at once so they travel in the same broker requests; returns when
+        every one was acknowledged or refused, with a result per item: ``None``
+        (acknowledged) or its :class:`PublishError`, index-aligned with ``items``.
+
+        Every item is checked before anything is sent (an invalid one raises
+        ``TypeError`` / ``EnvelopeError`` and nothing is sent). If some were refused,
+        :class:`PublishBatchError` is raised (``.errors`` holds the per-item results),
+        unless ``raise_on_error=False``: then the list is returned and the caller checks
+        it. Records of one key keep their order among themselves (one producer, in
+        order), as with awaited single publishes."""
+        if self._publish_closed:
+            raise BusClosedError("the bus is closed")
+        if type(topic) is not str:
+            raise TypeError(f"topic must be a str, got {type(topic).__name__}")
+        check_topic(topic)
+        records = [_record(item) for item in items]
+        errors: list[PublishError | None] = [None] * len(records)
+        waits: list[Awaitable[None]] = []
+        where: list[int] = []
+        send = self._transport.send
+        for index, (value, key, headers) in enumerate(records):
+            try:
+                waits.append(send(topic, value, key, headers))
+            except PublishError as exc:  # refused before it left (too large, say)
+                errors[index] = exc
+            else:
+                where.append(index)
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        for index, result in zip(where, results, strict=True):
+            if isinstance(result, PublishError):
+                errors[index] = result
+            elif isinstance(result, BaseException):
+                raise result  # BusClosedError (closed meanwhile), or a bug
+        if raise_on_error and any(e is not None for e in errors):
+            raise PublishBatchError(topic, errors)
+        return errors
 
     async def _send_internal(
         self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
@@ -476,6 +522,27 @@ class EventBus:
     def __repr__(self) -> str:
         state = "closed" if self._closing else "open"
         return f"<EventBus {self.url} group={self.group!r} {state}>"
+
+
+def _record(
+    item: Envelope | bytes | tuple[Any, ...],
+) -> tuple[bytes, str | None, Mapping[str, bytes]]:
+    """One ``publish_many`` item as ``(value, key, headers)``, checked."""
+    if isinstance(item, Envelope):
+        return item.to_bytes(), item.aggregate_id, envelope_headers(item)
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item), None, {}
+    if not isinstance(item, tuple) or not 1 <= len(item) <= 3:
+        raise TypeError(
+            "publish_many items are Envelopes, bytes or (value, key, headers) tuples, "
+            f"got {type(item).__name__}"
+        )
+    value, key, headers = (*item, None, None)[:3]
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(f"value must be bytes, got {type(value).__name__}")
+    if key is not None and type(key) is not str:
+        raise TypeError(f"key must be a str or None, got {type(key).__name__}")
+    return bytes(value), key, _header_bytes(headers)
 
 
 def _header_bytes(headers: Mapping[str, str | bytes] | None) -> dict[str, bytes]:

@@ -9,6 +9,7 @@ its client library's errors at its boundary, in ``transports/<backend>/errors.py
     │                     does what was asked
     ├── EnvelopeError     an envelope is invalid or cannot be decoded (also a ValueError)
     ├── PublishError      the broker refused a record or did not acknowledge it in time
+    │   └── PublishBatchError  some records of a publish_many batch were not published
     ├── TopicError        creating, describing or deleting a topic failed
     ├── SubscribeError    a subscription could not join its group or get its partitions
     └── ConfigError       a configuration (file, mapping, environment) is invalid: names
@@ -31,6 +32,7 @@ __all__ = [
     "ConnectError",
     "EnvelopeError",
     "KeybusError",
+    "PublishBatchError",
     "PublishError",
     "SubscribeError",
     "TopicError",
@@ -78,6 +80,23 @@ class PublishError(KeybusError):
         self.topic = topic
         self.reason = reason
         self.permanent = permanent
+
+
+class PublishBatchError(PublishError):
+    """``publish_many``: some records of a batch were not published. ``errors`` is
+    index-aligned with the items (``None`` where the record was acknowledged, else its
+    :class:`PublishError`); ``failed`` counts the failures."""
+
+    def __init__(self, topic: str, errors: list[PublishError | None]) -> None:
+        failed = [e for e in errors if e is not None]
+        first = failed[0].reason if failed else "none"
+        super().__init__(
+            topic,
+            f"{len(failed)} of {len(errors)} records not published (first: {first})",
+            permanent=all(e.permanent for e in failed),
+        )
+        self.errors = errors
+        self.failed = len(failed)
 
 
 class TopicError(KeybusError):

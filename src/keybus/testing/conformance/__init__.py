@@ -27,8 +27,8 @@ keybus's ``no_leaks`` (every test that opens a bus fails if a task, thread or fd
 outlives it). Override ``describe_backend()`` when the URL must be fresh per test. One
 part of the suite is enough too: subclass :class:`PubSubSuite`, :class:`FailuresSuite`,
 :class:`LifecycleSuite`, :class:`RobustnessSuite`, :class:`ErrorsSuite`,
-:class:`MiddlewareSuite`, :class:`LimitsSuite`, :class:`DedupeSuite` or
-:class:`ObserveSuite` instead of
+:class:`MiddlewareSuite`, :class:`LimitsSuite`, :class:`DedupeSuite`,
+:class:`ObserveSuite` or :class:`BatchSuite` instead of
 :class:`Conformance`.
 
 The helpers the suite uses (``eventually``, ``Collected``, ``key_on``, ...) are in
@@ -43,6 +43,7 @@ pytest.register_assert_rewrite(
     *(
         f"{__name__}.{module}"
         for module in (
+            "suite_batches",
             "suite_dedupe",
             "suite_delivery",
             "suite_errors",
@@ -65,6 +66,7 @@ from keybus.testing.conformance.fixtures import (  # noqa: E402
     bus_factory,
 )
 from keybus.testing.conformance.suite import Conformance  # noqa: E402
+from keybus.testing.conformance.suite_batches import BatchSuite  # noqa: E402
 from keybus.testing.conformance.suite_dedupe import DedupeSuite  # noqa: E402
 from keybus.testing.conformance.suite_delivery import DeliverySuite  # noqa: E402
 from keybus.testing.conformance.suite_errors import ErrorsSuite  # noqa: E402
@@ -79,6 +81,7 @@ from keybus.testing.conformance.suite_robustness import RobustnessSuite  # noqa:
 __all__ = [
     "Backend",
     "BackendFixtures",
+    "BatchSuite",
     "BusFactory",
     "Conformance",
     "DedupeSuite",

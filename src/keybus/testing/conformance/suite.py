@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from keybus.testing.conformance.suite_batches import BatchSuite
 from keybus.testing.conformance.suite_dedupe import DedupeSuite
 from keybus.testing.conformance.suite_delivery import DeliverySuite
 from keybus.testing.conformance.suite_errors import ErrorsSuite
@@ -18,6 +19,7 @@ __all__ = ["Conformance"]
 
 # pytest runs inherited tests base by base in reverse MRO: listed last, run first.
 class Conformance(
+    BatchSuite,
     ObserveSuite,
     DeliverySuite,
     MiddlewareSuite,
