@@ -352,6 +352,33 @@ async def keybus_publish_only(topic: str, envelopes: list[keybus.Envelope]) -> f
         return len(envelopes) / (time.perf_counter() - started)
 
 
+BATCH = 5000  # envelopes per publish_many call
+
+
+async def keybus_publish_many(topic: str, envelopes: list[keybus.Envelope]) -> float:
+    """``publish_many`` in batches of :data:`BATCH`, one after the other (each returns
+    when all of its records are acknowledged)."""
+    async with keybus.connect(URL) as publisher:
+        await publisher.publish(WARMUP_TOPIC, b"warm-up")
+        started = time.perf_counter()
+        for at in range(0, len(envelopes), BATCH):
+            await publisher.publish_many(topic, envelopes[at : at + BATCH])
+        return len(envelopes) / (time.perf_counter() - started)
+
+
+def raw_publish_only(topic: str, records: list[Any]) -> float:
+    """The fire-and-forget producer alone: produce everything, then one flush."""
+    producer = _warm_producer()
+    try:
+        started = time.perf_counter()
+        _produce_all(producer, topic, records)
+        if producer.flush(120):
+            raise RuntimeError("raw publishes not all acknowledged")
+        return len(records) / (time.perf_counter() - started)
+    finally:
+        producer.close()
+
+
 async def keybus_consume_only(topic: str, envelopes: list[keybus.Envelope]) -> float:
     records = _records(envelopes)
 
@@ -411,6 +438,8 @@ async def main() -> None:
     raw_async: Rows = []
     bus: BusRows = []
     pub_only: list[float] = []
+    pub_many: list[float] = []
+    raw_pub: list[float] = []
     con_only: list[float] = []
     try:
         for run in range(args.runs):
@@ -441,9 +470,21 @@ async def main() -> None:
                     pub_only.append(await keybus_publish_only(topic, envelopes))
                 await _drop(topic)
                 topic = await _topic(args.partitions)
+                with static_inputs():
+                    pub_many.append(await keybus_publish_many(topic, envelopes))
+                await _drop(topic)
+                topic = await _topic(args.partitions)
+                raw_pub.append(
+                    await asyncio.to_thread(raw_publish_only, topic, _records(envelopes))
+                )
+                await _drop(topic)
+                topic = await _topic(args.partitions)
                 con_only.append(await keybus_consume_only(topic, envelopes))
                 await _drop(topic)
-                line += f" | publish only {pub_only[-1]:,.0f}/s, consume only {con_only[-1]:,.0f}/s"
+                line += (
+                    f" | publish only {pub_only[-1]:,.0f}/s, publish_many {pub_many[-1]:,.0f}/s, "
+                    f"raw publish {raw_pub[-1]:,.0f}/s, consume only {con_only[-1]:,.0f}/s"
+                )
             print(line, flush=True)
     finally:
         await _drop(WARMUP_TOPIC)
@@ -473,9 +514,16 @@ async def main() -> None:
         f"  keybus / raw asyncio {bus_rate / async_rate:.2f}"
     )
     if args.phases:
+        many_rate, raw_pub_rate = statistics.median(pub_many), statistics.median(raw_pub)
         print(
             f"  keybus publish only  {statistics.median(pub_only):>9,.0f} envelopes/s"
             f"   (1000 concurrent publishers, each awaiting its ack)\n"
+            f"  keybus publish_many  {statistics.median(pub_many):>9,.0f} envelopes/s"
+            f"   (batches of {BATCH}, each awaited)\n"
+            f"  raw publish only     {statistics.median(raw_pub):>9,.0f} envelopes/s"
+            f"   (fire-and-forget produce, one flush)\n"
+            f"  publish_many / raw publish {many_rate / raw_pub_rate:.2f}; "
+            f"publish / raw publish {statistics.median(pub_only) / raw_pub_rate:.2f}\n"
             f"  keybus consume only  {statistics.median(con_only):>9,.0f} envelopes/s"
             f"   (prefilled topic, from subscribe to last handled)"
         )
