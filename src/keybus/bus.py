@@ -142,23 +142,7 @@ class EventBus:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
         records = [_record(item) for item in items]
-        errors: list[PublishError | None] = [None] * len(records)
-        waits: list[Awaitable[None]] = []
-        where: list[int] = []
-        send = self._transport.send
-        for index, (value, key, headers) in enumerate(records):
-            try:
-                waits.append(send(topic, value, key, headers))
-            except PublishError as exc:  # refused before it left (too large, say)
-                errors[index] = exc
-            else:
-                where.append(index)
-        results = await asyncio.gather(*waits, return_exceptions=True)
-        for index, result in zip(where, results, strict=True):
-            if isinstance(result, PublishError):
-                errors[index] = result
-            elif isinstance(result, BaseException):
-                raise result  # BusClosedError (closed meanwhile), or a bug
+        errors = await self._transport.send_many(topic, records) if records else []
         if raise_on_error and any(e is not None for e in errors):
             raise PublishBatchError(topic, errors)
         return errors

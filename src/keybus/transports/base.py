@@ -24,11 +24,12 @@ the same type on every backend; the conformance kit checks it.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from keybus.deadline import TRANSPORT_CLOSE_BUDGET, Deadline
-from keybus.errors import error_for
+from keybus.errors import PublishError, error_for
 from keybus.message import Message
 from keybus.partitioning import Partition
 from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
@@ -139,6 +140,33 @@ class Transport(abc.ABC):
         client hands out a future per record may return that future itself: one
         coroutine frame less to create and resume on the hottest path."""
         return self.publish(topic, value, key, headers)
+
+    async def send_many(
+        self, topic: str, records: Sequence[tuple[bytes, str | None, Mapping[str, bytes]]]
+    ) -> list[PublishError | None]:
+        """Send ``records`` ``(value, key, headers)`` together; return when each was
+        acknowledged or refused: ``None`` or its :class:`~keybus.errors.PublishError`,
+        index-aligned. Records of one key keep their order. The default: every
+        :meth:`send` in flight at once; a transport with a cheaper batch path (one report
+        for the batch instead of one future per record) overrides it. After
+        :meth:`close`: :class:`~keybus.errors.BusClosedError`."""
+        errors: list[PublishError | None] = [None] * len(records)
+        waits: list[Awaitable[None]] = []
+        where: list[int] = []
+        for index, (value, key, headers) in enumerate(records):
+            try:
+                waits.append(self.send(topic, value, key, headers))
+            except PublishError as exc:  # refused before it left (too large, say)
+                errors[index] = exc
+            else:
+                where.append(index)
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        for index, result in zip(where, results, strict=True):
+            if isinstance(result, PublishError):
+                errors[index] = result
+            elif isinstance(result, BaseException):
+                raise result  # BusClosedError (closed meanwhile), or a bug
+        return errors
 
     @abc.abstractmethod
     async def ensure_topic(self, topic: str, config: TopicConfig) -> None:

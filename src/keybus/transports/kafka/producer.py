@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -32,6 +32,7 @@ from confluent_kafka import Producer as _RdProducer
 
 from keybus._aio import cancel_and_wait
 from keybus.deadline import Deadline
+from keybus.errors import KeybusError, PublishError
 from keybus.transports.kafka.config import STEP_MARGIN
 from keybus.transports.kafka.errors import closed, translate
 from keybus.transports.kafka.threads import OwnedThread, set_done
@@ -68,6 +69,34 @@ def _delivered(future: asyncio.Future[None], err: Any, msg: Any) -> None:
         future.set_result(None)
         return
     future.set_exception(translate(err, "publish", msg.topic() if msg is not None else ""))
+
+
+class _Batch:
+    """One ``send_many``: a report per record lands here (on the loop, inside poll), and
+    one future resolves when the last one did — instead of a future per record and a
+    gather over them (about 2 µs a record less)."""
+
+    __slots__ = ("errors", "future", "left", "topic")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, topic: str, size: int) -> None:
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.errors: list[KeybusError | None] = [None] * size
+        self.left = size
+        self.topic = topic
+
+    def report(self, index: int, err: Any, msg: Any) -> None:
+        if err is not None:
+            self.errors[index] = translate(err, "publish", self.topic)
+        self.done_one()
+
+    def fail(self, index: int, error: KeybusError) -> None:
+        self.errors[index] = error
+        self.done_one()
+
+    def done_one(self) -> None:
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(None)
 
 
 def _poll(rd: _RdProducer) -> int:
@@ -129,6 +158,56 @@ class KafkaProducer:
         if wake is not None and not wake.done():
             wake.set_result(None)
         return future
+
+    async def send_many(
+        self, topic: str, records: Sequence[tuple[bytes, str | None, Mapping[str, bytes]]]
+    ) -> list[PublishError | None]:
+        """Hand every record to librdkafka in one loop (waiting for room when its queue
+        is full), then wait for the batch's last report."""
+        batch = _Batch(self._loop, topic, len(records))
+        report = batch.report
+        full_since: float | None = None
+        for index, (value, key, headers) in enumerate(records):
+            while True:
+                rd = self._rd
+                if rd is None:
+                    raise closed(self._url)
+                try:
+                    rd.produce(
+                        topic,
+                        value,
+                        key,
+                        headers=(headers if type(headers) is dict else dict(headers))
+                        if headers
+                        else None,
+                        on_delivery=functools.partial(report, index),
+                    )
+                    full_since = None
+                    break
+                except BufferError:  # the queue is full: serve reports, then again
+                    now = time.monotonic()
+                    full_since = now if full_since is None else full_since
+                    if now - full_since > _QUEUE_FULL_WAIT:
+                        batch.fail(
+                            index, translate("local producer queue stayed full", "publish", topic)
+                        )
+                        break
+                    _poll(rd)
+                    await asyncio.sleep(_BUSY_POLL)
+                except (KafkaException, TypeError, ValueError) as exc:
+                    batch.fail(index, translate(exc, "publish", topic))
+                    break
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+        if records:
+            await batch.future
+        errors: list[PublishError | None] = []
+        for error in batch.errors:
+            if error is not None and not isinstance(error, PublishError):
+                raise error  # closed meanwhile: not a verdict on the record
+            errors.append(error)
+        return errors
 
     async def send_when_room(
         self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]

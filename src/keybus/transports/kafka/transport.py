@@ -4,12 +4,13 @@ parts (admin client, loop-served producer, one group consumer per bus and group)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaException
 
 from keybus.deadline import TRANSPORT_CLOSE_BUDGET, Deadline
+from keybus.errors import PublishError
 from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
 from keybus.transports.kafka.admin import KafkaAdmin
@@ -87,6 +88,12 @@ class KafkaTransport(Transport):
             return producer.send(topic, value, key, headers)
         except BufferError:  # librdkafka's queue is full: wait for room, boundedly
             return self._send_when_room(producer, topic, value, key, headers)
+
+    async def send_many(
+        self, topic: str, records: Sequence[tuple[bytes, str | None, Mapping[str, bytes]]]
+    ) -> list[PublishError | None]:
+        producer = self._producer or self._new_producer(topic)
+        return await producer.send_many(topic, records)
 
     def _new_producer(self, topic: str) -> KafkaProducer:
         if self._closed:
