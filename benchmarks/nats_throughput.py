@@ -263,13 +263,71 @@ def _p99(values: list[float]) -> float:
     return percentile(sorted(values), 0.99)
 
 
+async def publish_rates(total: int, aggregates: int) -> tuple[float, float, float]:
+    """Publishing alone, envelopes/s: keybus ``publish_many`` (batches of 5,000, each
+    awaited), keybus ``publish_envelope`` from one producer per aggregate (each awaiting
+    its PubAck), and raw nats-py ``publish_async`` of the same pre-encoded wire messages
+    with every PubAck awaited at the end."""
+    envelopes = [e for batch in _envelopes(total, aggregates) for e in batch]
+    rates = []
+    async with keybus.connect(URL) as bus:
+        for mode in ("many", "each"):
+            topic = f"kb-pub-{uuid.uuid4().hex[:8]}"
+            await bus.ensure_topic(topic, keybus.TopicConfig(partitions=PARTITIONS))
+            started = time.perf_counter()
+            if mode == "many":
+                for at in range(0, len(envelopes), 5000):
+                    await bus.publish_many(topic, envelopes[at : at + 5000])
+            else:
+
+                async def produce(batch: list[keybus.Envelope], topic: str = topic) -> None:
+                    for envelope in batch:
+                        await bus.publish_envelope(topic, envelope)
+
+                await asyncio.gather(*(produce(b) for b in _envelopes(total, aggregates)))
+            rates.append(len(envelopes) / (time.perf_counter() - started))
+            await bus.delete_topic(topic)
+    stream = f"BENCH_{uuid.uuid4().hex[:8]}"
+    rows = []
+    for e in envelopes:
+        wire = encode_headers(e.aggregate_id, envelope_headers(e))
+        rows.append((f"{stream}.{key_partition(e.aggregate_id, PARTITIONS)}", e.to_bytes(), wire))
+    nc = await nats.connect(URL, skip_subject_validation=True)
+    js = nc.jetstream(publish_async_max_pending=8192)
+    await js.add_stream(name=stream, subjects=[f"{stream}.*"], storage=api.StorageType.FILE)
+    started = time.perf_counter()
+    futures = [await js.publish_async(subject, data, headers=wire) for subject, data, wire in rows]
+    await asyncio.gather(*futures)
+    rates.append(len(rows) / (time.perf_counter() - started))
+    await js.delete_stream(stream)
+    await nc.close()
+    return rates[0], rates[1], rates[2]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--aggregates", type=int, default=1000)
     parser.add_argument("--bare", action="store_true", help="also a baseline without headers")
+    parser.add_argument("--publish", action="store_true", help="publishing rates only")
     args = parser.parse_args()
+    if args.publish:
+        rates: list[tuple[float, float, float]] = []
+        for run in range(args.runs):
+            rates.append(await publish_rates(args.messages, args.aggregates))
+            many, each, raw = rates[-1]
+            print(
+                f"run {run + 1}: publish_many {many:,.0f}/s  publish_envelope {each:,.0f}/s  "
+                f"raw publish_async {raw:,.0f}/s",
+                flush=True,
+            )
+        many, each, raw = (statistics.median(r[i] for r in rates) for i in range(3))
+        print(
+            f"medians of {args.runs}: publish_many / raw {many / raw:.2f}, "
+            f"publish_envelope / raw {each / raw:.2f}"
+        )
+        return
 
     async def bare(total: int, aggregates: int) -> Result:
         return await run_baseline(total, aggregates, headers=False)

@@ -73,6 +73,13 @@ class Publisher:
         timeout, or no room for that long), ``NoStreamResponseError``, an ``APIError``
         (refused), :class:`~.errors.Duplicate`, :class:`~.errors.Unsent` (the client was
         closed: nothing was sent) or what ``nc.publish`` raises."""
+        await (await self.begin(subject, value, headers))
+
+    async def begin(
+        self, subject: str, value: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[None]:
+        """Publish; return the future its PubAck resolves (what :meth:`publish` awaits),
+        so a batch keeps all of its publishes in flight without a task each."""
         pending = self._pending
         if len(pending) >= self._limit:
             await self._wait_for_room()
@@ -93,7 +100,7 @@ class Publisher:
         except BaseException:
             pending.pop(reply, None)
             raise
-        await future
+        return future
 
     async def _wait_for_room(self) -> None:
         async with asyncio.timeout(self._timeout):

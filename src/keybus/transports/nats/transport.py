@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import count
 from typing import Any
 
@@ -42,7 +42,7 @@ from keybus.partitioning import partition_for
 from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
 from keybus.transports.nats.bucket import forget_topic
-from keybus.transports.nats.client import Connection, close_client
+from keybus.transports.nats.client import Connection, Stream, close_client
 from keybus.transports.nats.errors import NATS_ERRORS, Unsent, translate
 from keybus.transports.nats.group import GroupMember
 from keybus.transports.nats.headers import encode_headers
@@ -211,10 +211,76 @@ class NatsTransport(Transport):
         publisher = self._publisher
         if publisher is None:
             publisher = await self._wait_for_publisher(topic)
+        info = await self._stream_for(topic)
+        subject, nats_headers = self._prepare(topic, info, value, key, headers, publisher)
         try:
-            info = self._topics.get(topic) or await self._streams.lookup(topic)
+            # Many publishes in flight on one reply subscription, each resolved by its
+            # own PubAck — no round trip per message.
+            await publisher.publish(subject, value, nats_headers)
+        except Unsent as exc:
+            # nats-py closed the client for good before this was sent: send it on the
+            # client that replaces it (waiting for it up to publish_timeout).
+            if not self._conn.notice_closed():
+                raise translate(exc, "publish", topic) from exc
+            await self._publish_again(topic, subject, value, nats_headers)
+        except NATS_ERRORS as exc:
+            raise self._refused(topic, exc) from exc
+
+    async def send_many(
+        self, topic: str, records: Sequence[tuple[bytes, str | None, Mapping[str, bytes]]]
+    ) -> list[PublishError | None]:
+        """Every record in flight at once, each resolved by its PubAck, without a task per
+        record (the default's gather would make one for each publish coroutine)."""
+        publisher = self._publisher or await self._wait_for_publisher(topic)
+        info = await self._stream_for(topic)
+        errors: list[PublishError | None] = [None] * len(records)
+        acks: list[asyncio.Future[None]] = []
+        where: list[int] = []
+        for index, (value, key, headers) in enumerate(records):
+            try:
+                subject, nats_headers = self._prepare(topic, info, value, key, headers, publisher)
+                acks.append(await publisher.begin(subject, value, nats_headers))
+            except PublishError as exc:
+                errors[index] = exc
+            except Unsent as exc:
+                raise translate(exc, "publish", topic) from exc
+            except NATS_ERRORS as exc:
+                errors[index] = self._refused(topic, exc)
+            else:
+                where.append(index)
+        results = await asyncio.gather(*acks, return_exceptions=True)
+        for index, result in zip(where, results, strict=True):
+            if isinstance(result, NATS_ERRORS):
+                errors[index] = self._refused(topic, result)
+            elif isinstance(result, BaseException):
+                raise result
+        return errors
+
+    async def _stream_for(self, topic: str) -> Stream:
+        try:
+            return self._topics.get(topic) or await self._streams.lookup(topic)
         except NATS_ERRORS as exc:
             raise translate(exc, "publish", topic, context="cannot look up its stream") from exc
+
+    def _refused(self, topic: str, exc: BaseException) -> PublishError:
+        if isinstance(exc, nats.js.errors.NoStreamResponseError):
+            self._topics.pop(topic, None)  # deleted meanwhile: the next publish recreates
+        error = translate(exc, "publish", topic, timeout=self.options.publish_timeout)
+        if not isinstance(error, PublishError):
+            raise error from exc
+        return error
+
+    def _prepare(
+        self,
+        topic: str,
+        info: Stream,
+        value: bytes,
+        key: str | None,
+        headers: Mapping[str, bytes],
+        publisher: Publisher,
+    ) -> tuple[str, dict[str, str]]:
+        """The subject and NATS headers of one record; :class:`PublishError` (permanent)
+        if the server would refuse it for its size."""
         partition = partition_for(key, info.partitions, self._round_robin)
         nats_headers = encode_headers(key, headers)
         if self._dedupe and ORIGIN not in headers:  # a dead letter is never de-duplicated
@@ -231,21 +297,7 @@ class NatsTransport(Transport):
         block += sum(map(len, nats_headers.values()))
         if size + block > publisher.max_payload or block > _MAX_HEADER_BLOCK:
             raise self._too_large(topic, size, block, publisher.max_payload)
-        subject = info.subjects[partition]
-        try:
-            # Many publishes in flight on one reply subscription, each resolved by its
-            # own PubAck — no round trip per message.
-            await publisher.publish(subject, value, nats_headers)
-        except Unsent as exc:
-            # nats-py closed the client for good before this was sent: send it on the
-            # client that replaces it (waiting for it up to publish_timeout).
-            if not self._conn.notice_closed():
-                raise translate(exc, "publish", topic) from exc
-            await self._publish_again(topic, subject, value, nats_headers)
-        except NATS_ERRORS as exc:
-            if isinstance(exc, nats.js.errors.NoStreamResponseError):
-                self._topics.pop(topic, None)  # deleted meanwhile: the next publish recreates
-            raise translate(exc, "publish", topic, timeout=self.options.publish_timeout) from exc
+        return info.subjects[partition], nats_headers
 
     async def _publish_again(
         self, topic: str, subject: str, value: bytes, nats_headers: dict[str, str]
