@@ -53,6 +53,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from confluent_kafka import Consumer, Producer
 
 import keybus
@@ -379,16 +380,43 @@ def raw_publish_only(topic: str, records: list[Any]) -> float:
         producer.close()
 
 
+def _prefill(topic: str, records: list[Any]) -> None:
+    producer = _warm_producer()
+    _produce_all(producer, topic, records)
+    producer.flush(60)
+    producer.close()
+
+
+def raw_consume_only(topic: str, records: list[Any]) -> float:
+    """A bare threaded consumer on a pre-filled topic that decodes each record's JSON
+    (msgspec, as keybus does) and commits asynchronously per batch: the consume-side
+    baseline doing comparable work (no ordering, lanes or done tracking)."""
+    _prefill(topic, records)
+    total = len(records)
+    assigned = threading.Event()
+    decode = msgspec.json.decode
+    consumer = _raw_consumer(topic, assigned)
+    started = time.perf_counter()
+    seen = 0
+    try:
+        while seen < total and time.perf_counter() - started < 120:
+            batch = consumer.consume(500, 0.1)
+            for record in batch:
+                if record.error() is None:
+                    decode(record.value() or b"null")
+                    seen += 1
+            if batch:
+                consumer.commit(asynchronous=True)
+        if seen < total:
+            raise RuntimeError("raw consumer did not see every record within 120 s")
+        return total / (time.perf_counter() - started)
+    finally:
+        consumer.close()
+
+
 async def keybus_consume_only(topic: str, envelopes: list[keybus.Envelope]) -> float:
     records = _records(envelopes)
-
-    def prefill() -> None:
-        producer = _warm_producer()
-        _produce_all(producer, topic, records)
-        producer.flush(60)
-        producer.close()
-
-    await asyncio.to_thread(prefill)
+    await asyncio.to_thread(_prefill, topic, records)
     records.clear()  # not this phase's input any more: keep it out of the heap
     total = len(envelopes)
     handled = 0
@@ -441,6 +469,7 @@ async def main() -> None:
     pub_many: list[float] = []
     raw_pub: list[float] = []
     con_only: list[float] = []
+    raw_con: list[float] = []
     try:
         for run in range(args.runs):
             envelopes = _envelopes(args.envelopes, args.aggregates)
@@ -481,9 +510,15 @@ async def main() -> None:
                 topic = await _topic(args.partitions)
                 con_only.append(await keybus_consume_only(topic, envelopes))
                 await _drop(topic)
+                topic = await _topic(args.partitions)
+                raw_con.append(
+                    await asyncio.to_thread(raw_consume_only, topic, _records(envelopes))
+                )
+                await _drop(topic)
                 line += (
                     f" | publish only {pub_only[-1]:,.0f}/s, publish_many {pub_many[-1]:,.0f}/s, "
-                    f"raw publish {raw_pub[-1]:,.0f}/s, consume only {con_only[-1]:,.0f}/s"
+                    f"raw publish {raw_pub[-1]:,.0f}/s, consume only {con_only[-1]:,.0f}/s, "
+                    f"raw consume {raw_con[-1]:,.0f}/s"
                 )
             print(line, flush=True)
     finally:
@@ -525,7 +560,11 @@ async def main() -> None:
             f"  publish_many / raw publish {many_rate / raw_pub_rate:.2f}; "
             f"publish / raw publish {statistics.median(pub_only) / raw_pub_rate:.2f}\n"
             f"  keybus consume only  {statistics.median(con_only):>9,.0f} envelopes/s"
-            f"   (prefilled topic, from subscribe to last handled)"
+            f"   (prefilled topic, from subscribe to last handled)\n"
+            f"  raw consume only     {statistics.median(raw_con):>9,.0f} envelopes/s"
+            f"   (threaded, JSON decoded, commit per batch)\n"
+            f"  consume only / raw consume "
+            f"{statistics.median(con_only) / statistics.median(raw_con):.2f}"
         )
     if sum(b[3] + b[5] for b in bus):
         raise SystemExit("order violated or envelopes lost")
