@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from keybus._aio import call_hook, log_failure
 from keybus.background import Background
 from keybus.deadline import Deadline
-from keybus.engine import Handler, SubscriptionEngine
+from keybus.engine import Handler, Publish, SubscriptionEngine
 from keybus.envelope import Envelope, envelope_headers
 from keybus.errors import BusClosedError, KeybusError, PublishBatchError, PublishError
 from keybus.groups import anonymous_group
@@ -26,6 +26,7 @@ from keybus.subscription import Subscription
 from keybus.topics import TopicConfig, TopicInfo, check_topic
 
 if TYPE_CHECKING:
+    from keybus.telemetry.hooks import Telemetry
     from keybus.transports.base import Transport
 
 __all__ = ["EventBus"]
@@ -45,6 +46,7 @@ class EventBus:
         create_topics: bool = True,
         middleware: Sequence[Middleware] | None = None,
         subscribe_defaults: Mapping[str, Any] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._transport = transport
         # Without a group each bus is its own group: it sees every message (fan-out).
@@ -66,6 +68,11 @@ class EventBus:
         self._publish_closed = False
         self._close_task: asyncio.Task[None] | None = None
         self._background: set[Background] = set()
+        # Metrics and tracing (connect(metrics=..., tracing=...)); None: every path is
+        # as it would be without them.
+        self._telemetry = telemetry
+        if telemetry is not None:
+            telemetry.bind(transport, lambda: list(self._engines))
 
     @property
     def url(self) -> str:
@@ -101,7 +108,12 @@ class EventBus:
         if type(topic) is not str:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
-        await self._transport.send(topic, value, key, _header_bytes(headers))
+        if self._telemetry is None:
+            await self._transport.send(topic, value, key, _header_bytes(headers))
+        else:
+            await self._telemetry.publish(
+                self._transport.send, topic, value, key, _header_bytes(headers)
+            )
 
     async def publish_envelope(self, topic: str, envelope: Envelope) -> None:
         """Send an envelope (validated at construction): key = aggregate id, headers
@@ -113,9 +125,12 @@ class EventBus:
         if type(topic) is not str:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
-        await self._transport.send(
-            topic, envelope.to_bytes(), envelope.aggregate_id, envelope_headers(envelope)
-        )
+        if self._telemetry is None:
+            await self._transport.send(
+                topic, envelope.to_bytes(), envelope.aggregate_id, envelope_headers(envelope)
+            )
+        else:
+            await self._telemetry.publish_envelope(self._transport.send, topic, envelope)
 
     async def publish_many(
         self,
@@ -202,13 +217,18 @@ class EventBus:
             settings = SubscribeOptions(**options)
         except TypeError as exc:  # e.g. max_attempts="3"
             raise TypeError(f"invalid subscribe option: {exc}") from None
+        group = group or self.group
+        publish: Publish = self._send_internal
+        if self._telemetry is not None:  # measured and traced: outermost middleware
+            settings = self._telemetry.observe(topic, group, settings)
+            publish = self._telemetry.dead_letters(publish, topic, group)
         engine = SubscriptionEngine(
             topic,
-            group or self.group,
+            group,
             handler,
             settings,
             envelopes=envelopes,
-            publish=self._send_internal,
+            publish=publish,
             on_closed=self._forget,
         )
         check_topic(engine.dead_letter_topic)
@@ -491,6 +511,9 @@ class EventBus:
             await asyncio.wait_for(self._transport.close(Deadline.after(budget)), budget)
         except TimeoutError:
             log.error("keybus: transport %s did not close in time", self.url)
+        finally:
+            if self._telemetry is not None:
+                self._telemetry.close()  # its subscriptions leave the gauges
 
     async def __aenter__(self) -> EventBus:
         return self

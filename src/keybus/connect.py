@@ -40,6 +40,12 @@ class Connector:
             raise TypeError("topic_config must be a keybus.TopicConfig")
         if connect_timeout <= 0:
             raise ValueError("connect_timeout must be > 0")
+        metrics, tracing = options.pop("metrics", None), options.pop("tracing", None)
+        if metrics is not None or tracing is not None:
+            # Imported only then: `import keybus` stays light.
+            from keybus.telemetry.hooks import build
+
+            bus_options["telemetry"] = build(metrics, tracing)
         url = self._url
         scheme = urlsplit(url).scheme.lower() if "://" in url else ""
         transport = make_transport(url, scheme, options)
@@ -83,7 +89,10 @@ def connect(url: str, *, group: str | None = None, **options: Any) -> Connector:
 
     Options: ``connect_timeout`` (s, default 10), ``topic_config`` (a :class:`TopicConfig`
     for topics the bus creates), ``create_topics`` (default True), ``middleware`` (a list
-    run around every subscription's attempts, see :mod:`keybus.middleware`), plus the
+    run around every subscription's attempts, see :mod:`keybus.middleware`),
+    ``metrics`` (True or a ``prometheus_client.CollectorRegistry``: Prometheus metrics,
+    extra ``keybus[prometheus]``), ``tracing`` (True or an OpenTelemetry
+    ``TracerProvider``: spans and trace propagation, extra ``keybus[otel]``), plus the
     backend's options.
     """
     if type(url) is not str:

@@ -197,6 +197,11 @@ class SubscriptionEngine:
         return self._dispatcher.running
 
     @property
+    def uncommitted(self) -> int:
+        """Messages taken in and not yet committed (read by the metrics' gauges)."""
+        return self._tracker.size
+
+    @property
     def closing(self) -> bool:
         return self._closing
 

@@ -1,0 +1,284 @@
+"""What a bus with ``metrics=`` or ``tracing=`` calls: around each publish, around each
+handling attempt (a middleware, the outermost), around each dead letter.
+
+A bus without either holds no :class:`Telemetry` and never calls here: its paths are
+the same as before telemetry existed. This module imports neither prometheus-client nor
+OpenTelemetry; :func:`build` does, when asked for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from keybus.delivery import Delivery
+from keybus.envelope import Envelope, envelope_headers
+from keybus.middleware import CallNext, Middleware
+from keybus.options import SubscribeOptions
+
+if TYPE_CHECKING:
+    from keybus.engine import SubscriptionEngine
+    from keybus.telemetry.metrics import Metrics, PublishMeter, SubscriptionMeter
+    from keybus.telemetry.tracing import Tracing
+    from keybus.transports.base import Transport
+
+__all__ = ["Telemetry", "backend_name", "build"]
+
+Send = Callable[[str, bytes, str | None, Mapping[str, bytes]], Awaitable[None]]
+
+_OK, _RETRIED, _DEAD_LETTERED, _ABANDONED = range(4)  # keybus.telemetry.metrics.OUTCOMES
+_OUTCOMES = ("ok", "retried", "dead_lettered", "abandoned")
+
+
+def build(metrics: object = None, tracing: object = None) -> Telemetry | None:
+    """The telemetry ``connect(metrics=..., tracing=...)`` asked for, or None for none.
+
+    ``metrics``: True (prometheus-client's default registry) or a ``CollectorRegistry``;
+    ``tracing``: True (the global tracer provider) or a ``TracerProvider``. Checked before
+    the bus connects: a missing extra raises ImportError naming it."""
+    meters: Metrics | None = None
+    tracer: Tracing | None = None
+    if metrics is not None and metrics is not False:
+        try:
+            from prometheus_client import CollectorRegistry
+
+            from keybus.telemetry.metrics import metrics_for
+        except ImportError as exc:
+            raise ImportError(
+                "metrics= needs prometheus-client: pip install 'keybus[prometheus]'"
+            ) from exc
+        if metrics is True:
+            meters = metrics_for(None)
+        elif isinstance(metrics, CollectorRegistry):
+            meters = metrics_for(metrics)
+        else:
+            raise TypeError("metrics must be True or a prometheus_client.CollectorRegistry")
+    if tracing is not None and tracing is not False:
+        try:
+            from opentelemetry.trace import TracerProvider
+
+            from keybus.telemetry.tracing import Tracing
+        except ImportError as exc:
+            raise ImportError(
+                "tracing= needs opentelemetry-api: pip install 'keybus[otel]'"
+            ) from exc
+        if tracing is True:
+            tracer = Tracing(None)
+        elif isinstance(tracing, TracerProvider):
+            tracer = Tracing(tracing)
+        else:
+            raise TypeError("tracing must be True or an opentelemetry.trace.TracerProvider")
+    if meters is None and tracer is None:
+        return None
+    return Telemetry(meters, tracer)
+
+
+def backend_name(transport: Transport) -> str:
+    """The backend label and messaging.system: kafka, nats or memory for keybus's own
+    transports (whatever the URL's scheme), else the URL's scheme."""
+    module = type(transport).__module__.split(".")
+    if module[:2] == ["keybus", "transports"] and len(module) > 2:
+        return module[2]
+    return transport.url.partition("://")[0].lower() or "unknown"
+
+
+class Telemetry:
+    """One bus's metrics and/or tracing."""
+
+    def __init__(self, metrics: Metrics | None, tracing: Tracing | None) -> None:
+        self._metrics = metrics
+        self._tracing = tracing
+        self.backend = "unknown"
+        self._engines: Callable[[], Iterable[SubscriptionEngine]] = list
+        self._publish_meters: dict[str, PublishMeter] = {}
+
+    def bind(
+        self, transport: Transport, engines: Callable[[], Iterable[SubscriptionEngine]]
+    ) -> None:
+        """Start reporting for a bus: its backend and its live subscriptions (read by the
+        gauges at scrape time)."""
+        self.backend = backend = backend_name(transport)
+        self._engines = engines
+        if self._tracing is not None:
+            self._tracing.bind(backend)
+        if self._metrics is not None:
+            self._metrics.add_source(self)
+
+    def engines(self) -> Iterable[SubscriptionEngine]:
+        return self._engines()
+
+    def close(self) -> None:
+        """The bus closed: its subscriptions leave the gauges (its counts stay)."""
+        if self._metrics is not None:
+            self._metrics.remove_source(self)
+        self._engines = list
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def publish(
+        self, send: Send, topic: str, value: bytes, key: str | None, headers: dict[str, bytes]
+    ) -> None:
+        tracing = self._tracing
+        if tracing is None:
+            await self._send(send, topic, value, key, headers)
+            return
+        event_id = headers.get("X-Event-ID")
+        span, token = tracing.start_publish(
+            topic, event_id.decode("utf-8", "replace") if event_id is not None else None
+        )
+        try:
+            tracing.inject(headers)
+            await self._send(send, topic, value, key, headers)
+        except BaseException as exc:
+            tracing.failed(span, exc)
+            raise
+        finally:
+            tracing.end(span, token)
+
+    async def publish_envelope(self, send: Send, topic: str, envelope: Envelope) -> None:
+        tracing = self._tracing
+        if tracing is None:
+            await self._send(
+                send, topic, envelope.to_bytes(), envelope.aggregate_id, envelope_headers(envelope)
+            )
+            return
+        span, token = tracing.start_publish(topic, envelope.event_id)
+        try:
+            envelope = tracing.stamp(envelope, span)
+            headers = envelope_headers(envelope)
+            tracing.inject(headers)
+            await self._send(send, topic, envelope.to_bytes(), envelope.aggregate_id, headers)
+        except BaseException as exc:
+            tracing.failed(span, exc)
+            raise
+        finally:
+            tracing.end(span, token)
+
+    async def _send(
+        self, send: Send, topic: str, value: bytes, key: str | None, headers: dict[str, bytes]
+    ) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            await send(topic, value, key, headers)
+            return
+        meter = self._publish_meters.get(topic)
+        if meter is None:
+            meter = self._publish_meters[topic] = metrics.publish_meter(self.backend, topic)
+        started = time.perf_counter()
+        try:
+            await send(topic, value, key, headers)
+        except BaseException:
+            meter.failed += 1
+            raise
+        else:
+            meter.ok += 1
+        finally:
+            meter.duration.observe(time.perf_counter() - started)
+
+    # -- subscribing -------------------------------------------------------------------
+
+    def observe(self, topic: str, group: str, options: SubscribeOptions) -> SubscribeOptions:
+        """``options`` with this telemetry's middleware outermost (around every other)."""
+        meter = (
+            None
+            if self._metrics is None
+            else self._metrics.subscription_meter(self.backend, topic, group)
+        )
+        middleware = _attempt_observer(meter, self._tracing, group, options.max_attempts)
+        return dataclasses.replace(options, middleware=(middleware, *options.middleware))
+
+    def dead_letters(self, publish: Send, topic: str, group: str) -> Send:
+        """``publish`` (the dead-letter path of the subscription of ``topic``), counted
+        and traced."""
+        meter = (
+            None
+            if self._metrics is None
+            else self._metrics.subscription_meter(self.backend, topic, group)
+        )
+        tracing = self._tracing
+
+        async def dead_letter(
+            dlq: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+        ) -> None:
+            if tracing is None:
+                await publish(dlq, value, key, headers)
+            else:
+                span, token = tracing.dead_letter_span(dlq, headers)
+                try:
+                    carrier = dict(headers)
+                    tracing.inject(carrier)
+                    await publish(dlq, value, key, carrier)
+                except BaseException as exc:
+                    tracing.failed(span, exc)
+                    raise
+                finally:
+                    tracing.end(span, token)
+            if meter is not None:
+                meter.dead_letters += 1
+
+        return dead_letter
+
+
+def _attempt_observer(
+    meter: SubscriptionMeter | None, tracing: Tracing | None, group: str, max_attempts: int
+) -> Middleware:
+    """The middleware that measures and traces each attempt of one subscription."""
+
+    def failure(attempt: int, error: BaseException) -> int:
+        if not isinstance(error, Exception) and (
+            not isinstance(error, asyncio.CancelledError) or _being_cancelled()
+        ):
+            return _ABANDONED  # a revoke or a close cancelled it: redelivered later
+        return _RETRIED if attempt < max_attempts else _DEAD_LETTERED
+
+    async def observe_attempt(call_next: CallNext, delivery: Delivery) -> None:
+        if meter is not None and delivery.attempt == 1:
+            waited = _since_sent(delivery)
+            if waited is not None:
+                meter.end_to_end.observe(waited)
+        span = token = None
+        if tracing is not None:
+            span, token = tracing.start_process(delivery, group)
+        started = time.perf_counter()
+        try:
+            await call_next(delivery)
+        except BaseException as exc:
+            outcome = failure(delivery.attempt, exc)
+            if meter is not None:
+                meter.outcomes[outcome] += 1
+            if span is not None:
+                tracing.attempt_failed(span, delivery, exc, _OUTCOMES[outcome])  # type: ignore[union-attr]
+            raise
+        else:
+            if meter is not None:
+                meter.outcomes[_OK] += 1
+            if tracing is not None:
+                tracing.attempt_ok(delivery)
+        finally:
+            if meter is not None:
+                meter.duration.observe(time.perf_counter() - started)
+            if span is not None:
+                tracing.end(span, token)  # type: ignore[union-attr]
+
+    return observe_attempt
+
+
+def _since_sent(delivery: Delivery) -> float | None:
+    """Seconds from the envelope's timestamp (a raw message: the record's) to now."""
+    payload: Any = delivery.payload
+    if isinstance(payload, Envelope):
+        sent = payload.timestamp.timestamp()
+    else:
+        stamp = delivery.message.timestamp
+        if stamp is None:
+            return None
+        sent = stamp
+    return max(0.0, time.time() - sent)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
