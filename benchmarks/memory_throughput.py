@@ -1,7 +1,8 @@
 """In-memory end-to-end envelope throughput with ordering on, and where the time goes.
 
     .venv/bin/python benchmarks/memory_throughput.py [--envelopes 100000] [--aggregates 1000]
-                                                     [--runs 5]
+                                                     [--runs 5] [--metrics]
+                                                     [--tracing noop|sdk]
 
 Every figure is a median over ``--runs`` runs made in this one process, side by side:
 - end to end: 1000 aggregates publish versions 1..n concurrently (each in order), one
@@ -9,6 +10,11 @@ Every figure is a median over ``--runs`` runs made in this one process, side by 
 - consume only: the same envelopes already in the topic, a new group handles them all;
 - dispatcher only: the keyed lanes with a no-op step, no codec, no transport;
 - codec: Envelope construction, encoding and decoding per envelope.
+
+``--metrics`` connects with ``metrics=`` (a registry of its own, never scraped: what a
+message costs is the counting); ``--tracing noop`` with ``tracing=True`` and no SDK
+installed as the global provider (the OpenTelemetry API's no-op tracer), ``--tracing
+sdk`` with an SDK ``TracerProvider`` that records every span and exports none.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import keybus
 from keybus.bench.scenario import Deliveries, percentile
@@ -35,6 +42,10 @@ def _envelope(aggregate: int, version: int) -> keybus.Envelope:
         event_version=version,
         payload={"amount": 12.5, "n": version},
     )
+
+
+# connect() options for --metrics / --tracing (set by main()).
+TELEMETRY: dict[str, Any] = {}
 
 
 async def end_to_end(envelopes: int, aggregates: int) -> tuple[float, float, Deliveries, int]:
@@ -54,7 +65,7 @@ async def end_to_end(envelopes: int, aggregates: int) -> tuple[float, float, Del
             if deliveries.delivered == total:
                 done.set()
 
-    async with keybus.connect("memory://bench-e2e", group="bench") as bus:
+    async with keybus.connect("memory://bench-e2e", group="bench", **TELEMETRY) as bus:
         await bus.subscribe_envelope("orders", handler)
 
         async def publish(aggregate: int) -> None:
@@ -82,7 +93,7 @@ async def consume_only(envelopes: int, aggregates: int) -> float:
         if handled == envelopes:
             done.set()
 
-    async with keybus.connect("memory://bench-consume", group="bench") as bus:
+    async with keybus.connect("memory://bench-consume", group="bench", **TELEMETRY) as bus:
         await bus.ensure_topic("orders")
         for i in range(envelopes):
             await bus.publish_envelope("orders", _envelope(i % aggregates, i // aggregates + 1))
@@ -129,7 +140,19 @@ def main() -> None:
     parser.add_argument("--envelopes", type=int, default=100_000)
     parser.add_argument("--aggregates", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--metrics", action="store_true", help="connect with metrics on")
+    parser.add_argument("--tracing", choices=("noop", "sdk"), help="connect with tracing on")
     args = parser.parse_args()
+    if args.metrics:
+        from prometheus_client import CollectorRegistry
+
+        TELEMETRY["metrics"] = CollectorRegistry()
+    if args.tracing == "noop":
+        TELEMETRY["tracing"] = True
+    elif args.tracing == "sdk":
+        from opentelemetry.sdk.trace import TracerProvider
+
+        TELEMETRY["tracing"] = TracerProvider()
 
     sample = _envelope(1, 1)
     data = sample.to_bytes()
@@ -153,6 +176,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(
         f"keybus memory benchmark: {args.envelopes} envelopes, {args.aggregates} aggregates, "
+        f"telemetry: {', '.join(f'{k}={v!r}' for k, v in TELEMETRY.items()) or 'off'}, "
         f"median of {args.runs} runs (end to end, all runs: {violations} order violations, "
         f"{duplicates} duplicates, {lost} lost)"
     )

@@ -1,0 +1,198 @@
+"""Prometheus metrics (``connect(metrics=...)``), on every enabled backend: the counts
+equal the events of a scripted scenario exactly, labels carry no aggregate id, buses
+share a registry, and a closed bus's subscriptions leave the gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+import keybus
+from keybus.testing import LeakChecker
+from keybus.testing.conformance import Backend, BusFactory, unique
+from tests.helpers import envelope, eventually
+
+_LABEL_NAMES = {"backend", "topic", "group", "outcome", "le"}
+
+
+def _system(backend: Backend) -> str:
+    """The backend label keybus reports (nats-subject is the NATS transport)."""
+    return "nats" if backend.name.startswith("nats") else backend.name
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+async def test_metric_values_equal_the_events_of_a_scripted_scenario(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    """Publish N envelopes; k fail once then succeed; j fail every attempt and are
+    dead-lettered; one undecodable message is dead-lettered without an attempt."""
+    registry = CollectorRegistry()
+    group = unique("g")
+    bus = await open_bus(group=group, metrics=registry)
+    topic = backend.topic()
+    n, flaky, doomed = 12, {"agg-1", "agg-2", "agg-3"}, {"agg-4", "agg-5"}
+    failed_once: set[str] = set()
+    handled: list[str] = []
+
+    async def handler(env: keybus.Envelope) -> None:
+        if env.aggregate_id in doomed:
+            raise RuntimeError("always fails")
+        if env.aggregate_id in flaky and env.aggregate_id not in failed_once:
+            failed_once.add(env.aggregate_id)
+            raise RuntimeError("fails once")
+        handled.append(env.aggregate_id)
+
+    await bus.subscribe_envelope(topic, handler, max_attempts=3, retry_backoff=0.01)
+    for i in range(n):
+        await bus.publish_envelope(topic, envelope(f"agg-{i}", 1))
+    await bus.publish(topic, b"not an envelope", key="raw")
+
+    labels = {"backend": _system(backend), "topic": topic, "group": group}
+    k, j = len(flaky), len(doomed)
+    await eventually(
+        lambda: (
+            len(handled) == n - j
+            and sample(registry, "keybus_dead_letters_total", **labels) == j + 1
+        ),
+        what="every envelope handled or dead-lettered",
+    )
+    published = {"backend": _system(backend), "topic": topic}
+    assert sample(registry, "keybus_published_total", outcome="ok", **published) == n + 1
+    assert sample(registry, "keybus_published_total", outcome="failed", **published) == 0
+    assert sample(registry, "keybus_publish_duration_seconds_count", **published) == n + 1
+    expected = {"ok": n - j, "retried": k + 2 * j, "dead_lettered": j, "abandoned": 0}
+    for outcome, count in expected.items():
+        assert sample(registry, "keybus_handled_total", outcome=outcome, **labels) == count
+    attempts = n + k + 2 * j
+    assert sample(registry, "keybus_handler_duration_seconds_count", **labels) == attempts
+    # Per message, at its first attempt (the undecodable one has none).
+    assert sample(registry, "keybus_end_to_end_latency_seconds_count", **labels) == n
+    inf = sample(registry, "keybus_end_to_end_latency_seconds_bucket", le="+Inf", **labels)
+    assert inf == n
+    await eventually(
+        lambda: (
+            sample(registry, "keybus_uncommitted_messages", **labels) == 0
+            and sample(registry, "keybus_in_flight_messages", **labels) == 0
+            and sample(registry, "keybus_running_handlers", **labels) == 0
+        ),
+        what="the gauges back to zero once everything is committed",
+    )
+    _assert_no_aggregate_ids(registry, {f"agg-{i}" for i in range(n)} | {"raw"})
+
+
+def _assert_no_aggregate_ids(registry: CollectorRegistry, ids: set[str]) -> None:
+    text = generate_latest(registry).decode()
+    families = [f for f in text_string_to_metric_families(text) if f.name.startswith("keybus_")]
+    assert families
+    for family in families:
+        for s in family.samples:
+            assert set(s.labels) <= _LABEL_NAMES, (s.name, s.labels)
+            assert not ids & set(s.labels.values()), (s.name, s.labels)
+
+
+async def test_gauges_show_a_held_handler_and_drop_a_closed_bus_subscriptions(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    """Two buses report to one registry (no clash); each one's live subscriptions show in
+    the gauges, read at scrape time; once a bus closes, its subscriptions vanish from the
+    gauges while its counts stay, and the other bus still reports."""
+    registry = CollectorRegistry()
+    group_a, group_b = unique("a"), unique("b")
+    bus_a = await open_bus(group=group_a, metrics=registry)
+    bus_b = await open_bus(group=group_b, metrics=registry)
+    topic = backend.topic()
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def held(env: keybus.Envelope) -> None:
+        started.append(env.aggregate_id)
+        await release.wait()
+
+    await bus_a.subscribe_envelope(topic, held)
+    got: list[str] = []
+
+    async def quick(env: keybus.Envelope) -> None:
+        got.append(env.aggregate_id)
+
+    await bus_b.subscribe_envelope(topic, quick)
+    for i in range(3):
+        await bus_b.publish_envelope(topic, envelope("one-key", i + 1))
+    a = {"backend": _system(backend), "topic": topic, "group": group_a}
+    b = {"backend": _system(backend), "topic": topic, "group": group_b}
+    await eventually(lambda: len(got) == 3 and started, what="b handled all, a holds the first")
+    # A scrape from another thread, as prometheus_client.start_http_server does.
+    scraped: list[str] = []
+    scraper = threading.Thread(target=lambda: scraped.append(generate_latest(registry).decode()))
+    scraper.start()
+    await asyncio.to_thread(scraper.join, 10)
+    assert scraped
+    assert f'group="{group_a}"' in scraped[0]
+    await eventually(
+        lambda: (
+            sample(registry, "keybus_running_handlers", **a) == 1
+            and sample(registry, "keybus_in_flight_messages", **a) == 3
+            and sample(registry, "keybus_uncommitted_messages", **a) == 3
+        ),
+        what="a's held handler and the two messages behind it in the gauges",
+    )
+    assert sample(registry, "keybus_handled_total", outcome="ok", **b) == 3
+    release.set()
+    await eventually(
+        lambda: sample(registry, "keybus_handled_total", outcome="ok", **a) == 3,
+        what="a handled all three",
+    )
+    await bus_a.close()
+    assert sample(registry, "keybus_running_handlers", **a) is None
+    assert sample(registry, "keybus_in_flight_messages", **a) is None
+    assert sample(registry, "keybus_uncommitted_messages", **a) is None
+    assert sample(registry, "keybus_handled_total", outcome="ok", **a) == 3  # counts stay
+    assert sample(registry, "keybus_in_flight_messages", **b) == 0  # b still reports
+    sub = next(iter(bus_b.subscriptions))
+    await sub.unsubscribe()
+    assert sample(registry, "keybus_in_flight_messages", **b) is None
+
+
+async def test_two_buses_with_metrics_true_share_the_default_registry(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    from prometheus_client import REGISTRY
+
+    group = unique("g")
+    first = await open_bus(group=group, metrics=True)
+    second = await open_bus(group=group, metrics=True)
+    topic = backend.topic()
+    got: list[str] = []
+
+    async def handler(env: keybus.Envelope) -> None:
+        got.append(env.aggregate_id)
+
+    await first.subscribe_envelope(topic, handler)
+    await second.subscribe_envelope(topic, handler)
+    for i in range(10):
+        await (first if i % 2 else second).publish_envelope(topic, envelope(f"k{i}", 1))
+    await eventually(lambda: len(set(got)) == 10, what="ten envelopes handled by the group")
+    labels = {"backend": _system(backend), "topic": topic}
+    assert REGISTRY.get_sample_value("keybus_published_total", {**labels, "outcome": "ok"}) == 10
+    # One series per label set, whichever of the group's buses handled a message.
+    handled = REGISTRY.get_sample_value(
+        "keybus_handled_total", {**labels, "group": group, "outcome": "ok"}
+    )
+    assert handled == len(got)
+
+
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [("metrics", "metrics must be True"), ("tracing", "tracing must be True")],
+)
+async def test_a_wrong_telemetry_option_raises_before_connecting(
+    option: str, error: str, no_leaks: LeakChecker
+) -> None:
+    with pytest.raises(TypeError, match=error):
+        await keybus.connect("memory://telemetry-options", **{option: "yes"})

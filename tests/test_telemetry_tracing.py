@@ -1,0 +1,222 @@
+"""OpenTelemetry tracing (``connect(tracing=...)``), on every enabled backend: a trace
+begun before ``publish`` goes on in the handler — in this process and, on Kafka and
+NATS, in another — and a dead letter's span links to the failed attempts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+import keybus
+from keybus.testing.conformance import Backend, BusFactory, unique
+from tests.helpers import Collected, envelope, eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Traces:
+    """An SDK tracer provider of the test's own, its finished spans kept in memory."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = self.provider.get_tracer("test")
+
+    def spans(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.exporter.get_finished_spans() if s.name == name]
+
+
+@pytest.fixture
+def traces() -> Iterator[Traces]:
+    found = Traces()
+    yield found
+    found.provider.shutdown()
+
+
+def _system(backend: Backend) -> str:
+    return "nats" if backend.name.startswith("nats") else backend.name
+
+
+def _hex(number: int, digits: int) -> str:
+    return format(number, f"0{digits}x")
+
+
+async def test_a_trace_begun_before_publish_goes_on_in_the_handler(
+    open_bus: BusFactory, backend: Backend, traces: Traces
+) -> None:
+    group = unique("g")
+    bus = await open_bus(group=group, tracing=traces.provider)
+    topic = backend.topic()
+    seen: list[tuple[int, int, str | None]] = []  # (trace id, span id, envelope trace id)
+
+    async def handler(env: keybus.Envelope) -> None:
+        context = trace.get_current_span().get_span_context()
+        seen.append((context.trace_id, context.span_id, env.trace_id))
+
+    await bus.subscribe_envelope(topic, handler)
+    with traces.tracer.start_as_current_span("request") as request:
+        sent = envelope("agg-1", 1)
+        await bus.publish_envelope(topic, sent)
+    await eventually(lambda: seen and traces.spans(f"{topic} process"), what="handled")
+    trace_id = request.get_span_context().trace_id
+    [publish] = traces.spans(f"{topic} publish")
+    [process] = traces.spans(f"{topic} process")
+    assert publish.kind is SpanKind.PRODUCER
+    assert process.kind is SpanKind.CONSUMER
+    assert publish.parent is not None
+    assert publish.parent.span_id == request.context.span_id
+    assert process.parent is not None
+    assert process.parent.span_id == publish.context.span_id
+    assert seen == [(trace_id, process.context.span_id, _hex(trace_id, 32))]
+    assert publish.attributes is not None
+    assert process.attributes is not None
+    assert dict(publish.attributes) == {
+        "messaging.system": _system(backend),
+        "messaging.operation.type": "publish",
+        "messaging.operation.name": "publish",
+        "messaging.destination.name": topic,
+        "messaging.message.id": sent.event_id,
+    }
+    attributes = dict(process.attributes)
+    assert attributes["messaging.system"] == _system(backend)
+    assert attributes["messaging.operation.type"] == "process"
+    assert attributes["messaging.destination.name"] == topic
+    assert attributes["messaging.consumer.group.name"] == group
+    assert attributes["messaging.message.id"] == sent.event_id
+    assert attributes["keybus.attempt"] == 1
+    assert isinstance(attributes["keybus.offset"], int)
+    assert attributes["messaging.destination.partition.id"].isdigit()  # type: ignore[union-attr]
+    if backend.name == "kafka":
+        assert attributes["messaging.kafka.offset"] == attributes["keybus.offset"]
+
+
+async def test_an_envelope_keeps_its_own_trace_id_and_raw_headers_carry_traceparent(
+    open_bus: BusFactory, backend: Backend, traces: Traces
+) -> None:
+    bus = await open_bus(tracing=traces.provider)
+    topic = backend.topic()
+    got = Collected()
+    await bus.subscribe(topic, got)
+    own = keybus.Envelope(
+        aggregate_id="a", event_type="E", event_version=1, payload={}, trace_id="from-caller"
+    )
+    await bus.publish_envelope(topic, own)
+    await bus.publish(topic, b"raw", key="k", headers={"X-Mine": "1"})
+    await eventually(lambda: len(got) == 2, what="both delivered")
+    first, raw = got
+    assert keybus.Envelope.from_bytes(first.value).trace_id == "from-caller"
+    assert raw.headers["X-Mine"] == b"1"
+    publish = traces.spans(f"{topic} publish")[1]
+    _version, trace_id, span_id, _flags = raw.headers["traceparent"].decode().split("-")
+    assert (trace_id, span_id) == (
+        _hex(publish.context.trace_id, 32),
+        _hex(publish.context.span_id, 16),
+    )
+
+
+async def test_a_dead_letter_span_links_to_every_failed_attempt(
+    open_bus: BusFactory, backend: Backend, traces: Traces
+) -> None:
+    bus = await open_bus(tracing=traces.provider)
+    topic = backend.topic()
+
+    async def handler(env: keybus.Envelope) -> None:
+        if env.event_version == 1:
+            raise RuntimeError("doomed")
+
+    await bus.subscribe_envelope(topic, handler, max_attempts=3, retry_backoff=0.01)
+    await bus.publish_envelope(topic, envelope("agg", 1))
+    await bus.publish_envelope(topic, envelope("agg", 2))
+    dlq = f"{topic}.dlq"
+    await eventually(
+        lambda: traces.spans(f"{dlq} publish") and len(traces.spans(f"{topic} process")) == 4,
+        what="three failed attempts, a dead letter, the next envelope",
+    )
+    [publish, _] = traces.spans(f"{topic} publish")
+    attempts = [
+        s for s in traces.spans(f"{topic} process") if s.parent.span_id == publish.context.span_id
+    ]
+    assert [s.attributes["keybus.attempt"] for s in attempts] == [1, 2, 3]
+    assert [s.attributes["keybus.outcome"] for s in attempts] == [
+        "retried",
+        "retried",
+        "dead_lettered",
+    ]
+    assert all(s.status.status_code is trace.StatusCode.ERROR for s in attempts)
+    [letter] = traces.spans(f"{dlq} publish")
+    # In the original message's trace, a child of its publish, linked to each attempt.
+    assert letter.parent is not None
+    assert letter.parent.span_id == publish.context.span_id
+    assert [link.context.span_id for link in letter.links] == [s.context.span_id for s in attempts]
+    assert [link.attributes["keybus.attempt"] for link in letter.links] == [1, 2, 3]
+    # The envelope after it succeeded at once: no outcome noted but success.
+    [ok] = [s for s in traces.spans(f"{topic} process") if s not in attempts]
+    assert "keybus.outcome" not in ok.attributes
+
+
+async def test_a_trace_goes_on_in_a_handler_of_another_process(
+    open_bus: BusFactory, backend: Backend, traces: Traces
+) -> None:
+    if backend.name not in ("kafka", "nats"):
+        pytest.skip("needs a broker another process reaches (Kafka, NATS)")
+    bus = await open_bus(tracing=traces.provider)
+    topic = backend.topic()
+    await bus.ensure_topic(topic)
+    async with _trace_process(backend.url, topic, unique("g")) as lines:
+        assert await asyncio.wait_for(lines.get(), 60) == "ready"
+        with traces.tracer.start_as_current_span("request") as request:
+            await bus.publish_envelope(topic, envelope("agg-1", 1))
+        report = json.loads(await asyncio.wait_for(lines.get(), 60))
+    [publish] = traces.spans(f"{topic} publish")
+    trace_id = _hex(request.get_span_context().trace_id, 32)
+    assert report["trace_id"] == trace_id
+    assert report["envelope_trace_id"] == trace_id
+    assert report["parent_span_id"] == _hex(publish.context.span_id, 16)
+    assert report["parent_remote"] is True
+    assert report["attributes"]["messaging.system"] == backend.name
+
+
+@contextlib.asynccontextmanager
+async def _trace_process(url: str, topic: str, group: str) -> AsyncIterator[asyncio.Queue[str]]:
+    """``tests.trace_proc`` running; its stdout lines in a queue. On exit it is given a
+    moment to close its bus (it exits after its report), then killed."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.trace_proc",
+        url,
+        topic,
+        group,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    lines: asyncio.Queue[str] = asyncio.Queue()
+
+    async def read() -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            await lines.put(line.decode().strip())
+
+    reader = asyncio.create_task(read())
+    try:
+        yield lines
+    finally:
+        try:
+            await asyncio.wait_for(process.wait(), 15)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await asyncio.wait_for(process.wait(), 10)
+        await asyncio.wait_for(reader, 10)
