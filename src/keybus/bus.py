@@ -130,7 +130,7 @@ class EventBus:
                 topic, envelope.to_bytes(), envelope.aggregate_id, envelope_headers(envelope)
             )
         else:
-            await self._telemetry.publish_envelope(self._transport.send, topic, envelope)
+            await self._telemetry.publish(self._transport.send, topic, b"", None, {}, envelope)
 
     async def publish_many(
         self,

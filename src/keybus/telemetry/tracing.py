@@ -9,13 +9,16 @@
 - ``{dead-letter topic} publish`` (PRODUCER) per dead letter, a child of the original
   record's trace, with a link to the span of each failed attempt of that message.
 
-Spans are started and made current by hand (``start_span`` + ``context.attach``) rather
-than with ``start_as_current_span``: its generator-based context manager costs a few
-microseconds more per message.
+Spans are started by hand (``start_span``; an attempt's made current with
+``context.attach``) rather than with ``start_as_current_span``: its generator-based
+context manager costs a few microseconds more per message. A publish span is never made
+current: nothing runs inside it but the transport's send.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping, MutableMapping
 from contextvars import ContextVar
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
@@ -62,19 +66,45 @@ _FAILED: ContextVar[tuple[Message, list[Link]] | None] = ContextVar(
 )
 
 
+_NO_SDK = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+
+
 class Tracing:
-    """The spans of one bus (``system``: messaging.system, e.g. kafka, nats, memory)."""
+    """The spans of one bus (``system``: messaging.system, e.g. kafka, nats, memory).
+
+    Without an SDK (the API's no-op provider, e.g. ``tracing=True`` and no provider set
+    globally yet) no span is made, but a trace in hand still travels: the current one
+    into a publish's headers, a received one made current around the handler — what the
+    API's no-op tracer would do, without its cost per message.
+    """
 
     def __init__(self, provider: trace.TracerProvider | None) -> None:
         # Without a provider, the global one — through a proxy, so one set after connect()
         # is used too.
+        self._provider = provider
         self._tracer = trace.get_tracer("keybus", _VERSION, tracer_provider=provider)
         self.system = "keybus"
         self._kafka = False
+        self._sdk = False
+        self._look_again = -math.inf
 
     def bind(self, system: str) -> None:
         self.system = system
         self._kafka = system == "kafka"
+
+    def recording(self) -> bool:
+        """Whether an SDK records spans. The global provider may be set after connect():
+        until it is, it is looked at again once a second (``get_tracer_provider`` reads
+        the environment, too slow to call per message); once set it stays."""
+        if self._sdk:
+            return True
+        now = time.monotonic()
+        if now < self._look_again:
+            return False
+        self._look_again = now + 1.0
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        self._sdk = not isinstance(provider, _NO_SDK)
+        return self._sdk
 
     # -- publishing --------------------------------------------------------------------
 
@@ -83,51 +113,53 @@ class Tracing:
         topic: str,
         message_id: str | None,
         links: list[Link] | None = None,
-        parent: Any = None,
-    ) -> tuple[Span, object]:
-        attributes: dict[str, Any] = {
-            "messaging.system": self.system,
-            "messaging.operation.type": "publish",
-            "messaging.operation.name": "publish",
-            "messaging.destination.name": topic,
-        }
-        if message_id is not None:
-            attributes["messaging.message.id"] = message_id
-        span = self._tracer.start_span(
-            f"{topic} publish",
-            context=parent,
-            kind=SpanKind.PRODUCER,
-            attributes=attributes,
-            links=links,
-        )
-        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+        parent: Context | None = None,
+    ) -> tuple[Span | None, Context] | None:
+        """A publish's span (None without an SDK) and the context it sends along; None
+        when there is neither a trace in hand nor an SDK to start one."""
+        if self.recording():
+            attributes: dict[str, Any] = {
+                "messaging.system": self.system,
+                "messaging.operation.type": "publish",
+                "messaging.operation.name": "publish",
+                "messaging.destination.name": topic,
+            }
+            if message_id is not None:
+                attributes["messaging.message.id"] = message_id
+            span = self._tracer.start_span(
+                f"{topic} publish",
+                context=parent,
+                kind=SpanKind.PRODUCER,
+                attributes=attributes,
+                links=links,
+            )
+            return span, trace.set_span_in_context(span, parent)
+        if not trace.get_current_span(parent).get_span_context().is_valid:
+            return None
+        return None, parent if parent is not None else otel_context.get_current()
 
     @staticmethod
-    def inject(headers: MutableMapping[str, bytes]) -> None:
-        """The current context (the publish span's) into ``headers``."""
-        propagate.inject(headers, setter=_SETTER)
+    def inject(headers: MutableMapping[str, bytes], context: Context) -> None:
+        """``context`` (a publish's) into ``headers``, by the global propagator."""
+        propagate.inject(headers, context=context, setter=_SETTER)
 
     @staticmethod
-    def trace_id(span: Span) -> str | None:
-        """The span's trace id as 32 hex digits (W3C), or None without a valid one."""
-        context = span.get_span_context()
-        return format(context.trace_id, "032x") if context.is_valid else None
-
-    @staticmethod
-    def stamp(envelope: Envelope, span: Span) -> Envelope:
-        """``envelope`` with the span's trace id when it has none."""
+    def stamp(envelope: Envelope, context: Context) -> Envelope:
+        """``envelope`` with the trace id of ``context`` when it has none."""
         if envelope.trace_id is not None:
             return envelope
-        trace_id = Tracing.trace_id(span)
-        if trace_id is None:
+        span_context = trace.get_current_span(context).get_span_context()
+        if not span_context.is_valid:
             return envelope
         # Envelopes are immutable: a copy (a trace id is any non-blank text, so valid).
-        return msgspec.structs.replace(envelope, trace_id=trace_id)
+        return msgspec.structs.replace(envelope, trace_id=format(span_context.trace_id, "032x"))
 
-    def dead_letter_span(self, topic: str, headers: Mapping[str, bytes]) -> tuple[Span, object]:
-        """The span of a dead letter's publish: in the original record's trace (its
-        headers are the original's plus the reason), linked to the failed attempts of the
-        message in hand."""
+    def start_dead_letter(
+        self, topic: str, headers: Mapping[str, bytes]
+    ) -> tuple[Span | None, Context] | None:
+        """A dead letter's publish: in the original record's trace (its headers are the
+        original's plus the reason), linked to the failed attempts of the message in
+        hand."""
         failed = _FAILED.get()
         work = CURRENT.get()
         links: list[Link] = []
@@ -145,9 +177,18 @@ class Tracing:
 
     # -- handling ----------------------------------------------------------------------
 
-    def start_process(self, delivery: Delivery, group: str) -> tuple[Span, object]:
+    def start_process(self, delivery: Delivery, group: str) -> tuple[Span | None, object] | None:
+        """An attempt's span (None without an SDK), made current with the received trace
+        as its parent, and the token to :meth:`end_process` it with; None: nothing to do."""
         message = delivery.message
         headers = message.headers
+        if not self.recording():
+            if not headers or not _carries_trace(headers):
+                return None
+            received = propagate.extract(headers, getter=_GETTER)
+            if not trace.get_current_span(received).get_span_context().is_valid:
+                return None
+            return None, otel_context.attach(received)
         parent = propagate.extract(headers, getter=_GETTER) if headers else None
         attributes: dict[str, Any] = {
             "messaging.system": self.system,
@@ -201,6 +242,24 @@ class Tracing:
             _FAILED.set(None)  # retried and succeeded: nothing to link to
 
     @staticmethod
-    def end(span: Span, token: object) -> None:
+    def end_process(scope: tuple[Span | None, object]) -> None:
+        span, token = scope
         otel_context.detach(token)  # type: ignore[arg-type]
-        span.end()
+        if span is not None:
+            span.end()
+
+
+_fields: tuple[object, frozenset[str]] = (None, frozenset())
+
+
+def _carries_trace(headers: Mapping[str, bytes]) -> bool:
+    """Whether ``headers`` hold any header the global propagator reads (its field names
+    are remembered per propagator: computing them costs more than the look-up)."""
+    global _fields
+    textmap = propagate.get_global_textmap()
+    if _fields[0] is not textmap:
+        _fields = (textmap, frozenset(textmap.fields))
+    for name in _fields[1]:  # a loop, not any(): no generator per message
+        if name in headers:
+            return True
+    return False
