@@ -168,11 +168,12 @@ def test_transports_do_not_import_each_other() -> None:
     assert not bad, bad
 
 
-def test_import_keybus_loads_no_transport_client_or_cli() -> None:
+def test_import_keybus_loads_no_transport_client_cli_or_telemetry() -> None:
     probe = (
         "import sys, keybus\n"
         "heavy = ('keybus.transports', 'keybus.testing', 'keybus.cli', 'confluent_kafka',"
-        " 'nats', 'rich', 'typer', 'pytest', 'matplotlib')\n"
+        " 'nats', 'rich', 'typer', 'pytest', 'matplotlib', 'keybus.telemetry',"
+        " 'prometheus_client', 'opentelemetry')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(heavy)))\n"
     )
     out = subprocess.run(

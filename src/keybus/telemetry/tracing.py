@@ -259,7 +259,4 @@ def _carries_trace(headers: Mapping[str, bytes]) -> bool:
     textmap = propagate.get_global_textmap()
     if _fields[0] is not textmap:
         _fields = (textmap, frozenset(textmap.fields))
-    for name in _fields[1]:  # a loop, not any(): no generator per message
-        if name in headers:
-            return True
-    return False
+    return not _fields[1].isdisjoint(headers)  # in C: no generator per message
