@@ -196,3 +196,30 @@ async def test_a_wrong_telemetry_option_raises_before_connecting(
 ) -> None:
     with pytest.raises(TypeError, match=error):
         await keybus.connect("memory://telemetry-options", **{option: "yes"})
+
+
+async def test_an_attempt_cancelled_by_close_counts_as_abandoned(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    registry = CollectorRegistry()
+    group = unique("g")
+    bus = await open_bus(group=group, metrics=registry)
+    topic = backend.topic()
+    started = asyncio.Event()
+
+    async def stuck(env: keybus.Envelope) -> None:
+        started.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    await bus.subscribe_envelope(topic, stuck)
+    await bus.publish_envelope(topic, envelope("agg", 1))
+    await asyncio.wait_for(started.wait(), 30)
+    labels = {"backend": _system(backend), "topic": topic, "group": group}
+    assert sample(registry, "keybus_running_handlers", **labels) == 1
+    await bus.close(timeout=0.1)
+    outcomes = {
+        outcome: sample(registry, "keybus_handled_total", outcome=outcome, **labels)
+        for outcome in ("ok", "retried", "dead_lettered", "abandoned")
+    }
+    assert outcomes == {"ok": 0, "retried": 0, "dead_lettered": 0, "abandoned": 1}
+    assert sample(registry, "keybus_handler_duration_seconds_count", **labels) == 1

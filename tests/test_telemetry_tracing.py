@@ -220,3 +220,35 @@ async def _trace_process(url: str, topic: str, group: str) -> AsyncIterator[asyn
                 process.kill()
             await asyncio.wait_for(process.wait(), 10)
         await asyncio.wait_for(reader, 10)
+
+
+async def test_without_an_sdk_no_span_is_made_but_a_trace_in_hand_travels(
+    open_bus: BusFactory, backend: Backend, traces: Traces
+) -> None:
+    """A bus whose provider records nothing (the API's no-op, as with ``tracing=True``
+    and no SDK installed) still carries the caller's trace to the handler — and adds no
+    header when there is no trace."""
+    bus = await open_bus(tracing=trace.NoOpTracerProvider())
+    topic = backend.topic()
+    seen: list[int] = []
+    got = Collected()
+
+    async def handler(message: keybus.Message) -> None:
+        seen.append(trace.get_current_span().get_span_context().trace_id)
+        await got(message)
+
+    await bus.subscribe(topic, handler)
+    await bus.publish(topic, b"untraced", key="k")
+    with traces.tracer.start_as_current_span("request") as request:
+        await bus.publish_envelope(topic, envelope("k", 1))
+    await eventually(lambda: len(got) == 2, what="both delivered")
+    untraced, traced = got
+    assert "traceparent" not in untraced.headers
+    parent = request.get_span_context()
+    assert traced.headers["traceparent"].decode().split("-")[1:3] == [
+        _hex(parent.trace_id, 32),
+        _hex(parent.span_id, 16),  # no publish span of keybus's in between
+    ]
+    assert seen == [0, parent.trace_id]
+    assert keybus.Envelope.from_bytes(traced.value).trace_id == _hex(parent.trace_id, 32)
+    assert [s.name for s in traces.exporter.get_finished_spans()] == ["request"]

@@ -161,10 +161,12 @@ class Telemetry:
         if envelope is not None:
             value, key = envelope.to_bytes(), envelope.aggregate_id
             headers = envelope_headers(envelope)
-        meter = self._meter(topic)
+        meter = self._publish_meters.get(topic)
         if meter is None:
-            await send(topic, value, key, headers)
-            return
+            meter = self._meter(topic)
+            if meter is None:
+                await send(topic, value, key, headers)
+                return
         started = time.perf_counter()
         try:
             await send(topic, value, key, headers)
