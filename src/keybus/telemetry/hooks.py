@@ -28,12 +28,13 @@ if TYPE_CHECKING:
     from keybus.telemetry.tracing import Tracing
     from keybus.transports.base import Transport
 
-__all__ = ["Telemetry", "backend_name", "build"]
+__all__ = ["OUTCOMES", "Telemetry", "backend_name", "build"]
 
 Send = Callable[[str, bytes, str | None, Mapping[str, bytes]], Awaitable[None]]
 
-_OK, _RETRIED, _DEAD_LETTERED, _ABANDONED = range(4)  # keybus.telemetry.metrics.OUTCOMES
-_OUTCOMES = ("ok", "retried", "dead_lettered", "abandoned")
+# The outcomes of an attempt, indexes into SubscriptionMeter.outcomes (metrics.py).
+OUTCOMES = ("ok", "retried", "dead_lettered", "abandoned")
+_OK, _RETRIED, _DEAD_LETTERED, _ABANDONED = range(len(OUTCOMES))
 
 
 def build(metrics: object = None, tracing: object = None) -> Telemetry | None:
@@ -235,18 +236,17 @@ class Telemetry:
         async def dead_letter(
             dlq: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
         ) -> None:
-            scope = None if tracing is None else tracing.start_dead_letter(dlq, headers)
-            if scope is None:
+            if tracing is None or (scope := tracing.start_dead_letter(dlq, headers)) is None:
                 await publish(dlq, value, key, headers)
             else:
                 span, context = scope
                 try:
                     carrier = dict(headers)  # the engine's, kept for its own retries
-                    tracing.inject(carrier, context)  # type: ignore[union-attr]
+                    tracing.inject(carrier, context)
                     await publish(dlq, value, key, carrier)
                 except BaseException as exc:
                     if span is not None:
-                        tracing.failed(span, exc)  # type: ignore[union-attr]
+                        tracing.failed(span, exc)
                     raise
                 finally:
                     if span is not None:
@@ -286,7 +286,7 @@ def _attempt_observer(
             if meter is not None:
                 meter.outcomes[outcome] += 1
             if scope is not None and scope[0] is not None:
-                tracing.attempt_failed(scope[0], delivery, exc, _OUTCOMES[outcome])  # type: ignore[union-attr]
+                tracing.attempt_failed(scope[0], delivery, exc, OUTCOMES[outcome])  # type: ignore[union-attr]
             raise
         else:
             if meter is not None:

@@ -37,6 +37,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from keybus.telemetry.hooks import OUTCOMES
+
 if TYPE_CHECKING:
     from keybus.engine import SubscriptionEngine
 
@@ -48,8 +50,6 @@ BUCKETS = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
 
-OUTCOMES = ("ok", "retried", "dead_lettered", "abandoned")
-OK, RETRIED, DEAD_LETTERED, ABANDONED = range(4)
 
 _PUBLISH_LABELS = ("backend", "topic")
 _LABELS = ("backend", "topic", "group")
@@ -89,8 +89,8 @@ class PublishMeter:
 
 
 class SubscriptionMeter:
-    """Handling of one (backend, topic, group): attempts by outcome (indexed by ``OK``,
-    ``RETRIED``, ``DEAD_LETTERED``, ``ABANDONED``), dead letters written, durations."""
+    """Handling of one (backend, topic, group): attempts by outcome (in the order of
+    ``hooks.OUTCOMES``), dead letters written, durations."""
 
     __slots__ = ("dead_letters", "duration", "end_to_end", "outcomes")
 
