@@ -223,3 +223,17 @@ async def test_an_attempt_cancelled_by_close_counts_as_abandoned(
     }
     assert outcomes == {"ok": 0, "retried": 0, "dead_lettered": 0, "abandoned": 1}
     assert sample(registry, "keybus_handler_duration_seconds_count", **labels) == 1
+
+
+async def test_a_configuration_turns_metrics_and_tracing_on(no_leaks: LeakChecker) -> None:
+    """``metrics = true`` / ``tracing = true`` in a configuration are connect's
+    ``metrics=True`` / ``tracing=True`` (the default registry, the global provider)."""
+    from prometheus_client import REGISTRY
+
+    topic = unique("cfg")
+    config = {"url": "memory://telemetry-config", "metrics": True, "tracing": True}
+    async with keybus.connect_from_config(config, environ={}) as bus:
+        await bus.publish(topic, b"x")
+        await bus.delete_topic(topic)
+    labels = {"backend": "memory", "topic": topic, "outcome": "ok"}
+    assert REGISTRY.get_sample_value("keybus_published_total", labels) == 1
