@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from keybus.delivery import Delivery
 from keybus.envelope import Envelope, envelope_headers
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OUTCOMES", "Telemetry", "backend_name", "build"]
 
+_T = TypeVar("_T")
+
 Send = Callable[[str, bytes, str | None, Mapping[str, bytes]], Awaitable[None]]
 
 # The outcomes of an attempt, indexes into SubscriptionMeter.outcomes (metrics.py).
@@ -43,41 +45,51 @@ def build(metrics: object = None, tracing: object = None) -> Telemetry | None:
     ``metrics``: True (prometheus-client's default registry) or a ``CollectorRegistry``;
     ``tracing``: True (the global tracer provider) or a ``TracerProvider``. Checked before
     the bus connects: a missing extra raises ImportError naming it."""
-    meters: Metrics | None = None
-    tracer: Tracing | None = None
-    if metrics is not None and metrics is not False:
-        try:
-            from prometheus_client import CollectorRegistry
-
-            from keybus.telemetry.metrics import metrics_for
-        except ImportError as exc:
-            raise ImportError(
-                "metrics= needs prometheus-client: pip install 'keybus[prometheus]'"
-            ) from exc
-        if metrics is True:
-            meters = metrics_for(None)
-        elif isinstance(metrics, CollectorRegistry):
-            meters = metrics_for(metrics)
-        else:
-            raise TypeError("metrics must be True or a prometheus_client.CollectorRegistry")
-    if tracing is not None and tracing is not False:
-        try:
-            from opentelemetry.trace import TracerProvider
-
-            from keybus.telemetry.tracing import Tracing
-        except ImportError as exc:
-            raise ImportError(
-                "tracing= needs opentelemetry-api: pip install 'keybus[otel]'"
-            ) from exc
-        if tracing is True:
-            tracer = Tracing(None)
-        elif isinstance(tracing, TracerProvider):
-            tracer = Tracing(tracing)
-        else:
-            raise TypeError("tracing must be True or an opentelemetry.trace.TracerProvider")
+    meters = _option(metrics, "metrics", "prometheus-client", "prometheus", _metrics_kit)
+    tracer = _option(tracing, "tracing", "opentelemetry-api", "otel", _tracing_kit)
     if meters is None and tracer is None:
         return None
     return Telemetry(meters, tracer)
+
+
+def _metrics_kit() -> tuple[type, Callable[[Any], Metrics]]:
+    from prometheus_client import CollectorRegistry
+
+    from keybus.telemetry.metrics import metrics_for
+
+    return CollectorRegistry, metrics_for
+
+
+def _tracing_kit() -> tuple[type, Callable[[Any], Tracing]]:
+    from opentelemetry.trace import TracerProvider
+
+    from keybus.telemetry.tracing import Tracing
+
+    return TracerProvider, Tracing
+
+
+def _option(
+    value: object,
+    option: str,
+    package: str,
+    extra: str,
+    kit: Callable[[], tuple[type, Callable[[Any], _T]]],
+) -> _T | None:
+    """What one option asks for: None (off), made with None (``True``: the global one)
+    or with ``value`` (an instance of the kit's type)."""
+    if value is None or value is False:
+        return None
+    try:
+        kind, make = kit()  # imported only now: `import keybus` stays light
+    except ImportError as exc:
+        raise ImportError(f"{option}= needs {package}: pip install 'keybus[{extra}]'") from exc
+    if value is True:
+        return make(None)
+    if isinstance(value, kind):
+        return make(value)
+    raise TypeError(
+        f"{option} must be True or an instance of {kind.__module__}.{kind.__qualname__}"
+    )
 
 
 def backend_name(transport: Transport) -> str:
