@@ -237,3 +237,16 @@ async def test_a_configuration_turns_metrics_and_tracing_on(no_leaks: LeakChecke
         await bus.delete_topic(topic)
     labels = {"backend": "memory", "topic": topic, "outcome": "ok"}
     assert REGISTRY.get_sample_value("keybus_published_total", labels) == 1
+
+
+async def test_publish_many_is_counted_record_by_record(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    registry = CollectorRegistry()
+    bus = await open_bus(metrics=registry)
+    topic = backend.topic()
+    items = [envelope(f"agg-{i}", 1) for i in range(5)] + [(b"raw", "k")]
+    assert await bus.publish_many(topic, items) == [None] * 6
+    labels = {"backend": _system(backend), "topic": topic}
+    assert sample(registry, "keybus_published_total", **labels, outcome="ok") == 6
+    assert sample(registry, "keybus_publish_duration_seconds_count", **labels) == 6

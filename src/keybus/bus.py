@@ -156,10 +156,47 @@ class EventBus:
         if type(topic) is not str:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
+        items = list(items)
         records = [_record(item) for item in items]
-        errors = await self._transport.send_many(topic, records) if records else []
+        if not records:
+            errors: list[PublishError | None] = []
+        elif self._telemetry is None:
+            errors = await self._transport.send_many(topic, records)
+        else:
+            errors = await self._observed_many(topic, items, records)
         if raise_on_error and any(e is not None for e in errors):
             raise PublishBatchError(topic, errors)
+        return errors
+
+    async def _observed_many(
+        self,
+        topic: str,
+        items: list[Envelope | bytes | tuple[Any, ...]],
+        records: list[tuple[bytes, str | None, Mapping[str, bytes]]],
+    ) -> list[PublishError | None]:
+        """With metrics or tracing on, a batch is published record by record (all in
+        flight at once), so each gets its measure and its PRODUCER span as a publish
+        does; the transport's batch path is for when nothing observes."""
+        telemetry = self._telemetry
+        assert telemetry is not None
+        send = self._transport.send
+        results = await asyncio.gather(
+            *(
+                telemetry.publish(send, topic, b"", None, {}, item)
+                if isinstance(item, Envelope)
+                else telemetry.publish(send, topic, value, key, dict(headers))
+                for item, (value, key, headers) in zip(items, records, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        errors: list[PublishError | None] = []
+        for result in results:
+            if isinstance(result, PublishError):
+                errors.append(result)
+            elif isinstance(result, BaseException):
+                raise result  # BusClosedError (closed meanwhile), or a bug
+            else:
+                errors.append(None)
         return errors
 
     async def _send_internal(
