@@ -1,0 +1,214 @@
+"""Memory across open/subscribe/publish/close cycles: does anything grow for good?
+
+    .venv/bin/python benchmarks/cycle_rss.py --backend kafka [--cycles 300] [--topics same]
+        [--warmup 20] [--envelopes 5] [--max-slope KB] [--trim] [--tracemalloc] [--csv FILE]
+
+One process, one backend (URLs from KEYBUS_KAFKA_URL / KEYBUS_NATS_URL, as the other
+benchmarks). Each cycle: ``connect``, ``subscribe_envelope`` to a topic, publish
+``--envelopes`` envelopes, poll (with a deadline) until the handler saw them all,
+``close()``. After each close (and a ``gc.collect()``): RSS and its anonymous part
+(/proc/self/status), the objects the collector tracks, fds and threads; with
+``--tracemalloc`` the traced Python heap too (costly, off by default) and the top
+growing allocation sites between the end of the warm-up and the last cycle.
+
+``--topics same`` reuses one topic (and one group) for every cycle; ``fresh`` makes a new
+topic per cycle, deleting the previous one (its dead-letter topic too), which also makes
+the client learn new topic metadata each cycle. An admin bus stays open for the whole run
+(it creates and deletes the topics, and keeps a ``memory://`` broker alive between
+cycles); it is the same for every cycle, so it adds no slope.
+
+``--trim`` calls glibc's ``malloc_trim(0)`` after each cycle: a diagnostic that returns
+freed heap pages to the system, so growth that disappears with it was fragmentation or
+allocator caching, not a leak. ``MALLOC_ARENA_MAX=2`` in the environment is the other
+allocator diagnostic.
+
+Growth is the least-squares slope over the cycles after ``--warmup``, per cycle;
+``--max-slope`` (kB/cycle) makes the run exit non-zero when the RSS slope exceeds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import gc
+import os
+import threading
+import time
+import tracemalloc
+import uuid
+
+import keybus
+from keybus.bench.run import backend_url
+
+_HANDLED_TIMEOUT = 30.0  # s a cycle's envelopes may take to be handled
+_PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+COLUMNS = ("rss_kb", "anon_kb", "objects", "fds", "threads", "traced_kb")
+
+
+def _status_kb(*names: str) -> list[int]:
+    """Fields of /proc/self/status in kB, in the order asked."""
+    found: dict[str, int] = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in names:
+                found[name] = int(value.split()[0])
+    return [found[name] for name in names]
+
+
+def sample() -> dict[str, int]:
+    rss, anon, threads = _status_kb("VmRSS", "RssAnon", "Threads")
+    return {
+        "rss_kb": rss,
+        "anon_kb": anon,
+        "objects": len(gc.get_objects()),
+        "fds": len(os.listdir("/proc/self/fd")),
+        "threads": threads,
+        "traced_kb": tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else 0,
+    }
+
+
+def slope(values: list[int]) -> float:
+    """Least-squares slope of ``values`` over their index (units per cycle)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    num = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values))
+    return num / sum((x - mean_x) ** 2 for x in range(n))
+
+
+async def _until(predicate: asyncio.Event, what: str) -> None:
+    try:
+        async with asyncio.timeout(_HANDLED_TIMEOUT):
+            await predicate.wait()
+    except TimeoutError:
+        raise SystemExit(f"{what} not handled within {_HANDLED_TIMEOUT:g} s") from None
+
+
+async def cycle(url: str, topic: str, group: str, envelopes: int) -> None:
+    """connect, subscribe, publish, wait until handled, close."""
+    # The same aggregates every cycle, as a service sees: a fresh id per cycle would
+    # measure the growth of keybus's bounded per-key caches (key -> partition) instead.
+    batch = [
+        keybus.Envelope(aggregate_id=f"agg-{n}", event_type="Cycled", event_version=1, payload={})
+        for n in range(envelopes)
+    ]
+    pending = {envelope.event_id for envelope in batch}  # not an earlier cycle's redelivery
+    done = asyncio.Event()
+
+    async def handler(envelope: keybus.Envelope) -> None:
+        pending.discard(envelope.event_id)
+        if not pending:
+            done.set()
+
+    async with keybus.connect(url, group=group) as bus:
+        await bus.subscribe_envelope(topic, handler)
+        for envelope in batch:
+            await bus.publish_envelope(topic, envelope)
+        await _until(done, f"{envelopes} envelopes of one cycle")
+
+
+def _malloc_trim() -> None:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+async def _drop(admin: keybus.EventBus, topic: str) -> None:
+    for name in (topic, f"{topic}.dlq"):
+        with contextlib.suppress(keybus.TopicError):
+            await admin.delete_topic(name)
+
+
+async def measure(args: argparse.Namespace) -> list[dict[str, int]]:
+    url = backend_url(args.backend)
+    if args.backend == "memory":
+        url = "memory://cycle-rss"  # one broker for the run, kept alive by the admin bus
+    prefix = f"kb-cycle-rss-{uuid.uuid4().hex[:6]}"
+    group = f"{prefix}-group"
+    rows: list[dict[str, int]] = []
+    start_snapshot: tracemalloc.Snapshot | None = None
+    async with keybus.connect(url) as admin:
+        topic = prefix
+        try:
+            for index in range(args.cycles):
+                if args.topics == "fresh" and index:
+                    await _drop(admin, topic)
+                    topic = f"{prefix}-{index}"
+                await cycle(url, topic, group, args.envelopes)
+                gc.collect()
+                if args.trim:
+                    _malloc_trim()
+                rows.append(sample())
+                if args.tracemalloc and index + 1 == args.warmup:
+                    start_snapshot = tracemalloc.take_snapshot()
+                if args.verbose:
+                    print(index, rows[-1], flush=True)
+        finally:
+            await _drop(admin, topic)
+    if start_snapshot is not None:
+        top = tracemalloc.take_snapshot().compare_to(start_snapshot, "lineno")[:10]
+        print("tracemalloc, growth since the warm-up:\n" + "\n".join(f"  {s}" for s in top))
+    return rows
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, int]]) -> float:
+    """Print the table; return the RSS slope (kB/cycle)."""
+    kept = rows[args.warmup :]
+    arenas = os.environ.get("MALLOC_ARENA_MAX")
+    print(
+        f"{args.backend}, {len(rows)} cycles, topics {args.topics}, {args.envelopes} envelopes"
+        f"/cycle{', malloc_trim' if args.trim else ''}"
+        f"{f', MALLOC_ARENA_MAX={arenas}' if arenas else ''}"
+        f"; slope over cycles {args.warmup + 1}..{len(rows)}"
+    )
+    print(f"  {'':<10} {'first':>10} {'at warm-up':>10} {'last':>10} {'slope/cycle':>12}")
+    slopes = {}
+    for column in COLUMNS:
+        if column == "traced_kb" and not args.tracemalloc:
+            continue
+        values = [row[column] for row in rows]
+        slopes[column] = slope([row[column] for row in kept])
+        unit = "kB" if column.endswith("_kb") else ""
+        print(
+            f"  {column:<10} {values[0]:>10,} {kept[0][column]:>10,} {values[-1]:>10,}"
+            f" {slopes[column]:>+9.2f} {unit}"
+        )
+    return slopes["rss_kb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=("memory", "kafka", "nats"), default="memory")
+    parser.add_argument("--cycles", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--envelopes", type=int, default=5)
+    parser.add_argument("--topics", choices=("same", "fresh"), default="same")
+    parser.add_argument("--max-slope", type=float, help="kB/cycle of RSS: above it, exit 1")
+    parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after each cycle")
+    parser.add_argument("--tracemalloc", action="store_true", help="trace the Python heap")
+    parser.add_argument("--csv", help="also write every cycle's sample to this file")
+    parser.add_argument("--verbose", action="store_true", help="print every cycle's sample")
+    args = parser.parse_args()
+    if args.cycles <= args.warmup + 1:
+        parser.error("--cycles must exceed --warmup by at least 2")
+    if args.tracemalloc:
+        tracemalloc.start()
+    started = time.monotonic()
+    rows = asyncio.run(measure(args))
+    rss_slope = report(args, rows)
+    if args.csv:
+        with open(args.csv, "w") as out:
+            out.write("cycle," + ",".join(COLUMNS) + "\n")
+            out.writelines(
+                f"{i + 1}," + ",".join(str(r[c]) for c in COLUMNS) + "\n"
+                for i, r in enumerate(rows)
+            )
+    print(f"  ({time.monotonic() - started:.0f} s, {threading.active_count()} Python threads)")
+    if args.max_slope is not None and rss_slope > args.max_slope:
+        raise SystemExit(f"RSS grew {rss_slope:+.2f} kB/cycle > --max-slope {args.max_slope:g}")
+
+
+if __name__ == "__main__":
+    main()
