@@ -38,6 +38,7 @@ import threading
 import time
 import tracemalloc
 import uuid
+from array import array
 
 import keybus
 from keybus.bench.run import backend_url
@@ -58,16 +59,24 @@ def _status_kb(*names: str) -> list[int]:
     return [found[name] for name in names]
 
 
-def sample() -> dict[str, int]:
-    rss, anon, threads = _status_kb("VmRSS", "RssAnon", "Threads")
-    return {
-        "rss_kb": rss,
-        "anon_kb": anon,
-        "objects": len(gc.get_objects()),
-        "fds": len(os.listdir("/proc/self/fd")),
-        "threads": threads,
-        "traced_kb": tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else 0,
-    }
+class Samples:
+    """One preallocated column per measure: recording a cycle allocates nothing that
+    outlives it, so the harness adds no growth of its own to what it measures."""
+
+    def __init__(self, cycles: int) -> None:
+        self.columns = {name: array("q", bytes(8 * cycles)) for name in COLUMNS}
+        self.count = 0
+
+    def take(self) -> None:
+        rss, anon, threads = _status_kb("VmRSS", "RssAnon", "Threads")
+        traced = tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else 0
+        values = (rss, anon, len(gc.get_objects()), len(os.listdir("/proc/self/fd")), threads)
+        for name, value in zip(COLUMNS, (*values, traced), strict=True):
+            self.columns[name][self.count] = value
+        self.count += 1
+
+    def __getitem__(self, name: str) -> list[int]:
+        return self.columns[name][: self.count].tolist()
 
 
 def slope(values: list[int]) -> float:
@@ -111,6 +120,49 @@ async def cycle(url: str, topic: str, group: str, envelopes: int) -> None:
         await _until(done, f"{envelopes} envelopes of one cycle")
 
 
+def raw_kafka_cycle(url: str, topic: str, group: str, envelopes: int) -> None:
+    """The same cycle on bare confluent-kafka with keybus's librdkafka settings, no keybus
+    code: an AdminClient (connect probe, topic create/describe as ``subscribe`` does), a
+    Consumer (subscribe, wait for the assignment), a Producer (produce, flush), consume
+    until every record was seen, commit, close, drop every handle."""
+    # Imported here: the other backends' runs should not load librdkafka at all.
+    from confluent_kafka import Consumer, Producer, TopicCollection
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    from keybus.transports.kafka.config import KafkaSettings
+
+    settings = KafkaSettings(url=url)
+    admin = AdminClient(settings.admin)
+    admin.list_topics(timeout=10)
+    names = [topic, f"{topic}.dlq"]
+    for future in admin.create_topics([NewTopic(name, 1) for name in names]).values():
+        with contextlib.suppress(Exception):  # it exists already
+            future.result()
+    for future in admin.describe_topics(TopicCollection(names)).values():
+        future.result()
+    consumer = Consumer({**settings.consumer, "group.id": group})
+    assigned = threading.Event()
+    consumer.subscribe([topic], on_assign=lambda _consumer, _partitions: assigned.set())
+    deadline = time.monotonic() + _HANDLED_TIMEOUT
+    while not assigned.is_set() and time.monotonic() < deadline:
+        consumer.poll(0.05)
+    producer = Producer(settings.producer)
+    pending = {uuid.uuid4().bytes for _ in range(envelopes)}
+    for n, value in enumerate(pending):
+        producer.produce(topic, value, f"agg-{n}")
+    producer.flush(_HANDLED_TIMEOUT)
+    while pending and time.monotonic() < deadline:
+        for record in consumer.consume(500, 0.05):
+            pending.discard(record.value())
+            consumer.store_offsets(record)  # keybus's config stores offsets explicitly
+    if pending:
+        raise SystemExit(f"{len(pending)} records not consumed within {_HANDLED_TIMEOUT:g} s")
+    consumer.commit(asynchronous=False)
+    consumer.close()
+    del producer, consumer, admin
+
+
 def _malloc_trim() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -121,13 +173,13 @@ async def _drop(admin: keybus.EventBus, topic: str) -> None:
             await admin.delete_topic(name)
 
 
-async def measure(args: argparse.Namespace) -> list[dict[str, int]]:
-    url = backend_url(args.backend)
+async def measure(args: argparse.Namespace) -> Samples:
+    url = backend_url(args.backend.removesuffix("-raw"))
     if args.backend == "memory":
         url = "memory://cycle-rss"  # one broker for the run, kept alive by the admin bus
     prefix = f"kb-cycle-rss-{uuid.uuid4().hex[:6]}"
     group = f"{prefix}-group"
-    rows: list[dict[str, int]] = []
+    samples = Samples(args.cycles)
     start_snapshot: tracemalloc.Snapshot | None = None
     async with keybus.connect(url) as admin:
         topic = prefix
@@ -136,43 +188,47 @@ async def measure(args: argparse.Namespace) -> list[dict[str, int]]:
                 if args.topics == "fresh" and index:
                     await _drop(admin, topic)
                     topic = f"{prefix}-{index}"
-                await cycle(url, topic, group, args.envelopes)
+                if args.topics == "fresh" or not index:  # visible before the cycle starts
+                    await admin.ensure_topic(topic)
+                if args.backend == "kafka-raw":
+                    raw_kafka_cycle(url, topic, group, args.envelopes)
+                else:
+                    await cycle(url, topic, group, args.envelopes)
                 gc.collect()
                 if args.trim:
                     _malloc_trim()
-                rows.append(sample())
+                samples.take()
                 if args.tracemalloc and index + 1 == args.warmup:
                     start_snapshot = tracemalloc.take_snapshot()
                 if args.verbose:
-                    print(index, rows[-1], flush=True)
+                    print(index, {name: samples[name][-1] for name in COLUMNS}, flush=True)
         finally:
             await _drop(admin, topic)
     if start_snapshot is not None:
         top = tracemalloc.take_snapshot().compare_to(start_snapshot, "lineno")[:10]
         print("tracemalloc, growth since the warm-up:\n" + "\n".join(f"  {s}" for s in top))
-    return rows
+    return samples
 
 
-def report(args: argparse.Namespace, rows: list[dict[str, int]]) -> float:
+def report(args: argparse.Namespace, samples: Samples) -> float:
     """Print the table; return the RSS slope (kB/cycle)."""
-    kept = rows[args.warmup :]
     arenas = os.environ.get("MALLOC_ARENA_MAX")
     print(
-        f"{args.backend}, {len(rows)} cycles, topics {args.topics}, {args.envelopes} envelopes"
+        f"{args.backend}, {samples.count} cycles, topics {args.topics}, {args.envelopes} envelopes"
         f"/cycle{', malloc_trim' if args.trim else ''}"
         f"{f', MALLOC_ARENA_MAX={arenas}' if arenas else ''}"
-        f"; slope over cycles {args.warmup + 1}..{len(rows)}"
+        f"; slope over cycles {args.warmup + 1}..{samples.count}"
     )
     print(f"  {'':<10} {'first':>10} {'at warm-up':>10} {'last':>10} {'slope/cycle':>12}")
     slopes = {}
     for column in COLUMNS:
         if column == "traced_kb" and not args.tracemalloc:
             continue
-        values = [row[column] for row in rows]
-        slopes[column] = slope([row[column] for row in kept])
+        values = samples[column]
+        slopes[column] = slope(values[args.warmup :])
         unit = "kB" if column.endswith("_kb") else ""
         print(
-            f"  {column:<10} {values[0]:>10,} {kept[0][column]:>10,} {values[-1]:>10,}"
+            f"  {column:<10} {values[0]:>10,} {values[args.warmup]:>10,} {values[-1]:>10,}"
             f" {slopes[column]:>+9.2f} {unit}"
         )
     return slopes["rss_kb"]
@@ -180,7 +236,9 @@ def report(args: argparse.Namespace, rows: list[dict[str, int]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", choices=("memory", "kafka", "nats"), default="memory")
+    parser.add_argument(
+        "--backend", choices=("memory", "kafka", "nats", "kafka-raw"), default="memory"
+    )
     parser.add_argument("--cycles", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--envelopes", type=int, default=5)
@@ -196,14 +254,14 @@ def main() -> None:
     if args.tracemalloc:
         tracemalloc.start()
     started = time.monotonic()
-    rows = asyncio.run(measure(args))
-    rss_slope = report(args, rows)
+    samples = asyncio.run(measure(args))
+    rss_slope = report(args, samples)
     if args.csv:
         with open(args.csv, "w") as out:
             out.write("cycle," + ",".join(COLUMNS) + "\n")
+            rows = zip(*(samples[name] for name in COLUMNS), strict=True)
             out.writelines(
-                f"{i + 1}," + ",".join(str(r[c]) for c in COLUMNS) + "\n"
-                for i, r in enumerate(rows)
+                f"{i}," + ",".join(map(str, row)) + "\n" for i, row in enumerate(rows, 1)
             )
     print(f"  ({time.monotonic() - started:.0f} s, {threading.active_count()} Python threads)")
     if args.max_slope is not None and rss_slope > args.max_slope:
