@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
-__all__ = ["LeakChecker", "LeakError", "Resources", "snapshot"]
+__all__ = ["LeakChecker", "LeakError", "Resources", "keybus_objects", "snapshot"]
 
 
 class LeakError(AssertionError):
@@ -214,6 +214,21 @@ class LeakChecker:
     ) -> None:
         if exc_type is None:
             await self.check()
+
+
+def keybus_objects() -> dict[int, object]:
+    """Every live object (after a collection) whose class keybus's library code defines
+    (``keybus.*``; not ``keybus.testing``, whose helpers a test holds on purpose), by id.
+
+    What a closed bus must not leave behind: compare with a call made before it opened.
+    The caller holds the objects returned, so their ids cannot be reused meanwhile."""
+    gc.collect()
+    return {
+        id(obj): obj
+        for obj in gc.get_objects()
+        if (module := type(obj).__module__).startswith("keybus.")
+        and not module.startswith("keybus.testing")
+    }
 
 
 def _current_task() -> asyncio.Task[object] | None:
