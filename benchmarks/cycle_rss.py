@@ -44,8 +44,26 @@ import keybus
 from keybus.bench.run import backend_url
 
 _HANDLED_TIMEOUT = 30.0  # s a cycle's envelopes may take to be handled
-_PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-COLUMNS = ("rss_kb", "anon_kb", "objects", "fds", "threads", "traced_kb")
+COLUMNS = ("rss_kb", "anon_kb", "used_kb", "free_kb", "objects", "fds", "threads", "traced_kb")
+_LIBC = ctypes.CDLL("libc.so.6")
+
+
+_MALLINFO2_FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+
+
+class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fields
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2_FIELDS.split(" ")]
+
+
+_LIBC.mallinfo2.restype = _MallInfo2
+
+
+def _malloc_kb() -> tuple[int, int]:
+    """glibc malloc over all arenas (native code's heap; Python objects live in pymalloc's
+    own mmaps): bytes in use, and bytes free but kept in the arenas, in kB. In-use flat
+    while RSS grows is fragmentation/caching; in-use growing is memory never freed."""
+    info = _LIBC.mallinfo2()
+    return (info.uordblks + info.hblkhd) // 1024, info.fordblks // 1024
 
 
 def _status_kb(*names: str) -> list[int]:
@@ -70,7 +88,9 @@ class Samples:
     def take(self) -> None:
         rss, anon, threads = _status_kb("VmRSS", "RssAnon", "Threads")
         traced = tracemalloc.get_traced_memory()[0] // 1024 if tracemalloc.is_tracing() else 0
-        values = (rss, anon, len(gc.get_objects()), len(os.listdir("/proc/self/fd")), threads)
+        used, free = _malloc_kb()
+        objects, fds = len(gc.get_objects()), len(os.listdir("/proc/self/fd"))
+        values = (rss, anon, used, free, objects, fds, threads)
         for name, value in zip(COLUMNS, (*values, traced), strict=True):
             self.columns[name][self.count] = value
         self.count += 1
@@ -163,10 +183,6 @@ def raw_kafka_cycle(url: str, topic: str, group: str, envelopes: int) -> None:
     del producer, consumer, admin
 
 
-def _malloc_trim() -> None:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 async def _drop(admin: keybus.EventBus, topic: str) -> None:
     for name in (topic, f"{topic}.dlq"):
         with contextlib.suppress(keybus.TopicError):
@@ -196,7 +212,7 @@ async def measure(args: argparse.Namespace) -> Samples:
                     await cycle(url, topic, group, args.envelopes)
                 gc.collect()
                 if args.trim:
-                    _malloc_trim()
+                    _LIBC.malloc_trim(0)
                 samples.take()
                 if args.tracemalloc and index + 1 == args.warmup:
                     start_snapshot = tracemalloc.take_snapshot()
