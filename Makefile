@@ -49,11 +49,13 @@ check: $(VENV)/.test
 	KEYBUS_BACKENDS=memory $(VENV)/bin/pytest -q -x -m "not slow"
 
 # The Kafka-vs-NATS comparison (report in .cache/bench/report.html; a broker that does not
-# answer is skipped: `make brokers` first), then the in-memory micro-benchmark.
+# answer is skipped: `make brokers` first), then the in-memory micro-benchmark and the
+# in-memory open/close cycle check (seconds; the Kafka/NATS runs take minutes: docs/kafka.md).
 bench: $(VENV)/.test
 	$(VENV)/bin/keybus bench --backends memory,kafka,nats --levels low,medium,high --raw \
 		--out .cache/bench
 	$(PY) benchmarks/memory_throughput.py
+	$(PY) benchmarks/cycle_rss.py --backend memory --topics fresh --cycles 500 --max-slope 2
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
