@@ -6,10 +6,16 @@
 One process, one backend (URLs from KEYBUS_KAFKA_URL / KEYBUS_NATS_URL, as the other
 benchmarks). Each cycle: ``connect``, ``subscribe_envelope`` to a topic, publish
 ``--envelopes`` envelopes, poll (with a deadline) until the handler saw them all,
-``close()``. After each close (and a ``gc.collect()``): RSS and its anonymous part
-(/proc/self/status), the objects the collector tracks, fds and threads; with
-``--tracemalloc`` the traced Python heap too (costly, off by default) and the top
-growing allocation sites between the end of the warm-up and the last cycle.
+``close()``. ``--backend kafka-raw`` runs the same cycle on bare confluent-kafka with
+keybus's librdkafka settings and no keybus code: the baseline that tells keybus's growth
+from the client library's.
+
+After each close (and a ``gc.collect()``) it records RSS and its anonymous part
+(/proc/self/status); glibc malloc's bytes in use and bytes free but kept in its arenas
+(``mallinfo2``: native code's heap, librdkafka's included; in use flat while RSS grows is
+fragmentation or allocator caching, in use growing is memory never freed); the objects
+the garbage collector tracks; fds; threads; with ``--tracemalloc`` the traced Python heap
+too (costly, off by default) and the top growing allocation sites after the warm-up.
 
 ``--topics same`` reuses one topic (and one group) for every cycle; ``fresh`` makes a new
 topic per cycle, deleting the previous one (its dead-letter topic too), which also makes
@@ -17,13 +23,13 @@ the client learn new topic metadata each cycle. An admin bus stays open for the 
 (it creates and deletes the topics, and keeps a ``memory://`` broker alive between
 cycles); it is the same for every cycle, so it adds no slope.
 
-``--trim`` calls glibc's ``malloc_trim(0)`` after each cycle: a diagnostic that returns
-freed heap pages to the system, so growth that disappears with it was fragmentation or
-allocator caching, not a leak. ``MALLOC_ARENA_MAX=2`` in the environment is the other
-allocator diagnostic.
+``--trim`` calls glibc's ``malloc_trim(0)`` after each cycle and ``MALLOC_ARENA_MAX=2``
+in the environment caps glibc's arenas: diagnostics that tell memory the allocator keeps
+from memory never freed.
 
 Growth is the least-squares slope over the cycles after ``--warmup``, per cycle;
 ``--max-slope`` (kB/cycle) makes the run exit non-zero when the RSS slope exceeds it.
+Results and their reading: docs/kafka.md, "Memory across open/close cycles".
 """
 
 from __future__ import annotations
@@ -45,9 +51,6 @@ from keybus.bench.run import backend_url
 
 _HANDLED_TIMEOUT = 30.0  # s a cycle's envelopes may take to be handled
 COLUMNS = ("rss_kb", "anon_kb", "used_kb", "free_kb", "objects", "fds", "threads", "traced_kb")
-_LIBC = ctypes.CDLL("libc.so.6")
-
-
 _MALLINFO2_FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
 
 
@@ -55,6 +58,7 @@ class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fiel
     _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2_FIELDS.split(" ")]
 
 
+_LIBC = ctypes.CDLL("libc.so.6")  # glibc >= 2.33 (mallinfo2)
 _LIBC.mallinfo2.restype = _MallInfo2
 
 
@@ -109,10 +113,10 @@ def slope(values: list[int]) -> float:
     return num / sum((x - mean_x) ** 2 for x in range(n))
 
 
-async def _until(predicate: asyncio.Event, what: str) -> None:
+async def _until(event: asyncio.Event, what: str) -> None:
     try:
         async with asyncio.timeout(_HANDLED_TIMEOUT):
-            await predicate.wait()
+            await event.wait()
     except TimeoutError:
         raise SystemExit(f"{what} not handled within {_HANDLED_TIMEOUT:g} s") from None
 
