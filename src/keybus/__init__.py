@@ -19,6 +19,7 @@ from keybus.errors import (
     KeybusError,
     PublishBatchError,
     PublishError,
+    ReplayError,
     SubscribeError,
     TopicError,
 )
@@ -28,6 +29,7 @@ from keybus.lag import Lag, LagAlert, LagWatch, PartitionLag
 from keybus.message import Message
 from keybus.middleware import CallNext, Middleware
 from keybus.options import SubscribeOptions
+from keybus.parking import PARKED_BEHIND, ParkedKey
 from keybus.registry import register_transport
 from keybus.security import SASL, TLS, Secret
 from keybus.stats import HeldPartition, SubscriptionSnapshot, SubscriptionStats, WaitingKey
@@ -35,6 +37,7 @@ from keybus.subscription import Subscription
 from keybus.topics import TopicConfig, TopicInfo
 
 __all__ = [
+    "PARKED_BEHIND",
     "SASL",
     "TLS",
     "App",
@@ -60,9 +63,11 @@ __all__ = [
     "LagWatch",
     "Message",
     "Middleware",
+    "ParkedKey",
     "PartitionLag",
     "PublishBatchError",
     "PublishError",
+    "ReplayError",
     "Secret",
     "SubscribeError",
     "SubscribeOptions",

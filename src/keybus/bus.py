@@ -22,6 +22,7 @@ from keybus.lag import Lag, LagAlert, LagWatch, PartitionLag
 from keybus.message import Message
 from keybus.middleware import Middleware, check_middleware
 from keybus.options import SubscribeOptions
+from keybus.parking import ParkedKey, load, store_topic
 from keybus.subscription import Subscription
 from keybus.topics import TopicConfig, TopicInfo, check_topic
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["EventBus"]
 
 log = logging.getLogger("keybus")
+
+_READ_BUDGET = 30.0  # reading a parked-keys store or a dead-letter topic back
 
 
 class EventBus:
@@ -254,6 +257,8 @@ class EventBus:
             settings = SubscribeOptions(**options)
         except TypeError as exc:  # e.g. max_attempts="3"
             raise TypeError(f"invalid subscribe option: {exc}") from None
+        if settings.versions and not envelopes:
+            raise ValueError('versions="strict" needs an envelope subscription')
         group = group or self.group
         publish: Publish = self._send_internal
         if self._telemetry is not None:  # measured and traced: outermost middleware
@@ -267,6 +272,7 @@ class EventBus:
             envelopes=envelopes,
             publish=publish,
             on_closed=self._forget,
+            read_topic=self._read_topic if self._transport.can_read_topics else None,
         )
         check_topic(engine.dead_letter_topic)
         if engine.dead_letter_topic == topic:
@@ -280,6 +286,8 @@ class EventBus:
             if self.create_topics:
                 await self.ensure_topic(topic)
                 await self.ensure_topic(engine.dead_letter_topic)
+                if settings.on_dead_letter == "park":
+                    await self.ensure_topic(store_topic(engine.dead_letter_topic))
             if self._closing:
                 raise BusClosedError("the bus was closed while subscribing")
             await engine.start(self._transport.consumer(topic, engine.group, engine))
@@ -289,6 +297,58 @@ class EventBus:
             await sub.unsubscribe(timeout=0)
             raise
         return sub
+
+    async def _read_topic(self, topic: str) -> list[Message]:
+        return await self._transport.read_topic(topic, Deadline.after(_READ_BUDGET))
+
+    # -- parking and replay (on_dead_letter="park") -------------------------------------
+
+    def _parking_engine(self, topic: str, group: str | None) -> SubscriptionEngine | None:
+        group = group or self.group
+        for engine in self._engines:
+            if engine.topic == topic and engine.group == group and not engine.closing:
+                return engine
+        return None
+
+    def _parking_subscription(self, topic: str, group: str | None) -> SubscriptionEngine:
+        engine = self._parking_engine(topic, group)
+        if engine is None:
+            raise ValueError(
+                f"no subscription of {topic!r} in group {group or self.group!r} on this bus: "
+                "a replay hands messages to the subscription's handler"
+            )
+        return engine
+
+    async def parked(
+        self, topic: str, group: str | None = None, *, dead_letter_topic: str | None = None
+    ) -> list[ParkedKey]:
+        """The parked keys of ``topic`` in ``group`` (default: this bus's): count,
+        first failure, reason, age. From this bus's subscription if it has one, else
+        read from the broker's parked-keys store (``dead_letter_topic``: the
+        subscription's, default ``f"{topic}.dlq"``)."""
+        check_topic(topic)
+        engine = self._parking_engine(topic, group)
+        if engine is not None:
+            return engine.parked()
+        if not self._transport.can_read_topics:
+            raise ValueError("this transport cannot read parked keys back from the broker")
+        store = store_topic(dead_letter_topic or f"{topic}.dlq")
+        return [
+            state.view(topic, key)
+            for key, state in load(await self._read_topic(store), group or self.group).items()
+        ]
+
+    async def replay_parked(self, topic: str, *, key: str, group: str | None = None) -> int:
+        """Hand ``key``'s parked messages, in their original order, to the handler of this
+        bus's subscription of ``topic`` (in ``group``), then unpark ``key``: its live
+        messages flow again, none before the parked ones. Returns how many were handed.
+        :class:`ReplayError` if one fails again: the key stays parked from it on."""
+        return await self._parking_subscription(topic, group).replay_parked(key)
+
+    async def discard_parked(self, topic: str, *, key: str, group: str | None = None) -> int:
+        """Drop ``key``'s parked messages (a record in the dead-letter topic says so) and
+        unpark it; returns how many were parked."""
+        return await self._parking_subscription(topic, group).discard_parked(key)
 
     def _forget(self, engine: SubscriptionEngine) -> None:
         self._engines.pop(engine, None)

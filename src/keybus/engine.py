@@ -34,10 +34,12 @@ from keybus.errors import BusClosedError, KeybusError, PublishError
 from keybus.message import Message
 from keybus.middleware import CallNext, Delivery, chain
 from keybus.options import SubscribeOptions
+from keybus.parker import KeyParked, Parking, ReadTopic, VersionGap
+from keybus.parking import GROUP, ParkedKey, VersionGuard
 from keybus.partitioning import Partition
 from keybus.positions import DoneTracker
 from keybus.stats import HeldPartition, SubscriptionSnapshot, SubscriptionStats, WaitingKey
-from keybus.work import DROPPED, RUNNING, Work
+from keybus.work import DONE, DROPPED, RUNNING, Work
 
 if TYPE_CHECKING:
     from keybus.transports.base import Consumer
@@ -66,6 +68,7 @@ class SubscriptionEngine:
         envelopes: bool,
         publish: Publish,
         on_closed: Callable[[SubscriptionEngine], None],
+        read_topic: ReadTopic | None = None,
     ) -> None:
         self.topic = topic
         self.group = group
@@ -82,7 +85,18 @@ class SubscriptionEngine:
         self._publish = publish
         self._on_closed = on_closed
         self._consumer: Consumer | None = None
-        self._dispatcher = KeyedDispatcher(self._process, options.max_concurrency, topic)
+        # Parking and the version guard run in a process step of their own, so the
+        # default path does not pay for them (parked.py).
+        self._parking: Parking | None = None
+        self._guard: VersionGuard | None = None
+        process = self._process
+        if options.on_dead_letter == "park" or (options.versions and envelopes):
+            if options.on_dead_letter == "park":
+                self._parking = Parking(self, read_topic)
+            if options.versions and envelopes:
+                self._guard = VersionGuard(options.version_window)
+            process = self._process_guarded
+        self._dispatcher = KeyedDispatcher(process, options.max_concurrency, topic)
         self._tracker = DoneTracker(self._commit)
         # Owned partitions -> the generation they were (last) assigned in. A deliver()
         # that began before a partition's latest assignment carries records fetched
@@ -180,6 +194,9 @@ class SubscriptionEngine:
             oldest_running_age=max((now - w.started for w in running), default=None),
             waiting_keys=tuple(waiting),
             held_partitions=held,
+            parked=stats.parked,
+            version_duplicates=stats.version_duplicates,
+            version_gaps=stats.version_gaps,
         )
 
     @property
@@ -297,6 +314,8 @@ class SubscriptionEngine:
                     self._owned_until[partition] = valid_until
                 else:
                     self._owned_until.pop(partition, None)
+            if self._parking is not None and self._parking.persistent:
+                self._parking.reload_due = True  # a partition taken over brings its keys
 
     def renew(self, partitions: Collection[Partition], valid_until: float) -> None:
         owned_until = self._owned_until
@@ -378,6 +397,8 @@ class SubscriptionEngine:
         for partition in revoked:
             self._assigned.pop(partition, None)
             self._owned_until.pop(partition, None)
+        if self._parking is not None:
+            self._parking.forget({p for (t, p) in revoked if t == self.topic})
         dropped = self._dispatcher.drop(lambda w: w.partition in revoked)
         self.stats.dropped += len(dropped)
         self._release(len(dropped))
@@ -459,6 +480,89 @@ class SubscriptionEngine:
             self._tracker.done(work)
             self._release(1)
 
+    async def _process_guarded(self, work: Work) -> None:
+        """:meth:`_process` with parking and/or the version guard in front of it."""
+        parking = self._parking
+        if parking is not None:
+            if parking.reload_due:
+                await parking.refresh()
+            key = _key_of(work)
+            state = parking.parked.get(key) if key is not None else None
+            if state is not None:
+                if not (self._owned_until and self._lapsed(work)):
+                    await parking.park(work, key, state)  # type: ignore[arg-type]
+                    self._finish(work)
+                return
+        guard = self._guard
+        envelope = work.payload
+        if guard is not None and work.error is None:
+            verdict = guard.check(envelope)
+            if verdict < 0:
+                self.stats.version_duplicates += 1
+                self._finish(work)
+                return
+            if verdict > 0:
+                self.stats.version_gaps += 1
+                if parking is not None:
+                    if not (self._owned_until and self._lapsed(work)):
+                        await self._dead_letter(
+                            work, VersionGap(f"event_version {envelope.event_version} skips ahead")
+                        )
+                        self._finish(work)
+                    return
+        await self._process(work)
+        if guard is not None and work.state == DONE and work.error is None:
+            guard.handled(envelope)
+
+    def _finish(self, work: Work) -> None:
+        if work.state == RUNNING:  # not abandoned by a revoke meanwhile
+            self._tracker.done(work)
+            self._release(1)
+
+    # -- parking: what keybus.parker uses, and the bus's calls ------------------------
+
+    @property
+    def envelopes(self) -> bool:
+        return self._envelopes
+
+    def owns(self, partition: int) -> bool:
+        return (self.topic, partition) in self._assigned
+
+    async def publish_internal(
+        self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
+    ) -> None:
+        await self._publish(topic, value, key, headers)
+
+    async def dead_letter(
+        self, work: Work, error: BaseException, extra: Mapping[str, bytes]
+    ) -> None:
+        await self._dead_letter(work, error, extra)
+
+    async def attempt(self, work: Work) -> None:
+        await self._attempt(work)
+
+    def handled_by_replay(self, payload: Any) -> None:
+        self.stats.handled += 1
+        if self._guard is not None and isinstance(payload, Envelope):
+            self._guard.handled(payload)
+
+    def _parker(self) -> Parking:
+        if self._parking is None:
+            raise ValueError(
+                f"the subscription of {self.topic!r} ({self.group}) does not park: "
+                'subscribe with on_dead_letter="park"'
+            )
+        return self._parking
+
+    def parked(self) -> list[ParkedKey]:
+        return self._parker().list()
+
+    async def replay_parked(self, key: str) -> int:
+        return await self._parker().replay(key)
+
+    async def discard_parked(self, key: str) -> int:
+        return await self._parker().discard(key)
+
     async def _attempt(self, work: Work) -> None:
         """One more attempt (the first is inlined in :meth:`_process`)."""
         if self._chain is not None:
@@ -535,11 +639,18 @@ class SubscriptionEngine:
         if self._consumer is not None:
             self._consumer.commit(message)
 
-    async def _dead_letter(self, work: Work, error: BaseException) -> None:
+    async def _dead_letter(
+        self, work: Work, error: BaseException, extra: Mapping[str, bytes] | None = None
+    ) -> None:
         message = work.message
         reason = f"{type(error).__name__}: {error}"[:_MAX_ERROR_TEXT]
         headers = dict(message.headers)
         headers.update(_origin(message, reason, work.attempts))
+        parking = self._parking
+        if parking is not None:
+            headers[GROUP] = self.group.encode()  # a replay reads back its group's only
+            if extra:
+                headers.update(extra)
         value = message.value
         attempt = 0
         reduced = False
@@ -575,6 +686,9 @@ class SubscriptionEngine:
                 break
         self.stats.dead_lettered += 1
         self.stats.note_error(reason)
+        work.error = error  # tells the process steps after it that it was not handled
+        if parking is not None and not isinstance(error, KeyParked):
+            await parking.dead_lettered(work, reason, _key_of(work))
         # The type only: an exception's text may quote the payload (it is in the dead
         # letter's X-Error header, where the payload is anyway).
         log.warning(

@@ -34,6 +34,7 @@ __all__ = [
     "KeybusError",
     "PublishBatchError",
     "PublishError",
+    "ReplayError",
     "SubscribeError",
     "TopicError",
     "error_for",
@@ -132,6 +133,17 @@ class SubscribeError(KeybusError):
         super().__init__(f"cannot subscribe to {topic!r} in group {group!r}: {reason}")
         self.topic = topic
         self.group = group
+        self.reason = reason
+
+
+class ReplayError(KeybusError):
+    """A replay of a parked key stopped at a message that failed again: the key stays
+    parked from that message on (``handled`` messages before it were handed)."""
+
+    def __init__(self, key: str, handled: int, reason: str) -> None:
+        super().__init__(f"replay of key {key!r} failed after {handled} message(s): {reason}")
+        self.key = key
+        self.handled = handled
         self.reason = reason
 
 

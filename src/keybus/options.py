@@ -27,6 +27,14 @@ class SubscribeOptions:
     # Around each attempt, inside the key's lane (keybus.middleware); the bus's own
     # middleware wraps these.
     middleware: tuple[Middleware, ...] = ()
+    # "continue": a dead letter's key goes on with its next message; "park": the key's
+    # later messages are dead-lettered behind it until a replay or discard (parking.py).
+    on_dead_letter: str = "continue"
+    # Envelope subscriptions: "strict" checks each aggregate's event_version against the
+    # last handled one (duplicates skipped, gaps counted; parked with "park"), for the
+    # last version_window aggregates.
+    versions: str | None = None
+    version_window: int = 100_000
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -41,6 +49,12 @@ class SubscribeOptions:
             raise ValueError("max_uncommitted must be >= 1")
         if self.revoke_timeout < 0:
             raise ValueError("revoke_timeout must be >= 0")
+        if self.on_dead_letter not in ("continue", "park"):
+            raise ValueError('on_dead_letter must be "continue" or "park"')
+        if self.versions not in (None, "strict"):
+            raise ValueError('versions must be None or "strict"')
+        if self.version_window < 1:
+            raise ValueError("version_window must be >= 1")
         object.__setattr__(self, "middleware", check_middleware(self.middleware))
 
     def in_flight_limit(self) -> int:

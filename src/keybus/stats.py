@@ -17,6 +17,9 @@ class SubscriptionStats:
     dead_lettered: int = 0
     dropped: int = 0  # queued messages released on revoke/close (redelivered later)
     committed: int = 0  # commit points reported to the transport
+    parked: int = 0  # dead-lettered by on_dead_letter="park" (first failures included)
+    version_duplicates: int = 0  # versions="strict": skipped, not above the last handled
+    version_gaps: int = 0  # versions="strict": above the last handled + 1
     errors: list[str] = field(default_factory=list)  # last few dead-letter reasons
 
     def note_error(self, text: str) -> None:
@@ -90,3 +93,9 @@ class SubscriptionSnapshot:
     held_partitions: tuple[HeldPartition, ...]
     """Partitions with uncommitted messages, those holding back the most first (at most
     ``top``): which key holds which partition's commit point, and for how long."""
+    parked: int = 0
+    """Messages dead-lettered by ``on_dead_letter="park"``, first failures included."""
+    version_duplicates: int = 0
+    """``versions="strict"``: envelopes skipped, their version not above the last handled."""
+    version_gaps: int = 0
+    """``versions="strict"``: envelopes whose version skipped ahead (handled, or parked)."""

@@ -35,7 +35,7 @@ class Work:
         self,
         message: Message,
         payload: Any,
-        error: Exception | None,
+        error: BaseException | None,
         partition: Partition | None = None,  # (message.topic, message.partition) if known
     ) -> None:
         self.message = message

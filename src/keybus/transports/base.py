@@ -120,6 +120,9 @@ class Transport(abc.ABC):
     # How long the bus lets :meth:`close` take (after the subscriptions stopped). A
     # transport whose client library may hold a close longer says so here.
     close_budget: float = TRANSPORT_CLOSE_BUDGET
+    # Whether :meth:`read_topic` works: parked keys then survive restarts and move with
+    # their partition, and a replay reads their dead letters back.
+    can_read_topics: bool = False
 
     @abc.abstractmethod
     async def connect(self, deadline: Deadline) -> None:
@@ -190,6 +193,15 @@ class Transport(abc.ABC):
         ``deadline``; read-only: any group, consumed by this bus or not. Failure:
         :class:`~keybus.errors.TopicError`. The default: the transport cannot tell."""
         raise error_for("describe", topic, "this transport reports no positions", group=group)
+
+    async def read_topic(self, topic: str, deadline: Deadline) -> list[Message]:
+        """Every retained record of ``topic`` as it stands now, each partition's in
+        offset order (partitions one after the other), by ``deadline``; outside any
+        group, moving no position. A missing topic reads as empty. The core reads its
+        parked-keys store and the dead letters to replay with it (``keybus.parking``).
+        Failure: :class:`~keybus.errors.TopicError`. The default: the transport cannot
+        read a topic back (parked state then lives only as long as its subscription)."""
+        raise error_for("describe", topic, "this transport cannot read a topic back")
 
     @property
     def pending_publishes(self) -> int:

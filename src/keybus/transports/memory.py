@@ -298,6 +298,18 @@ class MemoryTransport(Transport):
             )
         return out
 
+    can_read_topics = True
+
+    async def read_topic(self, topic: str, deadline: Deadline) -> list[Message]:
+        known = self._live().topics.get(topic)
+        if known is None:
+            return []
+        return [
+            Message(topic, value, key, headers, p, offset, stamp)
+            for p, log in enumerate(known.logs)
+            for value, key, headers, offset, stamp in log.records
+        ]
+
     async def delete_topic(self, topic: str) -> None:
         self._live().topics.pop(topic, None)
 

@@ -28,7 +28,7 @@ outlives it). Override ``describe_backend()`` when the URL must be fresh per tes
 part of the suite is enough too: subclass :class:`PubSubSuite`, :class:`FailuresSuite`,
 :class:`LifecycleSuite`, :class:`RobustnessSuite`, :class:`ErrorsSuite`,
 :class:`MiddlewareSuite`, :class:`LimitsSuite`, :class:`DedupeSuite`,
-:class:`ObserveSuite` or :class:`BatchSuite` instead of
+:class:`ObserveSuite`, :class:`BatchSuite` or :class:`ParkingSuite` instead of
 :class:`Conformance`.
 
 The helpers the suite uses (``eventually``, ``Collected``, ``key_on``, ...) are in
@@ -52,6 +52,7 @@ pytest.register_assert_rewrite(
             "suite_limits",
             "suite_middleware",
             "suite_observe",
+            "suite_parking",
             "suite_pubsub",
             "suite_robustness",
         )
@@ -75,6 +76,7 @@ from keybus.testing.conformance.suite_lifecycle import LifecycleSuite  # noqa: E
 from keybus.testing.conformance.suite_limits import LimitsSuite  # noqa: E402
 from keybus.testing.conformance.suite_middleware import MiddlewareSuite  # noqa: E402
 from keybus.testing.conformance.suite_observe import ObserveSuite  # noqa: E402
+from keybus.testing.conformance.suite_parking import ParkingSuite  # noqa: E402
 from keybus.testing.conformance.suite_pubsub import PubSubSuite  # noqa: E402
 from keybus.testing.conformance.suite_robustness import RobustnessSuite  # noqa: E402
 
@@ -93,6 +95,7 @@ __all__ = [
     "LimitsSuite",
     "MiddlewareSuite",
     "ObserveSuite",
+    "ParkingSuite",
     "PubSubSuite",
     "RobustnessSuite",
     "bus_factory",

@@ -58,6 +58,12 @@ class Features:
     de-duplicated. Without it, the backend refuses a window at connect with a
     ``ValueError``. Either way, ``dedupe_window=None`` (off) is the default and is taken."""
 
+    parked_persistence: bool = True
+    """Parked keys (``on_dead_letter="park"``) are stored in the broker
+    (``Transport.read_topic``): a restarted consumer, or the member that takes a
+    partition over, keeps parking them, and a replay reads their dead letters back.
+    Without it, parking works within one subscription's life and replay is refused."""
+
     max_message_bytes: int | None = None
     """The largest record (value and headers) the backend accepts, if the suite should
     test what happens near it: a poison record a few bytes under the limit, whose dead

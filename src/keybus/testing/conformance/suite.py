@@ -11,6 +11,7 @@ from keybus.testing.conformance.suite_lifecycle import LifecycleSuite
 from keybus.testing.conformance.suite_limits import LimitsSuite
 from keybus.testing.conformance.suite_middleware import MiddlewareSuite
 from keybus.testing.conformance.suite_observe import ObserveSuite
+from keybus.testing.conformance.suite_parking import ParkingSuite
 from keybus.testing.conformance.suite_pubsub import PubSubSuite
 from keybus.testing.conformance.suite_robustness import RobustnessSuite
 
@@ -20,6 +21,7 @@ __all__ = ["Conformance"]
 # pytest runs inherited tests base by base in reverse MRO: listed last, run first.
 class Conformance(
     BatchSuite,
+    ParkingSuite,
     ObserveSuite,
     DeliverySuite,
     MiddlewareSuite,

@@ -1,0 +1,265 @@
+"""The engine side of ``on_dead_letter="park"``: which keys of a subscription are parked,
+parking their later messages, the ordered replay and the discard (the state, its store
+and the read-back are in :mod:`keybus.parking`).
+
+The hand-over of a replay: while it runs the key stays parked, so live messages of the
+key are dead-lettered behind it as before, and each is also handed to the replay as its
+dead letter is written (``handover``). The replay hands the dead letters it read back,
+then those handed over meanwhile, and unparks the key in the same step that finds
+nothing more handed over, with no await between: no live message of the key is handled
+before a parked one, none is lost at the hand-over and none is handled twice (the
+read-back and the hand-over are de-duplicated by offset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING
+
+from keybus.delivery import CURRENT
+from keybus.envelope import Envelope
+from keybus.errors import BusClosedError, KeybusError, ReplayError
+from keybus.message import Message
+from keybus.parking import (
+    PARKED_BEHIND,
+    Parked,
+    ParkedKey,
+    encode,
+    event_id_of,
+    load,
+    store_key,
+    store_topic,
+    to_replay,
+)
+from keybus.work import RUNNING, Work
+
+if TYPE_CHECKING:
+    from keybus.engine import SubscriptionEngine
+
+__all__ = ["KeyParked", "Parking", "ReadTopic", "VersionGap"]
+
+log = logging.getLogger("keybus")
+
+ReadTopic = Callable[[str], Awaitable[list[Message]]]
+_STORE_ATTEMPTS = 5
+
+
+class KeyParked(Exception):
+    """The reason in a parked message's dead letter."""
+
+
+class VersionGap(Exception):
+    """The reason in the dead letter of an envelope whose version skipped ahead."""
+
+
+class Parking:
+    """The parked keys of one subscription and what is done with them."""
+
+    def __init__(self, engine: SubscriptionEngine, read_topic: ReadTopic | None) -> None:
+        self._engine = engine
+        self._read = read_topic
+        self.store = store_topic(engine.dead_letter_topic)
+        self.parked: dict[str, Parked] = {}
+        # Keys being replayed -> the live messages parked meanwhile, for the replay.
+        self._handover: dict[str, list[Message]] = {}
+        # The store is read before the first message and again after each assignment
+        # (a partition taken over brings its parked keys along).
+        self.reload_due = read_topic is not None
+        self._reload_lock = asyncio.Lock()
+        self._unparked: set[str] = set()  # unparked while the store was being read
+
+    @property
+    def persistent(self) -> bool:
+        return self._read is not None
+
+    # -- the store ---------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read the store if an assignment made it due (one reader; the rest wait)."""
+        async with self._reload_lock:
+            if not self.reload_due or self._read is None:
+                return
+            self._unparked.clear()
+            try:
+                records = await self._read(self.store)
+            except BusClosedError:
+                raise
+            except KeybusError as exc:
+                # Left due: the next message tries again rather than run a parked key.
+                log.warning("keybus: reading parked keys from %s failed: %s", self.store, exc)
+                return
+            self.reload_due = False
+            found = load(records, self._engine.group)
+            for key in self._unparked:
+                found.pop(key, None)
+            found.update(self.parked)  # ours are newer than what the store had
+            self.parked = found
+
+    def forget(self, partitions: Collection[int]) -> None:
+        """Partitions revoked: their keys' state is the next owner's (re-read if they
+        come back)."""
+        for key in [k for k, s in self.parked.items() if s.partition in partitions]:
+            if key not in self._handover:
+                del self.parked[key]
+
+    async def _write(self, key: str, state: Parked | None) -> None:
+        engine = self._engine
+        for attempt in range(1, _STORE_ATTEMPTS + 1):
+            try:
+                await engine.publish_internal(
+                    self.store, encode(state), store_key(engine.group, key), {}
+                )
+                return
+            except BusClosedError:
+                raise
+            except KeybusError as exc:
+                log.warning("keybus: writing parked key to %s failed: %s", self.store, exc)
+                await asyncio.sleep(engine.options.backoff(attempt))
+        log.error("keybus: parked state of a key of %s not stored", engine.topic)
+
+    # -- parking -----------------------------------------------------------------------
+
+    async def dead_lettered(self, work: Work, reason: str, key: str | None) -> None:
+        """``work`` was dead-lettered: park its key, unless it already is."""
+        if key is None or key in self.parked:
+            return
+        message = work.message
+        state = Parked(
+            message.partition, message.offset, event_id_of(message.value), reason, time.time()
+        )
+        self.parked[key] = state
+        self._engine.stats.parked += 1
+        await self._write(key, state)
+
+    async def park(self, work: Work, key: str, state: Parked) -> None:
+        """Dead-letter ``work`` behind its parked key."""
+        engine = self._engine
+        message = work.message
+        handover = self._handover.get(key)
+        if handover is not None:
+            handover.append(message)
+        state.writing.append(message)
+        try:
+            await engine.dead_letter(
+                work,
+                KeyParked(f"key {key!r} is parked behind {state.behind(engine.topic).decode()}"),
+                {PARKED_BEHIND: state.behind(engine.topic)},
+            )
+        finally:
+            state.writing.remove(message)
+        if work.state == RUNNING and self.parked.get(key) is state:
+            state.count += 1
+            engine.stats.parked += 1
+            await self._write(key, state)
+
+    # -- operating ---------------------------------------------------------------------
+
+    def list(self) -> list[ParkedKey]:
+        topic = self._engine.topic
+        return [state.view(topic, key) for key, state in self.parked.items()]
+
+    def _owned(self, key: str) -> Parked | None:
+        state = self.parked.get(key)
+        engine = self._engine
+        if state is not None and not engine.owns(state.partition):
+            raise ValueError(
+                f"partition {state.partition} of {engine.topic!r} (key {key!r}) is owned by "
+                "another member of the group: replay or discard it there"
+            )
+        if key in self._handover:
+            raise ValueError(f"a replay of key {key!r} is running")
+        return state
+
+    async def replay(self, key: str) -> int:
+        """Hand ``key``'s parked messages to the handler in order, then unpark it;
+        the number handed. :class:`ReplayError` if one fails again (the key stays
+        parked from that message on)."""
+        state = self._owned(key)
+        if state is None:
+            return 0
+        if self._read is None:
+            raise ValueError("this transport cannot read the dead letters back to replay")
+        engine = self._engine
+        handover = self._handover[key] = list(state.writing)
+        handed = 0
+        try:
+            letters = await self._read(engine.dead_letter_topic)
+            queue = to_replay(letters, engine.topic, engine.group, key, state)
+            seen = {(m.partition, m.offset) for m in queue}
+            while True:
+                for message in queue:
+                    error = await self._replay_one(message)
+                    if error is not None:
+                        reason = f"{type(error).__name__}: {error}"
+                        state.moved_to(message, reason)
+                        engine.stats.note_error(reason)
+                        await self._write(key, state)
+                        raise ReplayError(key, handed, reason) from error
+                    handed += 1
+                queue = [m for m in handover if (m.partition, m.offset) not in seen]
+                handover.clear()
+                if not queue:
+                    break
+                seen.update((m.partition, m.offset) for m in queue)
+            # Nothing more handed over, and no await since: live messages flow from here.
+            del self.parked[key]
+            self._unparked.add(key)
+        finally:
+            del self._handover[key]
+        await self._write(key, None)
+        return handed
+
+    async def _replay_one(self, message: Message) -> BaseException | None:
+        engine = self._engine
+        payload: object = message
+        if engine.envelopes:
+            try:
+                payload = Envelope.from_bytes(message.value)
+            except Exception as exc:
+                return exc
+        work = Work(message, payload, None)
+        work.state = RUNNING
+        token = CURRENT.set(work)
+        options = engine.options
+        error: BaseException | None = None
+        try:
+            for attempt in range(1, options.max_attempts + 1):
+                work.attempts = attempt
+                try:
+                    await engine.attempt(work)
+                except Exception as exc:
+                    error = exc
+                else:
+                    engine.handled_by_replay(payload)
+                    return None
+                if attempt < options.max_attempts:
+                    await asyncio.sleep(options.backoff(attempt))
+        finally:
+            CURRENT.reset(token)
+        return error
+
+    async def discard(self, key: str) -> int:
+        """Drop ``key``'s parked messages (recorded in the dead-letter topic) and unpark
+        it; how many were parked."""
+        state = self._owned(key)
+        if state is None:
+            return 0
+        engine = self._engine
+        del self.parked[key]
+        self._unparked.add(key)
+        await engine.publish_internal(
+            engine.dead_letter_topic,
+            b"",
+            key,
+            {
+                "X-Discarded": str(state.count).encode(),
+                "X-Original-Topic": engine.topic.encode(),
+                "X-Group": engine.group.encode(),
+                PARKED_BEHIND: state.behind(engine.topic),
+            },
+        )
+        await self._write(key, None)
+        return state.count

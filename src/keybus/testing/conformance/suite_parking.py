@@ -1,0 +1,230 @@
+"""Conformance: event-sourcing safety. A key whose message was dead-lettered is parked
+(``on_dead_letter="park"``): its later messages are dead-lettered behind it, other keys
+go on; the parked state outlives the consumer; a replay hands the parked messages back
+in order before live ones; the version guard skips duplicates and counts gaps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import keybus
+from keybus.envelope import Envelope
+from keybus.testing.conformance.backend import Backend
+from keybus.testing.conformance.fixtures import BackendFixtures, BusFactory
+from keybus.testing.conformance.helpers import envelope, eventually, watch_dead_letters
+
+__all__ = ["ParkingSuite"]
+
+_PARK = {"on_dead_letter": "park", "max_attempts": 2, "retry_backoff": 0.01}
+
+
+class _Aggregates:
+    """An envelope handler that records each aggregate's handled versions and fails for
+    good on the (aggregate, version) pairs in ``broken``."""
+
+    def __init__(self, *broken: tuple[str, int]) -> None:
+        self.broken = set(broken)
+        self.seen: dict[str, list[int]] = defaultdict(list)
+        # Awaited before handling the (aggregate, version) it is keyed by.
+        self.before: dict[tuple[str, int], Callable[[], Awaitable[None]]] = {}
+
+    async def __call__(self, event: Envelope) -> None:
+        wait = self.before.get((event.aggregate_id, event.event_version))
+        if wait is not None:
+            await wait()
+        if (event.aggregate_id, event.event_version) in self.broken:
+            raise RuntimeError(f"cannot apply {event.aggregate_id} v{event.event_version}")
+        self.seen[event.aggregate_id].append(event.event_version)
+
+
+def _store(backend: Backend, topic: str) -> None:
+    backend.topics.append(f"{topic}.dlq.parked")  # deleted with the test's topics
+
+
+async def _publish(bus: keybus.EventBus, topic: str, key: str, versions: range) -> list[Envelope]:
+    sent = [envelope(key, v) for v in versions]
+    for event in sent:
+        await bus.publish_envelope(topic, event)
+    return sent
+
+
+def _version(letter: keybus.Message) -> int:
+    version: int = Envelope.from_bytes(letter.value).event_version
+    return version
+
+
+async def _no_lag(bus: keybus.EventBus, topic: str) -> bool:
+    lag = await bus.lag(topic)
+    return all(row.lag == 0 for row in lag.partitions)
+
+
+class ParkingSuite(BackendFixtures):
+    async def test_a_dead_lettered_key_parks_its_later_messages_while_other_keys_go_on(
+        self, open_bus: BusFactory, backend: Backend
+    ) -> None:
+        topic, group = backend.topic("park"), backend.topic("g")
+        _store(backend, topic)
+        bus = await open_bus(group=group)
+        letters = await watch_dead_letters(open_bus, topic)
+        handler = _Aggregates(("K", 3))
+        sub = await bus.subscribe_envelope(topic, handler, **_PARK)
+        sent = await _publish(bus, topic, "K", range(1, 7))
+        await _publish(bus, topic, "other", range(1, 7))
+        await eventually(lambda: len(letters) == 4, what="v3..v6 of K dead-lettered")
+        await eventually(lambda: handler.seen["other"] == [1, 2, 3, 4, 5, 6], what="other key")
+        assert handler.seen["K"] == [1, 2]
+        assert [_version(letter) for letter in letters] == [3, 4, 5, 6]
+        first = letters[0]
+        assert keybus.PARKED_BEHIND not in first.headers
+        where = (
+            f"{topic}/{first.headers['X-Original-Partition'].decode()}/"
+            f"{first.headers['X-Original-Offset'].decode()}"
+        )
+        behind = f"{where} event={sent[2].event_id}".encode()
+        assert [letter.headers[keybus.PARKED_BEHIND] for letter in letters[1:]] == [behind] * 3
+        assert all(b"parked" in letter.headers["X-Error"] for letter in letters[1:])
+        # Nothing blocks the partition: every message, parked ones too, is committed.
+        await eventually(lambda: sub.stats().uncommitted == 0, what="all done")
+        await eventually(lambda: _no_lag(bus, topic), what="all committed")
+        [parked] = await bus.parked(topic)
+        assert (parked.key, parked.count, parked.first_failure) == ("K", 4, where)
+        assert parked.event_id == sent[2].event_id
+        assert "cannot apply K v3" in parked.reason
+        assert sub.stats().parked == 4
+
+    async def test_a_restarted_consumer_keeps_the_key_parked(
+        self, open_bus: BusFactory, backend: Backend
+    ) -> None:
+        backend.require("parked_persistence")
+        topic, group = backend.topic("park"), backend.topic("g")
+        _store(backend, topic)
+        letters = await watch_dead_letters(open_bus, topic)
+        first = await open_bus(group=group)
+        sub = await first.subscribe_envelope(topic, _Aggregates(("K", 3)), **_PARK)
+        await _publish(first, topic, "K", range(1, 4))
+        await eventually(lambda: len(letters) == 1, what="v3 dead-lettered")
+        await eventually(lambda: sub.stats().uncommitted == 0, what="v3 done")
+        await first.close()
+        second = await open_bus(group=group)
+        fixed = _Aggregates()
+        await second.subscribe_envelope(topic, fixed, **_PARK)
+        await _publish(second, topic, "K", range(4, 6))
+        await _publish(second, topic, "other", range(1, 2))
+        await eventually(lambda: len(letters) == 3, what="v4, v5 parked after the restart")
+        await eventually(lambda: fixed.seen["other"] == [1], what="other key")
+        assert fixed.seen["K"] == []
+        assert letters[2].headers[keybus.PARKED_BEHIND] == letters[1].headers[keybus.PARKED_BEHIND]
+        assert [(p.key, p.count) for p in await second.parked(topic)] == [("K", 3)]
+
+    async def test_a_replay_hands_the_parked_messages_in_order_then_the_live_ones(
+        self, open_bus: BusFactory, backend: Backend
+    ) -> None:
+        backend.require("parked_persistence")
+        topic, group = backend.topic("park"), backend.topic("g")
+        _store(backend, topic)
+        bus = await open_bus(group=group)
+        handler = _Aggregates(("K", 3))
+        sub = await bus.subscribe_envelope(topic, handler, **_PARK)
+        await _publish(bus, topic, "K", range(1, 7))
+        await eventually(lambda: sub.stats().parked == 4, what="v3..v6 parked")
+        handler.broken.clear()  # the handler is fixed
+
+        async def live_ones_parked_meanwhile() -> None:
+            # The replay is slow to hand v3: live messages of K arrive, and are parked.
+            await eventually(lambda: sub.stats().parked >= 8, what="live K parked")
+
+        handler.before[("K", 3)] = live_ones_parked_meanwhile
+
+        async def keep_publishing() -> None:
+            # Live messages of K arrive while the replay runs (yielding between them).
+            for version in range(7, 41):
+                await bus.publish_envelope(topic, envelope("K", version))
+                await asyncio.sleep(0)
+
+        publisher = asyncio.create_task(keep_publishing())
+        try:
+            handed = await bus.replay_parked(topic, key="K")
+        finally:
+            await publisher
+        assert handed >= 4
+        await eventually(lambda: len(handler.seen["K"]) >= 40, what="every version of K")
+        await eventually(lambda: sub.stats().uncommitted == 0, what="all done")
+        assert handler.seen["K"] == list(range(1, 41))  # in order, none lost or twice
+        assert await bus.parked(topic) == []
+        await bus.publish_envelope(topic, envelope("K", 41))
+        await eventually(lambda: handler.seen["K"][-1:] == [41], what="K flows again")
+
+    async def test_a_failing_replay_leaves_the_key_parked_with_the_new_error(
+        self, open_bus: BusFactory, backend: Backend
+    ) -> None:
+        backend.require("parked_persistence")
+        topic, group = backend.topic("park"), backend.topic("g")
+        _store(backend, topic)
+        bus = await open_bus(group=group)
+        handler = _Aggregates(("K", 3))
+        sub = await bus.subscribe_envelope(topic, handler, **_PARK)
+        await _publish(bus, topic, "K", range(1, 6))
+        await eventually(lambda: sub.stats().parked == 3, what="v3..v5 parked")
+        [before] = await bus.parked(topic)
+        handler.broken = {("K", 4)}  # v3 is fixed, v4 still fails
+        with pytest.raises(keybus.ReplayError) as info:
+            await bus.replay_parked(topic, key="K")
+        assert info.value.handled == 1
+        assert handler.seen["K"] == [1, 2, 3]
+        [after] = await bus.parked(topic)
+        assert "cannot apply K v4" in after.reason
+        assert after.first_failure != before.first_failure  # parked from v4 on now
+        await bus.publish_envelope(topic, envelope("K", 6))
+        await eventually(lambda: sub.stats().parked == 4, what="live v6 parked")
+        assert handler.seen["K"] == [1, 2, 3]
+        handler.broken.clear()
+        assert await bus.replay_parked(topic, key="K") == 3  # v4..v6, v3 not again
+        assert handler.seen["K"] == [1, 2, 3, 4, 5, 6]
+
+    async def test_discard_drops_the_parked_messages_and_records_it(
+        self, open_bus: BusFactory, backend: Backend
+    ) -> None:
+        topic, group = backend.topic("park"), backend.topic("g")
+        _store(backend, topic)
+        bus = await open_bus(group=group)
+        letters = await watch_dead_letters(open_bus, topic)
+        handler = _Aggregates(("K", 2))
+        sub = await bus.subscribe_envelope(topic, handler, **_PARK)
+        await _publish(bus, topic, "K", range(1, 4))
+        await eventually(lambda: sub.stats().parked == 2, what="v2, v3 parked")
+        assert await bus.discard_parked(topic, key="K") == 2
+        await eventually(lambda: len(letters) == 3, what="the discard recorded")
+        assert letters[2].headers["X-Discarded"] == b"2"
+        await bus.publish_envelope(topic, envelope("K", 4))
+        await eventually(lambda: handler.seen["K"] == [1, 4], what="K flows again")
+        assert await bus.parked(topic) == []
+
+    @pytest.mark.parametrize("on_dead_letter", ["continue", "park"])
+    async def test_the_version_guard_skips_duplicates_and_counts_gaps(
+        self, open_bus: BusFactory, backend: Backend, on_dead_letter: str
+    ) -> None:
+        topic, group = backend.topic("versions"), backend.topic("g")
+        _store(backend, topic)
+        bus = await open_bus(group=group)
+        handler = _Aggregates()
+        options: dict[str, Any] = {**_PARK, "on_dead_letter": on_dead_letter}
+        sub = await bus.subscribe_envelope(topic, handler, versions="strict", **options)
+        script = [1, 2, 2, 3, 5, 4, 6]
+        for version in script:
+            await bus.publish_envelope(topic, envelope("A", version))
+        await eventually(lambda: sub.stats().uncommitted == 0 and sub.stats().delivered == 7)
+        stats = sub.stats()
+        if on_dead_letter == "continue":
+            # 5 skips ahead: handled and counted; 2 again and 4 (below 5): skipped.
+            assert handler.seen["A"] == [1, 2, 3, 5, 6]
+            assert (stats.version_duplicates, stats.version_gaps) == (2, 1)
+        else:
+            # 5 skips ahead: dead-lettered, A parked behind it (4 and 6 too).
+            assert handler.seen["A"] == [1, 2, 3]
+            assert (stats.version_duplicates, stats.version_gaps) == (1, 1)
+            assert stats.parked == 3
