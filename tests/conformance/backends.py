@@ -36,7 +36,7 @@ FEATURES = {
     # librdkafka counts value, key, header names and values and up to 36 bytes of record
     # framing (plus two length bytes per header) against it. No de-duplication by
     # event id on Kafka: dedupe_window is refused at connect.
-    "kafka": Features(max_message_bytes=1_000_000, parked_persistence=False),
+    "kafka": Features(max_message_bytes=1_000_000),
     # Leases per partition; a crashed pull task makes the member re-take its partition.
     # The fence is the revision of the group-state write that claimed the partition; the
     # limit is nats-server's default max_payload (payload plus header block). dedupe:
@@ -45,7 +45,6 @@ FEATURES = {
         retakes_crashed_partition=True,
         dedupe=True,
         max_message_bytes=1_048_576,
-        parked_persistence=False,
     ),
     # The same transport, every topic one subject (one partition): a group has one active
     # member, the others stand by; every key on partition 0.
@@ -55,7 +54,6 @@ FEATURES = {
         retakes_crashed_partition=True,
         dedupe=True,
         max_message_bytes=1_048_576,
-        parked_persistence=False,
     ),
 }
 

@@ -11,6 +11,7 @@ from confluent_kafka import KafkaException
 
 from keybus.deadline import TRANSPORT_CLOSE_BUDGET, Deadline
 from keybus.errors import PublishError
+from keybus.message import Message
 from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
 from keybus.transports.kafka.admin import KafkaAdmin
@@ -18,6 +19,7 @@ from keybus.transports.kafka.config import KafkaSettings
 from keybus.transports.kafka.errors import closed, translate
 from keybus.transports.kafka.group_consumer import GroupConsumer
 from keybus.transports.kafka.producer import KafkaProducer
+from keybus.transports.kafka.reader import read_topic
 from keybus.transports.kafka.topic_feed import KafkaConsumer
 
 __all__ = ["KafkaTransport"]
@@ -68,6 +70,13 @@ class KafkaTransport(Transport):
 
     async def ping(self, deadline: Deadline) -> float:
         return await self._admin.ping(deadline)
+
+    can_read_topics = True
+
+    async def read_topic(self, topic: str, deadline: Deadline) -> list[Message]:
+        if self._closed:
+            raise closed(self.url)
+        return await read_topic(self._settings.consumer, topic, deadline)
 
     @property
     def pending_publishes(self) -> int:

@@ -38,6 +38,7 @@ from nats.js import JetStreamContext
 from keybus.deadline import Deadline
 from keybus.dedupe import EVENT_ID, ORIGIN
 from keybus.errors import ConnectError, KeybusError, PublishError
+from keybus.message import Message
 from keybus.partitioning import partition_for
 from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
@@ -49,6 +50,7 @@ from keybus.transports.nats.headers import encode_headers
 from keybus.transports.nats.options import NatsOptions
 from keybus.transports.nats.positions import group_positions
 from keybus.transports.nats.publisher import Publisher
+from keybus.transports.nats.reader import read_topic
 from keybus.transports.nats.streams import Streams
 
 __all__ = ["NatsTransport"]
@@ -175,6 +177,22 @@ class NatsTransport(Transport):
             raise translate("no answer in time", "describe", topic) from None
         except nats.js.errors.NotFoundError as exc:
             raise translate(exc, "describe", topic, context="no such topic") from exc
+        except NATS_ERRORS as exc:
+            raise translate(exc, "describe", topic) from exc
+
+    can_read_topics = True
+
+    async def read_topic(self, topic: str, deadline: Deadline) -> list[Message]:
+        _, js = self._conn.live()
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                try:
+                    stream = await self._streams.find(topic)
+                except nats.js.errors.NotFoundError:
+                    return []
+                return await read_topic(js, topic, stream, deadline)
+        except TimeoutError:
+            raise translate("no answer in time", "describe", topic) from None
         except NATS_ERRORS as exc:
             raise translate(exc, "describe", topic) from exc
 
