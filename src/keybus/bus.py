@@ -329,7 +329,7 @@ class EventBus:
         check_topic(topic)
         engine = self._parking_engine(topic, group)
         if engine is not None:
-            return engine.parked()
+            return await engine.parked()
         if not self._transport.can_read_topics:
             raise ValueError("this transport cannot read parked keys back from the broker")
         store = store_topic(dead_letter_topic or f"{topic}.dlq")

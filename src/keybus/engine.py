@@ -554,8 +554,8 @@ class SubscriptionEngine:
             )
         return self._parking
 
-    def parked(self) -> list[ParkedKey]:
-        return self._parker().list()
+    async def parked(self) -> list[ParkedKey]:
+        return await self._parker().list()
 
     async def replay_parked(self, key: str) -> int:
         return await self._parker().replay(key)

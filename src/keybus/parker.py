@@ -157,11 +157,13 @@ class Parking:
 
     # -- operating ---------------------------------------------------------------------
 
-    def list(self) -> list[ParkedKey]:
+    async def list(self) -> list[ParkedKey]:
+        await self.refresh()  # not read yet if nothing was delivered since the start
         topic = self._engine.topic
         return [state.view(topic, key) for key, state in self.parked.items()]
 
-    def _owned(self, key: str) -> Parked | None:
+    async def _owned(self, key: str) -> Parked | None:
+        await self.refresh()
         state = self.parked.get(key)
         engine = self._engine
         if state is not None and not engine.owns(state.partition):
@@ -177,7 +179,7 @@ class Parking:
         """Hand ``key``'s parked messages to the handler in order, then unpark it;
         the number handed. :class:`ReplayError` if one fails again (the key stays
         parked from that message on)."""
-        state = self._owned(key)
+        state = await self._owned(key)
         if state is None:
             return 0
         if self._read is None:
@@ -244,7 +246,7 @@ class Parking:
     async def discard(self, key: str) -> int:
         """Drop ``key``'s parked messages (recorded in the dead-letter topic) and unpark
         it; how many were parked."""
-        state = self._owned(key)
+        state = await self._owned(key)
         if state is None:
             return 0
         engine = self._engine

@@ -113,6 +113,8 @@ class ParkingSuite(BackendFixtures):
         second = await open_bus(group=group)
         fixed = _Aggregates()
         await second.subscribe_envelope(topic, fixed, **_PARK)
+        # Known before anything is delivered: read from the broker.
+        assert [(p.key, p.count) for p in await second.parked(topic)] == [("K", 1)]
         await _publish(second, topic, "K", range(4, 6))
         await _publish(second, topic, "other", range(1, 2))
         await eventually(lambda: len(letters) == 3, what="v4, v5 parked after the restart")
@@ -120,6 +122,48 @@ class ParkingSuite(BackendFixtures):
         assert fixed.seen["K"] == []
         assert letters[2].headers[keybus.PARKED_BEHIND] == letters[1].headers[keybus.PARKED_BEHIND]
         assert [(p.key, p.count) for p in await second.parked(topic)] == [("K", 3)]
+        # The replay after the restart reads v3..v5 back from the dead-letter topic.
+        assert await second.replay_parked(topic, key="K") == 3
+        assert fixed.seen["K"] == [3, 4, 5]
+
+    async def test_the_member_that_takes_the_partition_over_keeps_the_key_parked(
+        self, open_bus: BusFactory, backend: Backend
+    ) -> None:
+        backend.require("parked_persistence", "consumer_groups")
+        topic, group = backend.topic("park"), backend.topic("g")
+        _store(backend, topic)
+        letters = await watch_dead_letters(open_bus, topic)
+        members = []
+        for _ in range(2):  # both running before K is parked
+            bus = await open_bus(group=group)
+            await bus.ensure_topic(topic, keybus.TopicConfig(partitions=2))
+            handler = _Aggregates(("K", 3))
+            sub = await bus.subscribe_envelope(topic, handler, **_PARK)
+            members.append((bus, handler, sub))
+        # Each member handles a message first: it has read the (empty) store by then, so
+        # only the take-over's read can tell the survivor that K is parked.
+        partitions = backend.features.topic_partitions(2)
+        warm = [backend.key_on(p, partitions) for p in range(partitions)]
+        for key in warm:
+            await _publish(members[0][0], topic, key, range(1, 2))
+        await eventually(
+            lambda: sum(len(m[1].seen[k]) for m in members for k in warm) == partitions,
+            what="warm-up",
+        )
+        await _publish(members[0][0], topic, "K", range(1, 4))
+        await eventually(lambda: len(letters) == 1, what="v3 dead-lettered")
+        parker = next(m for m in members if m[2].stats().parked == 1)
+        await eventually(lambda: parker[2].stats().uncommitted == 0, what="v3 done")
+        await parker[0].close()
+        bus, handler, sub = next(m for m in members if m is not parker)
+        await _publish(bus, topic, "K", range(4, 5))
+        await _publish(bus, topic, "other", range(1, 2))
+        timeout = backend.features.handover_timeout
+        await eventually(lambda: len(letters) == 2, timeout=timeout, what="v4 parked")
+        await eventually(lambda: handler.seen["other"] == [1], timeout=timeout, what="other")
+        assert sub.stats().parked == 1
+        assert 4 not in handler.seen["K"]
+        assert [(p.key, p.count) for p in await bus.parked(topic)] == [("K", 2)]
 
     async def test_a_replay_hands_the_parked_messages_in_order_then_the_live_ones(
         self, open_bus: BusFactory, backend: Backend
