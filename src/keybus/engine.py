@@ -339,6 +339,8 @@ class SubscriptionEngine:
         )
         self._owned_until.pop(partition, None)
         self._assigned.pop(partition, None)
+        if self._parking is not None and partition[0] == self.topic:
+            self._parking.forget({partition[1]})
         work.state = DROPPED  # this one is not started; the rest of its partition below
         dropped = self._dispatcher.drop(lambda w: w.partition == partition)
         running = [
