@@ -86,7 +86,7 @@ class SubscriptionEngine:
         self._on_closed = on_closed
         self._consumer: Consumer | None = None
         # Parking and the version guard run in a process step of their own, so the
-        # default path does not pay for them (parked.py).
+        # default path does not pay for them (keybus.parker).
         self._parking: Parking | None = None
         self._guard: VersionGuard | None = None
         process = self._process
@@ -490,9 +490,9 @@ class SubscriptionEngine:
                 await parking.refresh()
             key = _key_of(work)
             state = parking.parked.get(key) if key is not None else None
-            if state is not None:
+            if state is not None and key is not None:
                 if not (self._owned_until and self._lapsed(work)):
-                    await parking.park(work, key, state)  # type: ignore[arg-type]
+                    await parking.park(work, key, state)
                     self._finish(work)
                 return
         guard = self._guard
