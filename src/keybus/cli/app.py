@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from keybus.bench.report import results_table
 from keybus.bench.scenario import aggregates_for, backend_url, run_scenario
 from keybus.cli.bench import bench
+from keybus.cli.dlq import dlq
 from keybus.cli.run import run
 
 app = typer.Typer(add_completion=False, help="keybus: an asyncio event bus.")
@@ -20,6 +21,7 @@ console = Console()
 
 app.command()(bench)
 app.command()(run)
+app.add_typer(dlq, name="dlq")
 
 
 @app.callback()
