@@ -63,16 +63,36 @@ async def _no_lag(bus: keybus.EventBus, topic: str) -> bool:
     return all(row.lag == 0 for row in lag.partitions)
 
 
+async def _parking(
+    open_bus: BusFactory, backend: Backend, broken: int
+) -> tuple[keybus.EventBus, _Aggregates, keybus.Subscription, str]:
+    """A parking subscription on a fresh topic whose handler fails K's version ``broken``
+    for good: ``(bus, handler, subscription, topic)``."""
+    topic, group = backend.topic("park"), backend.topic("g")
+    _store(backend, topic)
+    bus = await open_bus(group=group)
+    handler = _Aggregates(("K", broken))
+    sub = await bus.subscribe_envelope(topic, handler, **_PARK)
+    return bus, handler, sub, topic
+
+
+async def _parked_from_v3(
+    open_bus: BusFactory, backend: Backend, last: int
+) -> tuple[keybus.EventBus, _Aggregates, keybus.Subscription, str]:
+    """A parking subscription whose handler fails K's v3 for good, once K's v1..``last``
+    were published and v3..``last`` parked: ``(bus, handler, subscription, topic)``."""
+    bus, handler, sub, topic = await _parking(open_bus, backend, 3)
+    await _publish(bus, topic, "K", range(1, last + 1))
+    await eventually(lambda: sub.stats().parked == last - 2, what=f"v3..v{last} parked")
+    return bus, handler, sub, topic
+
+
 class ParkingSuite(BackendFixtures):
     async def test_a_dead_lettered_key_parks_its_later_messages_while_other_keys_go_on(
         self, open_bus: BusFactory, backend: Backend
     ) -> None:
-        topic, group = backend.topic("park"), backend.topic("g")
-        _store(backend, topic)
-        bus = await open_bus(group=group)
+        bus, handler, sub, topic = await _parking(open_bus, backend, 3)
         letters = await watch_dead_letters(open_bus, topic)
-        handler = _Aggregates(("K", 3))
-        sub = await bus.subscribe_envelope(topic, handler, **_PARK)
         sent = await _publish(bus, topic, "K", range(1, 7))
         await _publish(bus, topic, "other", range(1, 7))
         await eventually(lambda: len(letters) == 4, what="v3..v6 of K dead-lettered")
@@ -169,13 +189,7 @@ class ParkingSuite(BackendFixtures):
         self, open_bus: BusFactory, backend: Backend
     ) -> None:
         backend.require("parked_persistence")
-        topic, group = backend.topic("park"), backend.topic("g")
-        _store(backend, topic)
-        bus = await open_bus(group=group)
-        handler = _Aggregates(("K", 3))
-        sub = await bus.subscribe_envelope(topic, handler, **_PARK)
-        await _publish(bus, topic, "K", range(1, 7))
-        await eventually(lambda: sub.stats().parked == 4, what="v3..v6 parked")
+        bus, handler, sub, topic = await _parked_from_v3(open_bus, backend, 6)
         handler.broken.clear()  # the handler is fixed
 
         async def live_ones_parked_meanwhile() -> None:
@@ -207,13 +221,7 @@ class ParkingSuite(BackendFixtures):
         self, open_bus: BusFactory, backend: Backend
     ) -> None:
         backend.require("parked_persistence")
-        topic, group = backend.topic("park"), backend.topic("g")
-        _store(backend, topic)
-        bus = await open_bus(group=group)
-        handler = _Aggregates(("K", 3))
-        sub = await bus.subscribe_envelope(topic, handler, **_PARK)
-        await _publish(bus, topic, "K", range(1, 6))
-        await eventually(lambda: sub.stats().parked == 3, what="v3..v5 parked")
+        bus, handler, sub, topic = await _parked_from_v3(open_bus, backend, 5)
         [before] = await bus.parked(topic)
         # Not fixed yet: the first message fails again, K stays parked where it was.
         with pytest.raises(keybus.ReplayError) as info:
@@ -239,12 +247,8 @@ class ParkingSuite(BackendFixtures):
     async def test_discard_drops_the_parked_messages_and_records_it(
         self, open_bus: BusFactory, backend: Backend
     ) -> None:
-        topic, group = backend.topic("park"), backend.topic("g")
-        _store(backend, topic)
-        bus = await open_bus(group=group)
+        bus, handler, sub, topic = await _parking(open_bus, backend, 2)
         letters = await watch_dead_letters(open_bus, topic)
-        handler = _Aggregates(("K", 2))
-        sub = await bus.subscribe_envelope(topic, handler, **_PARK)
         await _publish(bus, topic, "K", range(1, 4))
         await eventually(lambda: sub.stats().parked == 2, what="v2, v3 parked")
         assert await bus.discard_parked(topic, key="K") == 2
