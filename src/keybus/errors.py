@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from keybus.security import redact_url
+
 __all__ = [
     "Action",
     "BusClosedError",
@@ -53,6 +55,7 @@ class ConnectError(KeybusError):
     connection to it is gone."""
 
     def __init__(self, url: str, reason: str) -> None:
+        url = redact_url(url)  # whoever raises it, no credentials in the text
         super().__init__(f"cannot connect to {url!r}: {reason}")
         self.url = url
         self.reason = reason

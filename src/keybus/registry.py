@@ -29,6 +29,7 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "memory": ("keybus.transports.memory:MemoryTransport", None),
     "kafka": ("keybus.transports.kafka:KafkaTransport", "kafka"),
     "nats": ("keybus.transports.nats:NatsTransport", "nats"),
+    "tls": ("keybus.transports.nats:NatsTransport", "nats"),  # NATS, TLS required
 }
 _registered: dict[str, TransportFactory] = {}
 

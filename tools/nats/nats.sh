@@ -10,6 +10,7 @@
 #   tools/nats/nats.sh status             exit 0 if healthy, 1 otherwise
 #   tools/nats/nats.sh logs [-f] [N]      tail the server log
 #   tools/nats/nats.sh url                print the client URL
+#   tools/nats/nats.sh binary             print the nats-server binary (installing it if needed)
 #
 # Environment:
 #   KEYBUS_NATS_PORT            client port (default 4222)
@@ -335,7 +336,7 @@ cmd_logs() {
   tail -n "${1:-100}" "$LOG_FILE"
 }
 
-usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 main() {
   local cmd="${1:-}"; shift || true
@@ -348,6 +349,7 @@ main() {
     status) cmd_status ;;
     logs) cmd_logs "$@" ;;
     url) echo "$URL" ;;
+    binary) ensure_cache; server_bin || { cmd_install; server_bin; } ;;
     -h|--help|help) usage ;;
     *) usage >&2; exit 2 ;;
   esac

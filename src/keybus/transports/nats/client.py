@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,7 +23,15 @@ from nats.js import JetStreamContext
 from keybus._aio import cancel_and_wait, wait_event
 from keybus.deadline import Deadline
 from keybus.errors import ConnectError, KeybusError
-from keybus.transports.nats.errors import NATS_ERRORS, closed, reason, translate
+from keybus.transports.nats.auth import NatsAuth
+from keybus.transports.nats.errors import (
+    NATS_ERRORS,
+    PlainRefused,
+    closed,
+    reason,
+    refused,
+    translate,
+)
 from keybus.transports.nats.options import NatsOptions
 
 __all__ = ["Connection", "Member", "Stream", "close_client"]
@@ -92,9 +101,14 @@ class Connection:
     dead."""
 
     def __init__(
-        self, url: str, options: NatsOptions, stream: Callable[[str], Awaitable[Stream]]
+        self,
+        url: str,
+        auth: NatsAuth,
+        options: NatsOptions,
+        stream: Callable[[str], Awaitable[Stream]],
     ) -> None:
-        self.url = url
+        self.url = url  # redacted: what logs and errors show
+        self.auth = auth
         self.options = options
         self.stream = stream
         self.reconnects = 0
@@ -114,6 +128,10 @@ class Connection:
         self._attempt: NatsClient | None = None  # a replacement being connected
         self._dead: NatsClient | None = None  # the client nats-py closed, until buried
         self._settled = asyncio.Event()  # set while live or failed (not while replacing)
+        # While a client connects: what its last attempt failed with, and whether that
+        # was final (refused credentials or certificate: trying again cannot help).
+        self._attempt_error: BaseException | None = None
+        self._refused = asyncio.Event()
 
     @property
     def failure(self) -> ConnectError | None:
@@ -135,14 +153,13 @@ class Connection:
         return nc, js
 
     async def _connect(self, nc: NatsClient, deadline: Deadline) -> JetStreamContext:
-        server = "nats://" + self.url.split("://", 1)[1]
         attempt = max(0.0, deadline.remaining() - self.options.reconnect_wait) / _CONNECT_ATTEMPTS
-        try:
-            # One attempt per server at first (max_reconnect_attempts=1): an unreachable
-            # server must fail the connect, not retry forever. Afterwards the client
-            # reconnects without limit, so the bus survives a server restart.
-            await nc.connect(
-                servers=[server],
+        # One attempt per server at first (max_reconnect_attempts=1): an unreachable
+        # server must fail the connect, not retry forever. Afterwards the client
+        # reconnects without limit, so the bus survives a server restart.
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                servers=[self.auth.server],
                 connect_timeout=attempt,  # type: ignore[arg-type]
                 reconnect_time_wait=self.options.reconnect_wait,  # type: ignore[arg-type]
                 max_reconnect_attempts=1,
@@ -155,10 +172,35 @@ class Connection:
                 # Every subject keybus uses is built from escaped names: valid by
                 # construction, so nats-py need not re-check two subjects per publish.
                 skip_subject_validation=True,
+                **self.auth.client_options(lambda: getattr(nc, "_server_info", None)),
             )
+        )
+        self._attempt_error = None
+        self._refused.clear()
+        refused = asyncio.ensure_future(self._refused.wait())
+        try:
+            await asyncio.wait(
+                {connecting, refused},
+                timeout=deadline.remaining(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            refused.cancel()
+        if not connecting.done():
+            # Refused for good, or out of time — nats-py may also hang closing a socket
+            # whose TLS handshake failed: end the attempt here, with its cause.
+            await close_client(nc, Deadline.after(_ATTEMPT_CLOSE))
+            with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS):
+                await cancel_and_wait(connecting)
+            raise self._attempt_failed()
+        try:
+            connecting.result()
         except nats.errors.NoServersError as exc:
-            why = f"no NATS server answers ({nc.last_error!r})"
-            raise translate(why, "connect", self.url) from exc
+            raise self._attempt_failed() from exc
+        if self.auth.refuses(getattr(nc, "_server_info", None)):
+            # No secret was sent (the credentials' callables refuse), but the bus must
+            # not run in clear when TLS was asked for.
+            raise translate(PlainRefused(), "connect", self.url)
         nc.options["max_reconnect_attempts"] = -1
         nc.options["connect_timeout"] = _RECONNECT_ATTEMPT_TIMEOUT
         js = nc.jetstream(timeout=self.options.api_timeout)
@@ -168,6 +210,20 @@ class Connection:
         except NATS_ERRORS as exc:
             raise translate(exc, "connect", self.url, context="JetStream is not available") from exc
         return js
+
+    def _attempt_failed(self) -> KeybusError:
+        """The error for a connect that failed: the cause of its last attempt, if any."""
+        cause = self._attempt_error
+        if cause is None:
+            return translate("no answer in time", "connect", self.url)
+        text = reason(cause)
+        if not refused(cause):
+            text = f"no NATS server answers: {text}"
+        if isinstance(cause, ssl.SSLCertVerificationError) and not self.auth.tls_required:
+            text += " (the server requires TLS: pass tls=keybus.TLS(ca_file=...))"
+        error = translate(text, "connect", self.url)
+        error.__cause__ = cause
+        return error
 
     def live(self) -> tuple[NatsClient, JetStreamContext]:
         """The client and JetStream context; ``BusClosedError`` once closed,
@@ -317,6 +373,15 @@ class Connection:
     # -- nats-py's callbacks -------------------------------------------------------------
 
     async def _on_error(self, exc: Exception) -> None:
+        # nats-py reports errors of its own and the server's: neither carries credentials
+        # (nats-py was never given a URL with any), so they are logged as they are.
+        if self._refused.is_set() and not refused(exc):
+            return  # the socket's end after a refusal: the refusal is the news
+        self._attempt_error = exc
+        if refused(exc):
+            self._refused.set()
+            log.warning("keybus: NATS %s refused the connection: %s", self.url, reason(exc))
+            return
         log.debug("keybus: NATS %s: %r", self.url, exc)
 
     async def _on_disconnected(self) -> None:

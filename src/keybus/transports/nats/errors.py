@@ -23,6 +23,8 @@ exception is chained as ``__cause__``.
 
 from __future__ import annotations
 
+import ssl
+
 import nats.errors
 import nats.js.errors
 
@@ -36,10 +38,12 @@ __all__ = [
     "Action",
     "Duplicate",
     "Overlap",
+    "PlainRefused",
     "Unsent",
     "closed",
     "is_permanent",
     "reason",
+    "refused",
     "translate",
 ]
 
@@ -91,6 +95,14 @@ class Overlap(nats.errors.Error):
         return text
 
 
+class PlainRefused(nats.errors.Error):
+    """TLS was asked for (``tls=``, ``tls://``) but the server does not offer it: the
+    connect is refused before a password or token is sent."""
+
+    def __str__(self) -> str:
+        return "TLS required (tls= or tls://) but the server does not offer TLS"
+
+
 class Unsent(nats.errors.ConnectionClosedError):
     """A publish refused by a client that is closed, before anything was sent: it may be
     sent again on the client that replaces it."""
@@ -101,6 +113,18 @@ def is_permanent(exc: BaseException) -> bool:
     if isinstance(exc, Duplicate):
         return True
     return isinstance(exc, nats.js.errors.APIError) and exc.err_code in PERMANENT_REFUSALS
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a connect attempt failed for a reason trying again cannot change: the
+    server refused the credentials, or TLS failed (a certificate not trusted, or not
+    given; TLS asked for but not offered)."""
+    if isinstance(exc, ssl.SSLError | nats.errors.AuthorizationError | PlainRefused):
+        return True
+    return isinstance(exc, nats.errors.Error) and _AUTHORIZATION in str(exc).lower()
+
+
+_AUTHORIZATION = "authorization violation"
 
 
 def reason(exc: BaseException, timeout: float | None = None) -> str:
@@ -114,6 +138,14 @@ def reason(exc: BaseException, timeout: float | None = None) -> str:
         return f"{text} ({', '.join(codes)})" if codes else text
     if isinstance(exc, nats.js.errors.NoStreamResponseError):
         return "no stream answered"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed: {exc.strerror or exc}"
+    if isinstance(exc, nats.errors.AuthorizationError) or (
+        isinstance(exc, nats.errors.Error) and _AUTHORIZATION in str(exc).lower()
+    ):
+        return "authorization violation (the server refused the credentials)"
     if isinstance(exc, TimeoutError):  # nats.errors.TimeoutError derives from it
         if timeout is None:
             return "the server did not answer in time"

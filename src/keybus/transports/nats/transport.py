@@ -40,8 +40,10 @@ from keybus.dedupe import EVENT_ID, ORIGIN
 from keybus.errors import ConnectError, KeybusError, PublishError
 from keybus.message import Message
 from keybus.partitioning import partition_for
+from keybus.security import redact_url
 from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
+from keybus.transports.nats.auth import AUTH_OPTIONS, NatsAuth
 from keybus.transports.nats.bucket import forget_topic
 from keybus.transports.nats.client import Connection, Stream, close_client
 from keybus.transports.nats.errors import NATS_ERRORS, Unsent, translate
@@ -68,13 +70,16 @@ class NatsTransport(Transport):
     """A connection to one NATS server (JetStream enabled)."""
 
     def __init__(self, url: str, **options: Any) -> None:
-        self.url = url
+        # Shown in logs, reprs and errors: credentials in the URL are masked (and split
+        # off into the auth settings, never handed to nats-py).
+        self.url = redact_url(url)
+        auth = NatsAuth.parse(url, {k: options.pop(k) for k in AUTH_OPTIONS if k in options})
         try:
             self.options = NatsOptions(**options)
         except TypeError as exc:
             raise TypeError(f"unknown options for nats://: {exc}") from None
         self._streams = Streams(self._live, self.options)
-        self._conn = Connection(url, self.options, self._streams.lookup)
+        self._conn = Connection(self.url, auth, self.options, self._streams.lookup)
         self._conn.on_open = self._open_publisher
         self._conn.on_lost = self._drop_publisher
         self._publisher: Publisher | None = None
