@@ -35,13 +35,16 @@ typecheck: $(VENV)/.test
 test: lint typecheck
 	tools/run-tests.sh
 
-# Local brokers: Kafka (KRaft) on 127.0.0.1:9092 and nats-server (JetStream) on :4222.
+# Local brokers: Kafka (KRaft) on 127.0.0.1:9092 and nats-server (JetStream) on :4222,
+# plus the secured nats-servers of the security tests on :4223-4227.
 brokers:
 	@tools/kafka/kafka.sh up
 	@tools/nats/nats.sh up
+	@tools/nats/secured.sh up
 
 brokers-down:
 	-@tools/nats/nats.sh down
+	-@tools/nats/secured.sh down
 	-@tools/kafka/kafka.sh down
 
 # The quick subset while coding: memory only (no brokers), no slow tests, no lint.

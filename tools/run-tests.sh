@@ -8,8 +8,8 @@ backends=${KEYBUS_BACKENDS:-memory,kafka,nats}
 started=()
 
 cleanup() {
-    for b in "${started[@]}"; do
-        "tools/$b/$b.sh" down >/dev/null 2>&1 || true
+    for script in "${started[@]}"; do
+        "$script" down >/dev/null 2>&1 || true
     done
 }
 trap cleanup EXIT
@@ -17,11 +17,21 @@ trap cleanup EXIT
 for b in kafka nats; do
     if [[ ",$backends," == *",$b,"* ]]; then
         if ! "tools/$b/$b.sh" status >/dev/null 2>&1; then
-            started+=("$b")
+            started+=("tools/$b/$b.sh")
         fi
         echo "starting $b: $("tools/$b/$b.sh" up)"
     fi
 done
+# Beside the plain nats-server, the secured ones (TLS, passwords, tokens, NKeys, .creds)
+# of the security tests; they find them through the file the script writes.
+if [[ ",$backends," == *",nats,"* ]]; then
+    if ! tools/nats/secured.sh status >/dev/null 2>&1; then
+        started+=(tools/nats/secured.sh)
+    fi
+    KEYBUS_NATS_SECURED="$(tools/nats/secured.sh up)"
+    export KEYBUS_NATS_SECURED
+    echo "starting secured nats-servers: $KEYBUS_NATS_SECURED"
+fi
 
 export KEYBUS_CHROMIUM="$(tools/chromium.sh || echo "missing (tools/chromium.sh failed)")"
 status=0
@@ -33,5 +43,9 @@ if [[ $status -ne 0 ]]; then
             "tools/$b/$b.sh" logs 2>/dev/null | tail -n 60 || true
         fi
     done
+    if [[ ",$backends," == *",nats,"* ]]; then
+        echo "---- last lines of the secured nats-servers' logs ----"
+        tools/nats/secured.sh logs 10 2>/dev/null || true
+    fi
 fi
 exit $status

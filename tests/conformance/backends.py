@@ -4,7 +4,10 @@ sets ``memory,kafka,nats``; ``KEYBUS_KAFKA_URL`` / ``KEYBUS_NATS_URL`` move the 
 
 ``nats-subject`` is NATS with every topic in the Go SDK's subject layout (the
 ``subject_topics`` option): it runs on the same server wherever ``nats`` does, or alone
-when ``KEYBUS_BACKENDS`` names it."""
+when ``KEYBUS_BACKENDS`` names it. ``nats-secured`` is NATS over TLS (a private CA) with
+a ``.creds`` file, on the secured server of ``tools/nats/secured.sh`` (``make test``
+starts it): it runs wherever ``nats`` does, and is skipped, saying why, when that server
+is not running."""
 
 from __future__ import annotations
 
@@ -17,11 +20,14 @@ import keybus
 from keybus.bench.scenario import backend_url
 from keybus.testing.conformance import Backend, Features
 from keybus.testing.conformance.helpers import unused_port
+from tests.nats.secured import require_secured
 
-ALL_BACKENDS = ("memory", "kafka", "nats", "nats-subject")
+ALL_BACKENDS = ("memory", "kafka", "nats", "nats-subject", "nats-secured")
 # The URL scheme of "nats-subject": a NATS transport with every topic in the subject
 # layout, registered by register_nats_subject() (suite tests connect by URL alone).
 NATS_SUBJECT_SCHEME = "natssubject"
+# The URL scheme of "nats-secured": tls:// with the CA and the .creds file baked in.
+NATS_SECURED_SCHEME = "natssecured"
 
 FEATURES = {
     # A partitioned log in the process, shaped like Kafka: groups, rebalances, committed
@@ -56,6 +62,8 @@ FEATURES = {
         max_message_bytes=1_048_576,
     ),
 }
+# The same transport and server software as "nats", over TLS with decentralised auth.
+FEATURES["nats-secured"] = FEATURES["nats"]
 
 
 def register_nats_subject() -> None:
@@ -70,6 +78,27 @@ def register_nats_subject() -> None:
     keybus.register_transport(NATS_SUBJECT_SCHEME, factory)
 
 
+def register_nats_secured(servers: dict[str, dict[str, Any]]) -> str:
+    """Serve ``natssecured://host:port`` with a NATS transport over TLS (the servers'
+    private CA) that logs in with the ``.creds`` file; returns the secured server's URL
+    in that scheme."""
+    from keybus.transports.nats import NatsTransport
+
+    creds = servers["creds"]
+
+    def factory(url: str, **options: Any) -> NatsTransport:
+        address = url.split("://", 1)[1]
+        return NatsTransport(
+            f"tls://{address}",
+            tls=keybus.TLS(ca_file=creds["ca_file"]),
+            credentials=creds["credentials"],
+            **options,
+        )
+
+    keybus.register_transport(NATS_SECURED_SCHEME, factory)
+    return f"{NATS_SECURED_SCHEME}://" + creds["url"].split("://", 1)[1]
+
+
 def enabled_backends() -> list[str]:
     """Backends the suite runs on: ``KEYBUS_BACKENDS`` (comma separated), default memory
     only; ``make test`` enables the brokers it starts."""
@@ -77,8 +106,10 @@ def enabled_backends() -> list[str]:
     unknown = set(names) - set(ALL_BACKENDS)
     if unknown:
         raise pytest.UsageError(f"unknown backends in KEYBUS_BACKENDS: {sorted(unknown)}")
-    if "nats" in names and "nats-subject" not in names:
-        names.append("nats-subject")  # the same server, the other layout
+    if "nats" in names:
+        for variant in ("nats-subject", "nats-secured"):  # the other layout; TLS + creds
+            if variant not in names:
+                names.append(variant)
     return [b for b in names if b]
 
 
@@ -95,6 +126,10 @@ def descriptor(name: str) -> Backend:
         register_nats_subject()
         url = f"{NATS_SUBJECT_SCHEME}://" + backend_url("nats").split("://", 1)[1]
         unreachable = f"{NATS_SUBJECT_SCHEME}://127.0.0.1:{unused_port()}"
+        return Backend(name, url, FEATURES[name], unreachable)
+    if name == "nats-secured":
+        url = register_nats_secured(require_secured())
+        unreachable = f"{NATS_SECURED_SCHEME}://127.0.0.1:{unused_port()}"
         return Backend(name, url, FEATURES[name], unreachable)
     url = backend_url(name)
     unreachable = None if name == "memory" else f"{name}://127.0.0.1:{unused_port()}"
