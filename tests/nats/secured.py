@@ -34,3 +34,9 @@ def require_secured() -> dict[str, dict[str, Any]]:
             "KEYBUS_NATS_SECURED names its secured.json)"
         )
     return servers
+
+
+def with_userinfo(url: str, userinfo: str) -> str:
+    """``url`` with credentials in it (``user:password`` or a token)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{userinfo}@{rest}"

@@ -16,12 +16,7 @@ from keybus.testing.conformance import unique
 from keybus.testing.conformance.helpers import unused_port
 from tests.helpers import eventually
 from tests.nats.proxy import NatsProxy
-from tests.nats.secured import require_secured
-
-
-def with_userinfo(url: str, userinfo: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{userinfo}@{rest}"
+from tests.nats.secured import require_secured, with_userinfo
 
 
 async def a_life(

@@ -18,18 +18,13 @@ import keybus
 from keybus.testing import LeakChecker
 from keybus.testing.conformance import unique
 from tests.helpers import drop_topics, eventually
-from tests.nats.secured import require_secured
+from tests.nats.secured import require_secured, with_userinfo
 
 CONNECT_TIMEOUT = 5.0
 # Each refusal is final at the first attempt: no retry, no waiting out the deadline.
 REFUSED_WITHIN = 2.0
 
 Way = tuple[str, dict[str, Any]]
-
-
-def with_userinfo(url: str, userinfo: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{userinfo}@{rest}"
 
 
 def ways(servers: dict[str, dict[str, Any]]) -> dict[str, Way]:
@@ -206,23 +201,3 @@ async def test_a_refused_connection_names_its_cause_at_once_and_no_secret(
     assert elapsed < REFUSED_WITHIN, f"refused after {elapsed:.2f} s"
     chain = [str(raised.value), repr(raised.value), str(raised.value.__cause__)]
     assert_nothing_secret(servers, caplog.text, *chain)
-
-
-def test_conflicting_or_malformed_settings_are_refused_without_quoting_them() -> None:
-    from keybus.transports.nats import NatsTransport
-
-    seed = "SAkb-canary-not-a-user-seed"
-    with pytest.raises(ValueError, match="once"):
-        NatsTransport("nats://svc:pw@127.0.0.1:1", user="svc", password="pw")
-    with pytest.raises(ValueError, match="go together"):
-        NatsTransport("nats://127.0.0.1:1", user="svc")
-    with pytest.raises(ValueError, match="one of") as many:
-        NatsTransport("nats://127.0.0.1:1", token="t", nkey_seed="SU" + "A" * 56)
-    with pytest.raises(ValueError, match="not a user NKey seed") as malformed:
-        NatsTransport("nats://127.0.0.1:1", nkey_seed=seed)
-    assert seed not in str(malformed.value)
-    assert "SUAAAA" not in str(many.value)
-    with pytest.raises(keybus.ConnectError, match="not found"):
-        NatsTransport("tls://127.0.0.1:1", credentials="/nonexistent/svc.creds")
-    with pytest.raises(keybus.ConnectError, match="TLS settings"):
-        NatsTransport("tls://127.0.0.1:1", tls=keybus.TLS(ca_file="/nonexistent/ca.pem"))

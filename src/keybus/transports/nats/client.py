@@ -184,6 +184,9 @@ class Connection:
                 timeout=deadline.remaining(),
                 return_when=asyncio.FIRST_COMPLETED,
             )
+        except BaseException:
+            connecting.cancel()  # cancelled meanwhile: the closing transport ends the client
+            raise
         finally:
             refused.cancel()
         if not connecting.done():
@@ -376,7 +379,8 @@ class Connection:
         # nats-py reports errors of its own and the server's: neither carries credentials
         # (nats-py was never given a URL with any), so they are logged as they are.
         if self._refused.is_set() and not refused(exc):
-            return  # the socket's end after a refusal: the refusal is the news
+            return  # the socket's end after a refusal: the refusal is the news (until
+            # the next connect, which clears it)
         self._attempt_error = exc
         if refused(exc):
             self._refused.set()
