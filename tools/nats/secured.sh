@@ -22,6 +22,7 @@
 #   KEYBUS_NATS_SECURED_PORT   first client port (default 4223; monitors at port + 4000)
 #   KEYBUS_NATS_START_TIMEOUT  seconds to wait for readiness (default 30)
 set -euo pipefail
+umask 077  # the run dir holds the throw-away secrets
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
