@@ -23,6 +23,9 @@
 #   KEYBUS_KAFKA_CDS=0            do not use/create the class-data-sharing archive
 #   KEYBUS_KAFKA_WARMUP=0         skip creating the internal topics during `up`
 #   KEYBUS_KAFKA_PROPERTIES       extra server.properties lines (newline-separated), appended
+#   KEYBUS_KAFKA_SECURED=0        no secured client listeners (TLS, mutual TLS, SASL_SSL with
+#                                 SCRAM-SHA-512, SASL_PLAINTEXT with PLAIN; see secured.sh)
+#   KEYBUS_KAFKA_SECURED_PORT     the first secured listener's port (default PORT+2; PORT+2..5)
 set -euo pipefail
 
 KAFKA_VERSION_DEFAULT=4.3.1
@@ -59,6 +62,9 @@ TOOL_JVM_OPTS="-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfDat
 # to the JVM build and to the classpath, so its name carries a key of both; an unusable
 # archive is only a warning (-Xshare:auto) and the JVM loads classes normally.
 CDS_PENDING="$RUN/cds.pending"
+
+# shellcheck source=tools/kafka/secured.sh
+source "$SCRIPT_DIR/secured.sh"
 
 die() { echo "kafka.sh: $*" >&2; exit 1; }
 say() { echo "kafka.sh: $*" >&2; }
@@ -216,11 +222,11 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$CPORT
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CPORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CPORT$(secured_listeners)
+advertised.listeners=PLAINTEXT://$HOST:$PORT$(secured_listeners)
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT$(secured_protocols)
 log.dirs=$DATA
 
 # Single node: every internal topic with one replica and one partition (fast creation).
@@ -255,6 +261,7 @@ log.segment.bytes=1048576
 log.index.size.max.bytes=1048576
 log.retention.hours=24
 log.flush.interval.messages=9223372036854775807
+$(secured_config)
 EOF
   if [[ -n "${KEYBUS_KAFKA_PROPERTIES:-}" ]]; then
     printf '\n# From KEYBUS_KAFKA_PROPERTIES\n%s\n' "$KEYBUS_KAFKA_PROPERTIES" >>"$PROPS"
@@ -327,6 +334,12 @@ cmd_up() {
     die "something on $HOST:$PORT is not a Kafka broker we can use (set KEYBUS_KAFKA_PORT)"
   fi
   tcp_open "$CPORT" && die "controller port $HOST:$CPORT is already in use (set KEYBUS_KAFKA_CONTROLLER_PORT)"
+  if secured_on; then
+    local sp
+    for sp in "$SPORT" "$((SPORT + 1))" "$((SPORT + 2))" "$((SPORT + 3))"; do
+      tcp_open "$sp" && die "secured listener port $HOST:$sp is already in use (set KEYBUS_KAFKA_SECURED_PORT or KEYBUS_KAFKA_SECURED=0)"
+    done
+  fi
 
   fetch
   local java t0=$SECONDS keep=0
@@ -336,6 +349,9 @@ cmd_up() {
   ((keep)) || rm -rf "$DATA"
   mkdir -p "$RUN" "$DATA"
   [[ -f "$LOG" ]] && ((!keep)) && mv -f "$LOG" "$LOG.1"
+  # Fresh certificates and passwords with fresh data; a resumed broker keeps both (its
+  # metadata holds the SCRAM credential).
+  if secured_on && { ((!keep)) || [[ ! -f "$SDIR/scram.password" ]]; }; then secured_make; fi
   write_config
 
   local cds_use="" cds_dump="" jsa
@@ -350,11 +366,12 @@ cmd_up() {
     fi
   fi
 
-  local cid
+  local cid scram=()
   cid="$(random_cluster_id)"
+  mapfile -t scram < <(secured_format_args)
   # shellcheck disable=SC2086
   if ((!keep)) && ! "$java" $TOOL_JVM_OPTS $cds_use -Dlog4j2.configurationFile="$LOG4J" -cp "$LIBS/*" \
-        kafka.tools.StorageTool format --cluster-id "$cid" --config "$PROPS" \
+        kafka.tools.StorageTool format --cluster-id "$cid" --config "$PROPS" "${scram[@]}" \
         >>"$LOG" 2>&1 </dev/null 9>&-; then
     tail -n 40 "$LOG" >&2
     die "formatting the storage in $DATA failed"
@@ -389,6 +406,8 @@ cmd_up() {
     sleep 0.2
   done
   [[ "${KEYBUS_KAFKA_WARMUP:-1}" == 0 ]] || probe warm || say "warning: the group/transaction coordinators did not come up (first group join may be slow)"
+  secured_wait
+  secured_describe
   say "Kafka $VERSION up in $((SECONDS - t0)) s (pid $pid, log ${LOG#"$ROOT"/})"
   echo "$URL"
 }
@@ -396,7 +415,7 @@ cmd_up() {
 cmd_down() {
   take_lock
   stop_broker
-  rm -rf "$DATA"
+  rm -rf "$DATA" "$SDIR" "$SJSON"
 }
 
 # `stop`: stop the broker but keep its data, so `start` resumes it (unlike `down`).

@@ -28,6 +28,7 @@ from confluent_kafka.cimpl import NewTopic
 from keybus.deadline import Deadline
 from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.kafka.errors import Action, closed, error_code, translate
+from keybus.transports.kafka.failures import ConnectionFailures
 
 __all__ = ["KafkaAdmin"]
 
@@ -40,6 +41,9 @@ _VISIBLE_TIMEOUT = 15.0  # until the brokers serve the change in their metadata
 # librdkafka reports a request that timed out a little after its request timeout: the
 # probe's own wait allows this much more, so librdkafka's reason arrives first.
 _ANSWER_MARGIN = 1.0
+# How often the probe serves the client's error events while it waits: a wrong password
+# or an untrusted certificate fails the connect this soon, not when the wait runs out.
+_PROBE_POLL = 0.05
 # (OffsetSpec is neither exported nor typed by confluent-kafka's stubs.)
 _LATEST = rd_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]
 _EARLIEST = rd_admin.OffsetSpec.earliest()  # type: ignore[attr-defined,no-untyped-call]
@@ -56,9 +60,13 @@ class KafkaAdmin:
         self._closed = False
 
     async def connect(self, deadline: Deadline) -> None:
-        """Create the client and prove the broker answers, by ``deadline``."""
+        """Create the client and prove the broker answers, by ``deadline``; a failure
+        names librdkafka's cause (:class:`ConnectionFailures`)."""
+        config = dict(self._config)
+        failures = ConnectionFailures(config["logger"], config.get("error_cb"))
+        config.update(logger=failures, error_cb=failures.error_cb)
         try:
-            self._client = AdminClient(dict(self._config))
+            self._client = AdminClient(config)
         except KafkaException as exc:
             raise translate(exc, "connect", self._url) from exc
         # librdkafka retries unreachable brokers forever; a metadata request with a
@@ -68,17 +76,34 @@ class KafkaAdmin:
         left = deadline.remaining()
         request = min(self._probe_timeout, max(left - _ANSWER_MARGIN, left / 2))
         future = self._client.describe_cluster(request_timeout=request)
+        answer = asyncio.wrap_future(future)
         try:
             async with asyncio.timeout(deadline.within(request + _ANSWER_MARGIN).remaining()):
-                await asyncio.wrap_future(future)
+                # Served here (the admin client has no thread of ours): its error events,
+                # its log lines, an OAUTHBEARER token refresh.
+                while not (await asyncio.wait({answer}, timeout=_PROBE_POLL))[0]:
+                    self._client.poll(0)
+                    if failures.definitive is not None:
+                        raise translate(failures.definitive, "connect", self._url)
+                answer.result()
         except TimeoutError:
             future.cancel()
+            self._client.poll(0)
+            cause = failures.reason()
+            waited = f"no Kafka broker answered within {request:g} s"
             raise translate(
-                f"no Kafka broker answered within {request:g} s", "connect", self._url
+                f"{waited}: {cause}" if cause else waited, "connect", self._url
             ) from None
         except KafkaException as exc:
-            raise translate(exc, "connect", self._url) from exc
+            self._client.poll(0)
+            cause = failures.reason()
+            if cause and error_code(exc) == KafkaError._TIMED_OUT:
+                # The timeout is only the symptom: name the cause instead.
+                waited = f"no Kafka broker answered within {request:g} s: {cause}"
+                raise translate(waited, "connect", self._url) from exc
+            raise translate(exc, "connect", self._url, context=cause or "") from exc
         finally:
+            answer.cancel()
             self._client.poll(0)
 
     def close(self) -> None:

@@ -8,12 +8,15 @@ callback a config carries is wrapped by :func:`guard` (see there why).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from keybus.dedupe import check_window
+from keybus.security import SASL, TLS
 from keybus.transports.kafka.errors import translate
+from keybus.transports.kafka.security import librdkafka_security, parse_security
 
 __all__ = [
     "NO_DEDUPE",
@@ -138,10 +141,19 @@ class KafkaSettings:
     """The Kafka transport's options (``keybus.connect(url, **options)``; an unknown one
     is a ``TypeError``):
 
+    ``tls``: ``True`` (the system's CAs) or a :class:`keybus.TLS` (CA file, client
+    certificate and key; not an ``ssl.SSLContext``: librdkafka takes files, a ``TypeError``
+    says so); ``sasl``: a :class:`keybus.SASL` (PLAIN, SCRAM-SHA-256/512, OAUTHBEARER with
+    a token callable), or a mechanism name with the user and password in the URL
+    (``kafka://user:password@host:9093?sasl=SCRAM-SHA-512`` says the same). Both apply to
+    the producer, the consumer and the admin client (``security.protocol`` SSL, SASL_SSL
+    or SASL_PLAINTEXT; ``keybus.transports.kafka.security``). ``url`` is kept with its
+    credentials masked.
+
     ``producer_config`` / ``consumer_config`` / ``admin_config``: librdkafka settings
-    merged over ours; ``commit_interval`` (s, 0.5): how often done offsets are committed
-    asynchronously; ``fetch_batch`` (500): records per ``consume`` call;
-    ``assign_timeout`` (s, 30): bound on a subscribe's group join; ``join_settle``
+    merged over ours (and over the security settings); ``commit_interval`` (s, 0.5): how
+    often done offsets are committed asynchronously; ``fetch_batch`` (500): records per
+    ``consume`` call; ``assign_timeout`` (s, 30): bound on a subscribe's group join; ``join_settle``
     (s, 3): how long a joining member that got no partition in the first round of a
     cooperative rebalance waits for the second; ``probe_timeout`` (s, 5): the most the
     metadata request that proves the broker reachable at connect may take (the connect's
@@ -161,6 +173,8 @@ class KafkaSettings:
     """
 
     url: str
+    tls: bool | ssl.SSLContext | TLS | None = None
+    sasl: SASL | str | None = None
     producer_config: Mapping[str, Any] | None = None
     consumer_config: Mapping[str, Any] | None = None
     admin_config: Mapping[str, Any] | None = None
@@ -178,7 +192,10 @@ class KafkaSettings:
     eager: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        servers = bootstrap_servers(self.url)
+        security = parse_security(self.url, self.tls, self.sasl)
+        # From here on only the masked URL is kept (it is what bus.url and errors show).
+        self.url, self.tls, self.sasl = security.url, security.tls, security.sasl
+        servers = bootstrap_servers(security.bare_url)
         if check_window(self.dedupe_window) is not None:
             raise ValueError(NO_DEDUPE)
         if (
@@ -199,6 +216,7 @@ class KafkaSettings:
             "bootstrap.servers": servers,
             "client.id": "keybus",
             "logger": _librdkafka_log,
+            **librdkafka_security(security.tls, security.sasl),
         }
         self.producer = {**base, **PRODUCER_DEFAULTS, **dict(self.producer_config or {})}
         self.consumer = {**base, **CONSUMER_DEFAULTS, **dict(self.consumer_config or {})}

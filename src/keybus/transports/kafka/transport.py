@@ -33,17 +33,17 @@ _CLOSE_MARGIN = 2.5
 
 
 class KafkaTransport(Transport):
-    """``kafka://host:port[,host:port]``; options: see
+    """``kafka://[user:password@]host:port[,host:port][?sasl=MECHANISM]``; options: see
     :class:`~keybus.transports.kafka.config.KafkaSettings` (an unknown one is a
     ``TypeError``)."""
 
     def __init__(self, url: str, **options: Any) -> None:
-        self.url = url
         self._settings = KafkaSettings(url=url, **options)
+        self.url = self._settings.url  # credentials masked: shown in reprs, logs, errors
         self.close_budget = max(
             TRANSPORT_CLOSE_BUDGET, self._settings.session_timeout + _CLOSE_MARGIN
         )
-        self._admin = KafkaAdmin(url, self._settings.admin, self._settings.probe_timeout)
+        self._admin = KafkaAdmin(self.url, self._settings.admin, self._settings.probe_timeout)
         self._producer: KafkaProducer | None = None
         self._groups: dict[str, list[GroupConsumer]] = {}
         self._shared: list[GroupConsumer] = []  # every group consumer whose thread may run
