@@ -36,9 +36,9 @@ async def test_unreachable_broker_raises_connect_error_naming_the_url_in_bounded
 async def test_the_connect_probe_is_sized_from_the_connect_timeout(no_leaks: LeakChecker) -> None:
     url = f"kafka://127.0.0.1:{_closed_port()}"
     started = time.monotonic()
-    # probe_timeout stays 5 s: the probe's own timeout, librdkafka's _TIMED_OUT, comes
+    # probe_timeout stays 5 s: the probe's own timeout, with librdkafka's cause, comes
     # within the 1 s the connect has (not the core's cut at 1 s, nor 5 s later).
-    with pytest.raises(keybus.ConnectError, match="_TIMED_OUT"):
+    with pytest.raises(keybus.ConnectError, match=r"no Kafka broker answered.*refused"):
         await keybus.connect(url, connect_timeout=1.0)
     assert time.monotonic() - started < 2.0
 

@@ -3,7 +3,7 @@
 #   SSL             PORT+2  TLS, server authentication only
 #   MTLS            PORT+3  TLS, the client must present a certificate of the test CA
 #   SASL_SSL        PORT+4  SCRAM-SHA-512 (and PLAIN) over TLS
-#   SASL_PLAINTEXT  PORT+5  PLAIN without TLS
+#   SASL_PLAINTEXT  PORT+5  PLAIN (and OAUTHBEARER with unsigned test tokens) without TLS
 #
 # Every secret is made at `up` time and lives under $RUN/secured/ (git-ignored .cache/):
 # a throw-away CA, the broker's certificate (for 127.0.0.1 and localhost), a client
@@ -84,8 +84,11 @@ listener.name.mtls.ssl.client.auth=required
 listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512,PLAIN
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.plain.sasl.jaas.config=$plain_jaas
-listener.name.sasl_plaintext.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=PLAIN,OAUTHBEARER
 listener.name.sasl_plaintext.plain.sasl.jaas.config=$plain_jaas
+# Kafka's default OAUTHBEARER validator takes unsigned JWTs (alg none): enough to prove a
+# client's token callback is called and its token sent.
+listener.name.sasl_plaintext.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;
 EOF
 }
 

@@ -77,6 +77,7 @@ class KafkaAdmin:
         request = min(self._probe_timeout, max(left - _ANSWER_MARGIN, left / 2))
         future = self._client.describe_cluster(request_timeout=request)
         answer = asyncio.wrap_future(future)
+        waited = f"no Kafka broker answered within {round(request, 1):g} s"
         try:
             async with asyncio.timeout(deadline.within(request + _ANSWER_MARGIN).remaining()):
                 # Served here (the admin client has no thread of ours): its error events,
@@ -90,17 +91,14 @@ class KafkaAdmin:
             future.cancel()
             self._client.poll(0)
             cause = failures.reason()
-            waited = f"no Kafka broker answered within {request:g} s"
-            raise translate(
-                f"{waited}: {cause}" if cause else waited, "connect", self._url
-            ) from None
+            text = f"{waited}: {cause}" if cause else waited
+            raise translate(text, "connect", self._url) from None
         except KafkaException as exc:
             self._client.poll(0)
             cause = failures.reason()
             if cause and error_code(exc) == KafkaError._TIMED_OUT:
-                # The timeout is only the symptom: name the cause instead.
-                waited = f"no Kafka broker answered within {request:g} s: {cause}"
-                raise translate(waited, "connect", self._url) from exc
+                # librdkafka's timeout is only the symptom: name the cause instead.
+                raise translate(f"{waited}: {cause}", "connect", self._url) from exc
             raise translate(exc, "connect", self._url, context=cause or "") from exc
         finally:
             answer.cancel()
