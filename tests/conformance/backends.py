@@ -7,7 +7,12 @@ sets ``memory,kafka,nats``; ``KEYBUS_KAFKA_URL`` / ``KEYBUS_NATS_URL`` move the 
 when ``KEYBUS_BACKENDS`` names it. ``nats-secured`` is NATS over TLS (a private CA) with
 a ``.creds`` file, on the secured server of ``tools/nats/secured.sh`` (``make test``
 starts it): it runs wherever ``nats`` does, and is skipped, saying why, when that server
-is not running."""
+is not running.
+
+``kafka-secured`` is Kafka over the test broker's SASL_SSL listener (SCRAM-SHA-512 over
+TLS from a throw-away CA, ``tools/kafka/secured.sh``): its pub/sub and lifecycle suites
+run wherever ``kafka`` does (``test_kafka_secured.py``), or alone when
+``KEYBUS_BACKENDS`` names it."""
 
 from __future__ import annotations
 
@@ -22,12 +27,15 @@ from keybus.testing.conformance import Backend, Features
 from keybus.testing.conformance.helpers import unused_port
 from tests.nats.secured import require_secured
 
-ALL_BACKENDS = ("memory", "kafka", "nats", "nats-subject", "nats-secured")
+ALL_BACKENDS = ("memory", "kafka", "nats", "nats-subject", "nats-secured", "kafka-secured")
 # The URL scheme of "nats-subject": a NATS transport with every topic in the subject
 # layout, registered by register_nats_subject() (suite tests connect by URL alone).
 NATS_SUBJECT_SCHEME = "natssubject"
 # The URL scheme of "nats-secured": tls:// with the CA and the .creds file baked in.
 NATS_SECURED_SCHEME = "natssecured"
+# The URL scheme of "kafka-secured": Kafka with the secured listener's TLS and SASL
+# settings baked in, registered by register_kafka_secured().
+KAFKA_SECURED_SCHEME = "kafkasecured"
 
 FEATURES = {
     # A partitioned log in the process, shaped like Kafka: groups, rebalances, committed
@@ -43,6 +51,8 @@ FEATURES = {
     # framing (plus two length bytes per header) against it. No de-duplication by
     # event id on Kafka: dedupe_window is refused at connect.
     "kafka": Features(max_message_bytes=1_000_000),
+    # The same broker and client, over TLS with SCRAM-SHA-512.
+    "kafka-secured": Features(max_message_bytes=1_000_000),
     # Leases per partition; a crashed pull task makes the member re-take its partition.
     # The fence is the revision of the group-state write that claimed the partition; the
     # limit is nats-server's default max_payload (payload plus header block). dedupe:
@@ -99,6 +109,24 @@ def register_nats_secured(servers: dict[str, dict[str, Any]]) -> str:
     return f"{NATS_SECURED_SCHEME}://" + creds["url"].split("://", 1)[1]
 
 
+def register_kafka_secured() -> str:
+    """Serve ``kafkasecured://host:port`` with a Kafka transport that connects with the
+    test broker's CA and SCRAM user; returns the SASL_SSL listener's URL in that scheme.
+    Skips the caller when the broker has no secured listeners."""
+    from keybus.transports.kafka import KafkaTransport
+    from tests.kafka.secured import secured_file, secured_kafka
+
+    secured = secured_kafka()
+    if secured is None:
+        pytest.skip(f"the test broker has no secured listeners ({secured_file()} is missing)")
+
+    def factory(url: str, **options: Any) -> KafkaTransport:
+        return KafkaTransport(url, tls=secured.tls(), sasl=secured.scram, **options)
+
+    keybus.register_transport(KAFKA_SECURED_SCHEME, factory)
+    return f"{KAFKA_SECURED_SCHEME}://" + secured.sasl_ssl.split("://", 1)[1]
+
+
 def enabled_backends() -> list[str]:
     """Backends the suite runs on: ``KEYBUS_BACKENDS`` (comma separated), default memory
     only; ``make test`` enables the brokers it starts."""
@@ -122,6 +150,10 @@ def skip_unless_enabled(name: str) -> None:
 def descriptor(name: str) -> Backend:
     """The backend ``name`` under test: its URL (a fresh broker name for memory), its
     features and, for a broker, a URL of its scheme on a port nothing listens on."""
+    if name == "kafka-secured":
+        url = register_kafka_secured()
+        unreachable = f"{KAFKA_SECURED_SCHEME}://127.0.0.1:{unused_port()}"
+        return Backend(name, url, FEATURES[name], unreachable)
     if name == "nats-subject":
         register_nats_subject()
         url = f"{NATS_SUBJECT_SCHEME}://" + backend_url("nats").split("://", 1)[1]
