@@ -352,6 +352,7 @@ cmd_up() {
   # Fresh certificates and passwords with fresh data; a resumed broker keeps both (its
   # metadata holds the SCRAM credential).
   if secured_on && { ((!keep)) || [[ ! -f "$SDIR/scram.password" ]]; }; then secured_make; fi
+  secured_on || rm -rf "$SDIR" "$SJSON"  # no stale description of listeners that are not there
   write_config
 
   local cds_use="" cds_dump="" jsa

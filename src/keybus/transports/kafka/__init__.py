@@ -2,7 +2,7 @@
 
 One job per module; imports point one way (transport -> admin, producer, topic_feed;
 topic_feed -> group_consumer -> headers, threads, config; producer -> threads, config;
-all -> errors)::
+config -> security; admin -> failures; all -> errors)::
 
     transport.py       KafkaTransport: connect, publish/send, consumer(), close
     admin.py           the admin client: connect probe, topic create/describe/delete
@@ -13,6 +13,8 @@ all -> errors)::
     headers.py         a consumed record's headers, read lazily
     threads.py         the threads we start, and the bounded wait for their end
     config.py          options, librdkafka defaults, the bootstrap servers from the URL
+    security.py        tls= / sasl= / URL credentials -> librdkafka's security settings
+    failures.py        what librdkafka said about a failed connection (the probe's cause)
     errors.py          confluent-kafka's errors translated into keybus's
 
 Threads: one per group consumer (joined at close) and a short-lived one to destroy the
