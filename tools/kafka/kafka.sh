@@ -351,6 +351,7 @@ cmd_up() {
   [[ -f "$LOG" ]] && ((!keep)) && mv -f "$LOG" "$LOG.1"
   # Fresh certificates and passwords with fresh data; a resumed broker keeps both (its
   # metadata holds the SCRAM credential).
+  secured_check
   if secured_on && { ((!keep)) || [[ ! -f "$SDIR/scram.password" ]]; }; then secured_make; fi
   secured_on || rm -rf "$SDIR" "$SJSON"  # no stale description of listeners that are not there
   write_config
@@ -378,6 +379,7 @@ cmd_up() {
     die "formatting the storage in $DATA failed"
   fi
 
+  secured_ready
   local opts="${KEYBUS_KAFKA_JVM_OPTS:-$JVM_OPTS_DEFAULT}"
   # setsid: the broker outlives this script and the caller's process group.
   # shellcheck disable=SC2086

@@ -24,33 +24,57 @@ PLAIN_USER=svc
 
 secured_on() { [[ "$SECURED" != 0 ]]; }
 
-# A throw-away CA signing the broker's and a client's certificate (EC P-256: quick to
-# make). Kafka's PEM stores want PKCS#8 keys, which genpkey writes.
+# Without openssl the broker still serves the plain listener (every other test needs
+# it); the secured tests then skip, saying secured.json is missing.
+secured_check() {
+  if secured_on && ! command -v openssl >/dev/null 2>&1; then
+    say "warning: openssl not found: no secured listeners (their tests are skipped)"
+    SECURED=0
+  fi
+}
+
+# Random passwords now (the storage format needs the SCRAM one); the certificates in the
+# background, while the storage is formatted (secured_ready waits for them).
 secured_make() {
-  command -v openssl >/dev/null 2>&1 || die "openssl not found (needed for the TLS listeners; KEYBUS_KAFKA_SECURED=0 skips them)"
   rm -rf "$SDIR" "$SJSON"
   mkdir -p "$SDIR"
   chmod 700 "$SDIR"
-  (
-    cd "$SDIR"
-    local ec=(-algorithm EC -pkeyopt ec_paramgen_curve:P-256)
-    openssl genpkey "${ec[@]}" -out ca.key 2>/dev/null
-    openssl req -x509 -new -key ca.key -days 2 -subj "/CN=keybus test CA" -out ca.pem 2>/dev/null
-    for who in broker client; do
-      openssl genpkey "${ec[@]}" -out "$who.key" 2>/dev/null
-      openssl req -new -key "$who.key" -subj "/CN=keybus-$who" -out "$who.csr" 2>/dev/null
-      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$who.ext"
-      openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-        -extfile "$who.ext" -out "$who.pem" 2>/dev/null
-    done
-    # The broker's PEM key store: its key and certificate in one file.
-    cat broker.key broker.pem >broker-store.pem
-    rm -f ./*.csr ./*.ext ca.srl
-    head -c 18 /dev/urandom | base64 | tr '+/' '-_' >scram.password
-    head -c 18 /dev/urandom | base64 | tr '+/' '-_' >plain.password
-    head -c 18 /dev/urandom | base64 | tr '+/' '-_' >admin.password
-  ) || die "making the test certificates in $SDIR failed"
-  chmod 600 "$SDIR"/*
+  local who
+  for who in scram plain admin; do
+    head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$SDIR/$who.password"
+  done
+  secured_certificates &
+  SCERTS=$!
+}
+
+# A throw-away CA signing the broker's and a client's certificate (EC P-256: quick to
+# make). Kafka's PEM stores want PKCS#8 keys, which genpkey writes.
+secured_certificates() {
+  set -e
+  cd "$SDIR"
+  local ec=(-algorithm EC -pkeyopt ec_paramgen_curve:P-256) who
+  openssl genpkey "${ec[@]}" -out ca.key 2>/dev/null
+  openssl req -x509 -new -key ca.key -days 2 -subj "/CN=keybus test CA" -out ca.pem 2>/dev/null
+  for who in broker client; do
+    openssl genpkey "${ec[@]}" -out "$who.key" 2>/dev/null
+    openssl req -new -key "$who.key" -subj "/CN=keybus-$who" -out "$who.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$who.ext"
+    openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+      -extfile "$who.ext" -out "$who.pem" 2>/dev/null
+  done
+  # The broker's PEM key store: its key and certificate in one file.
+  cat broker.key broker.pem >broker-store.pem
+  rm -f ./*.csr ./*.ext ca.srl
+  chmod 600 ./*
+}
+
+# Before the broker starts: the certificates are there.
+secured_ready() {
+  secured_on || return 0
+  if [[ -n "${SCERTS:-}" ]]; then
+    wait "$SCERTS" || die "making the test certificates in $SDIR failed"
+    SCERTS=""
+  fi
 }
 
 secured_listeners() {
