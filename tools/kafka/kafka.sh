@@ -288,7 +288,8 @@ EOF
 }
 
 random_cluster_id() {
-  # A Kafka Uuid: 16 random bytes, URL-safe base64 without padding (22 chars).
+  # A Kafka Uuid: 16 random bytes, URL-safe base64 without padding (22 chars). It may
+  # start with "-": pass it as --cluster-id=<id>, or the tool takes it for an option.
   head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
 }
 
@@ -373,7 +374,7 @@ cmd_up() {
   mapfile -t scram < <(secured_format_args)
   # shellcheck disable=SC2086
   if ((!keep)) && ! "$java" $TOOL_JVM_OPTS $cds_use -Dlog4j2.configurationFile="$LOG4J" -cp "$LIBS/*" \
-        kafka.tools.StorageTool format --cluster-id "$cid" --config "$PROPS" "${scram[@]}" \
+        kafka.tools.StorageTool format --cluster-id="$cid" --config "$PROPS" "${scram[@]}" \
         >>"$LOG" 2>&1 </dev/null 9>&-; then
     tail -n 40 "$LOG" >&2
     die "formatting the storage in $DATA failed"
