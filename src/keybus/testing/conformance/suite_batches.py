@@ -13,6 +13,17 @@ from keybus.testing.conformance.helpers import Collected, eventually, order_viol
 __all__ = ["BatchSuite"]
 
 
+async def _collecting(
+    open_bus: BusFactory, backend: Backend
+) -> tuple[keybus.EventBus, str, Collected]:
+    """A bus subscribed to a fresh topic, collecting its raw messages."""
+    bus = await open_bus()
+    topic = backend.topic()
+    got = Collected()
+    await bus.subscribe(topic, got)
+    return bus, topic, got
+
+
 class BatchSuite(BackendFixtures):
     async def test_publish_many_acknowledges_every_item_and_keeps_each_keys_order(
         self, open_bus: BusFactory, backend: Backend
@@ -39,10 +50,7 @@ class BatchSuite(BackendFixtures):
     async def test_publish_many_takes_records_in_every_shape(
         self, open_bus: BusFactory, backend: Backend
     ) -> None:
-        bus = await open_bus()
-        topic = backend.topic()
-        got = Collected()
-        await bus.subscribe(topic, got)
+        bus, topic, got = await _collecting(open_bus, backend)
         await bus.publish_many(topic, [b"bare", (b"keyed", "k"), (b"full", "k", {"h": "v"})])
         await eventually(lambda: len(got) == 3, what="three records")
         by_value = {m.value: m for m in got}
@@ -54,10 +62,7 @@ class BatchSuite(BackendFixtures):
     async def test_an_invalid_item_raises_before_anything_is_sent(
         self, open_bus: BusFactory, backend: Backend
     ) -> None:
-        bus = await open_bus()
-        topic = backend.topic()
-        got = Collected()
-        await bus.subscribe(topic, got)
+        bus, topic, got = await _collecting(open_bus, backend)
         with pytest.raises(TypeError):
             await bus.publish_many(topic, [(b"first", "k"), ("not bytes", "k")])
         await bus.publish(topic, b"sentinel", key="k")
@@ -70,10 +75,7 @@ class BatchSuite(BackendFixtures):
         limit = backend.features.max_message_bytes
         if limit is None:
             pytest.skip("the backend declares no max_message_bytes")
-        bus = await open_bus()
-        topic = backend.topic()
-        got = Collected()
-        await bus.subscribe(topic, got)
+        bus, topic, got = await _collecting(open_bus, backend)
         items = [(b"a", "k1"), (bytes(limit + 1), "k2"), (b"c", "k3")]
         with pytest.raises(keybus.PublishBatchError) as raised:
             await bus.publish_many(topic, items)

@@ -13,6 +13,25 @@ from keybus.testing.conformance.helpers import eventually
 __all__ = ["ObserveSuite"]
 
 
+async def _holding(
+    open_bus: BusFactory, backend: Backend, held: str
+) -> tuple[keybus.EventBus, str, keybus.Subscription, asyncio.Event, list[str]]:
+    """A bus subscribed to a fresh one-partition topic whose handler holds key ``held``
+    until the returned event is set; the keys handled so far, in order."""
+    bus = await open_bus()
+    topic = backend.topic()
+    await bus.ensure_topic(topic, keybus.TopicConfig(partitions=1))
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(message: keybus.Message) -> None:
+        if message.key == held:
+            await release.wait()
+        handled.append(message.key or "")
+
+    return bus, topic, await bus.subscribe(topic, handler), release, handled
+
+
 class ObserveSuite(BackendFixtures):
     async def test_a_stuck_key_shows_in_stats_with_the_partition_it_holds(
         self, open_bus: BusFactory, backend: Backend
@@ -21,18 +40,7 @@ class ObserveSuite(BackendFixtures):
         other keys of its partition are handled: ``stats()`` names the key as the one
         with the most waiting messages and as the holder of the partition's commit
         point, with how long it has run and how many done messages wait behind it."""
-        bus = await open_bus()
-        topic = backend.topic()
-        await bus.ensure_topic(topic, keybus.TopicConfig(partitions=1))
-        release = asyncio.Event()
-        handled: list[str] = []
-
-        async def handler(message: keybus.Message) -> None:
-            if message.key == "order-42":
-                await release.wait()
-            handled.append(message.key or "")
-
-        sub = await bus.subscribe(topic, handler)
+        bus, topic, sub, release, handled = await _holding(open_bus, backend, "order-42")
         for i in range(4):
             await bus.publish(topic, b"x", key="order-42")
             await bus.publish(topic, b"y", key=f"other-{i}")
@@ -73,18 +81,7 @@ class ObserveSuite(BackendFixtures):
         count lag is everything published, the age of the oldest unfinished message
         grows, the messages of other keys done behind it are held; released, the lag
         drains to 0 and nothing unfinished is left."""
-        bus = await open_bus()
-        topic = backend.topic()
-        await bus.ensure_topic(topic, keybus.TopicConfig(partitions=1))
-        release = asyncio.Event()
-        handled: list[str] = []
-
-        async def handler(message: keybus.Message) -> None:
-            if message.key == "held":
-                await release.wait()
-            handled.append(message.key or "")
-
-        await bus.subscribe(topic, handler)
+        bus, topic, _, release, handled = await _holding(open_bus, backend, "held")
         await bus.publish(topic, b"first", key="held")
         for i in range(9):
             await bus.publish(topic, b"x", key=f"other-{i}")
