@@ -380,6 +380,14 @@ class EventBus:
         self._ensured.discard(topic)
         await self._transport.delete_topic(topic)
 
+    async def list_topics(self, *, timeout: float = 5.0) -> list[str]:
+        """The names of the backend's topics, sorted (its internal ones left out: Kafka's
+        ``__consumer_offsets``, NATS key-value buckets; on NATS, the topics of keybus's
+        own stream layout). :class:`TopicError` if the backend cannot tell in time."""
+        if self._publish_closed:
+            raise BusClosedError("the bus is closed")
+        return await self._transport.list_topics(Deadline.after(timeout))
+
     # -- operating -------------------------------------------------------------------
 
     async def health(self, timeout: float = 2.0) -> Health:

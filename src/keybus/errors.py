@@ -10,7 +10,7 @@ its client library's errors at its boundary, in ``transports/<backend>/errors.py
     ├── EnvelopeError     an envelope is invalid or cannot be decoded (also a ValueError)
     ├── PublishError      the broker refused a record or did not acknowledge it in time
     │   └── PublishBatchError  some records of a publish_many batch were not published
-    ├── TopicError        creating, describing or deleting a topic failed
+    ├── TopicError        creating, describing, deleting or listing topics failed
     ├── SubscribeError    a subscription could not join its group or get its partitions
     └── ConfigError       a configuration (file, mapping, environment) is invalid: names
                           the key, the value (secrets masked) and what was expected
@@ -42,7 +42,7 @@ __all__ = [
     "error_for",
 ]
 
-Action = Literal["connect", "publish", "subscribe", "create", "describe", "delete"]
+Action = Literal["connect", "publish", "subscribe", "create", "describe", "delete", "list"]
 """What a transport was doing when it failed: decides the error's type."""
 
 
@@ -104,11 +104,13 @@ class PublishBatchError(PublishError):
 
 
 class TopicError(KeybusError):
-    """Creating, describing or deleting a topic failed (cause chained). ``action`` is
-    ``"create"``, ``"describe"`` or ``"delete"``."""
+    """Creating, describing, deleting or listing topics failed (cause chained).
+    ``action`` is ``"create"``, ``"describe"``, ``"delete"`` or ``"list"`` (``topic``
+    then empty)."""
 
     def __init__(self, topic: str, action: str, reason: str) -> None:
-        super().__init__(f"cannot {action} topic {topic!r}: {reason}")
+        what = f"topic {topic!r}" if topic else "topics"
+        super().__init__(f"cannot {action} {what}: {reason}")
         self.topic = topic
         self.action = action
         self.reason = reason

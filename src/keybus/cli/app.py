@@ -13,7 +13,12 @@ from keybus.bench.report import results_table
 from keybus.bench.scenario import aggregates_for, backend_url, run_scenario
 from keybus.cli.bench import bench
 from keybus.cli.dlq import dlq
+from keybus.cli.health import health
+from keybus.cli.lag import lag
+from keybus.cli.publish import publish
 from keybus.cli.run import run
+from keybus.cli.tail import tail
+from keybus.cli.topics import topics
 
 app = typer.Typer(add_completion=False, help="keybus: an asyncio event bus.")
 console = Console()
@@ -22,6 +27,9 @@ console = Console()
 app.command()(bench)
 app.command()(run)
 app.add_typer(dlq, name="dlq")
+# Looking at topics (each in its own module).
+for command in (tail, publish, topics, lag, health):
+    app.command()(command)
 
 
 @app.callback()

@@ -186,6 +186,13 @@ class Transport(abc.ABC):
         """Delete the topic and its data if it exists (idempotent). Failure:
         :class:`~keybus.errors.TopicError`."""
 
+    async def list_topics(self, deadline: Deadline) -> list[str]:
+        """The names of the topics the backend holds, sorted, its internal ones (Kafka's
+        ``__consumer_offsets``, NATS key-value buckets) left out, by ``deadline``.
+        Failure: :class:`~keybus.errors.TopicError`. The default: the transport cannot
+        list its topics."""
+        raise error_for("list", "", "this transport cannot list its topics")
+
     async def positions(
         self, topic: str, group: str, deadline: Deadline
     ) -> list[PartitionPosition]:

@@ -313,6 +313,9 @@ class MemoryTransport(Transport):
     async def delete_topic(self, topic: str) -> None:
         self._live().topics.pop(topic, None)
 
+    async def list_topics(self, deadline: Deadline) -> list[str]:
+        return sorted(self._live().topics)
+
     def consumer(self, topic: str, group: str, sink: Sink) -> Consumer:
         return MemoryConsumer(self._live().topic(topic), group, sink)
 

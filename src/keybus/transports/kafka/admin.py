@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,8 +30,11 @@ from keybus.deadline import Deadline
 from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.kafka.errors import Action, closed, error_code, translate
 from keybus.transports.kafka.failures import ConnectionFailures
+from keybus.transports.kafka.threads import OwnedThread
 
 __all__ = ["KafkaAdmin"]
+
+log = logging.getLogger("keybus.kafka")
 
 _EPHEMERAL_RETENTION_MS = 15 * 60 * 1000  # "short retention" for TopicConfig(ephemeral=True)
 # The interface gives topic calls no deadline; these bound each request and the wait for
@@ -150,6 +154,42 @@ class KafkaAdmin:
         if partitions is None:
             raise translate("no such topic", "describe", topic)
         return TopicInfo(topic, partitions)
+
+    async def list_topics(self, deadline: Deadline) -> list[str]:
+        """The cluster's topics from a metadata request, internal ones (``__*``) left out.
+        confluent-kafka offers that request only as a blocking call: it runs in a thread
+        of its own, joined by ``deadline`` (librdkafka's own timeout ends it soon after)."""
+        client = self._live()
+        timeout = max(0.1, deadline.remaining())
+        found: list[str] = []
+        failed: list[BaseException] = []
+
+        def request() -> None:
+            try:
+                found.extend(client.list_topics(timeout=timeout).topics)
+            except Exception as exc:  # handed to the loop side, translated there
+                failed.append(exc)
+
+        thread = OwnedThread(request, "keybus-kafka-list-topics", asyncio.get_running_loop())
+        thread.start()
+        if not await thread.join(deadline.within(timeout + _ANSWER_MARGIN)):
+            raise translate("no answer in time", "list", "")
+        if failed:
+            raise translate(failed[0], "list", "") from failed[0]
+        return sorted(name for name in found if not name.startswith("__"))
+
+    async def delete_group(self, group: str, deadline: Deadline) -> None:
+        """Delete ``group``'s committed offsets (it has no members left); a group the
+        broker does not know, or an answer not in by ``deadline``, is let be."""
+        client = self._live()
+        timeout = max(0.1, deadline.remaining())
+        future = client.delete_consumer_groups([group], request_timeout=timeout)[group]
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                await asyncio.wrap_future(future)
+        except (TimeoutError, KafkaException) as exc:
+            future.cancel()
+            log.debug("keybus: could not delete the private group %s: %r", group, exc)
 
     async def positions(
         self, topic: str, group: str, deadline: Deadline

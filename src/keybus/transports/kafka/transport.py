@@ -11,6 +11,7 @@ from confluent_kafka import KafkaException
 
 from keybus.deadline import TRANSPORT_CLOSE_BUDGET, Deadline
 from keybus.errors import PublishError
+from keybus.groups import is_anonymous
 from keybus.message import Message
 from keybus.topics import PartitionPosition, TopicConfig, TopicInfo
 from keybus.transports.base import Consumer, Sink, Transport
@@ -30,6 +31,8 @@ __all__ = ["KafkaTransport"]
 # thread and librdkafka's native threads running after close()), so the budget covers the
 # session timeout plus this much for the leave and the thread's end.
 _CLOSE_MARGIN = 2.5
+# The least time left in a close worth spending on deleting private groups' offsets.
+_DELETE_MIN = 0.2
 
 
 class KafkaTransport(Transport):
@@ -47,6 +50,7 @@ class KafkaTransport(Transport):
         self._producer: KafkaProducer | None = None
         self._groups: dict[str, list[GroupConsumer]] = {}
         self._shared: list[GroupConsumer] = []  # every group consumer whose thread may run
+        self._private: set[str] = set()  # anonymous groups this transport consumed in
         self._closed = False
 
     # -- connect / admin -------------------------------------------------------------
@@ -62,6 +66,9 @@ class KafkaTransport(Transport):
 
     async def delete_topic(self, topic: str) -> None:
         await self._admin.delete_topic(topic)
+
+    async def list_topics(self, deadline: Deadline) -> list[str]:
+        return await self._admin.list_topics(deadline)
 
     async def positions(
         self, topic: str, group: str, deadline: Deadline
@@ -131,6 +138,8 @@ class KafkaTransport(Transport):
     def consumer(self, topic: str, group: str, sink: Sink) -> Consumer:
         if self._closed:
             raise closed(self.url)
+        if is_anonymous(group):
+            self._private.add(group)
         members = self._groups.setdefault(group, [])
         # One shared consumer per group for every topic; a second subscription to the same
         # topic in the same group is a second member, like another process would be. So is
@@ -175,4 +184,10 @@ class KafkaTransport(Transport):
             *(s.shutdown(deadline) for s in shared),
             *([producer.close(deadline)] if producer else []),
         )
+        # Nobody can rejoin a private group: drop its committed offsets, which the broker
+        # would otherwise keep for offsets.retention.minutes (a week by default). Only
+        # with time left: a close against a gone broker must not wait for this.
+        private, self._private = self._private, set()
+        if private and deadline.remaining() > _DELETE_MIN:
+            await asyncio.gather(*(self._admin.delete_group(g, deadline) for g in private))
         self._admin.close()

@@ -142,6 +142,24 @@ class Streams:
             metadata=metadata,
         )
 
+    async def topics(self) -> list[str]:
+        """The topics of keybus's partitioned layout (streams ``KB_*``, named in their
+        metadata), sorted. Key-value buckets and streams of other layouts or of other
+        programs are not topics of this kind, so they are left out."""
+        _, js = self._live()
+        names: set[str] = set()
+        offset = 0
+        while True:  # pages of streams until one comes back empty
+            page = await js.streams_info(offset)
+            offset += len(page)
+            for info in page:
+                metadata = info.config.metadata or {}
+                topic = metadata.get(_TOPIC_META)
+                if topic and (info.config.name or "").startswith("KB_"):
+                    names.add(topic)
+            if not page:
+                return sorted(names)
+
     async def delete(self, topic: str) -> None:
         """Delete the topic's stream — or, for a subject-layout topic in a stream shared
         with other subjects (a Go service's ``JetStream.Stream.Name``), purge its subject

@@ -171,6 +171,16 @@ class NatsTransport(Transport):
             raise translate(exc, "describe", topic) from exc
         return TopicInfo(topic, known.partitions)
 
+    async def list_topics(self, deadline: Deadline) -> list[str]:
+        self._conn.live()
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                return await self._streams.topics()
+        except TimeoutError:
+            raise translate("no answer in time", "list", "") from None
+        except NATS_ERRORS as exc:
+            raise translate(exc, "list", "") from exc
+
     async def positions(
         self, topic: str, group: str, deadline: Deadline
     ) -> list[PartitionPosition]:
