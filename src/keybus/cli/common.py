@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -25,7 +27,7 @@ from rich.markup import escape
 import keybus
 from keybus.bus import EventBus
 from keybus.errors import KeybusError
-from keybus.security import redact_url
+from keybus.security import redact_url, split_credentials
 
 __all__ = [
     "CONFIG",
@@ -40,10 +42,11 @@ __all__ = [
     "target",
 ]
 
-console = Console(highlight=False)
-errors = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 INTERRUPTED = 130
+_MASK = "**********"
 
 URL = typer.Argument(
     None,
@@ -77,8 +80,18 @@ class Target:
         return redact_url(self.url) if self.url else f"the configuration in {self.config}"
 
     def redact(self, text: str) -> str:
-        """``text`` (an error's message, say) with this target's URL redacted."""
-        return text.replace(self.url, redact_url(self.url)) if self.url else text
+        """``text`` (an error's message, say) with this target's URL redacted — and its
+        credentials wherever else they show (a client library may quote the host part
+        of the URL with them)."""
+        if not self.url:
+            return text
+        text = text.replace(self.url, redact_url(self.url))
+        userinfo = urlsplit(self.url).netloc.rpartition("@")[0]
+        _, _, password = split_credentials(self.url)
+        for secret in (userinfo, password.reveal() if password else ""):
+            if secret:
+                text = text.replace(secret, _MASK)
+        return text
 
 
 def target(
@@ -135,8 +148,18 @@ def run(
     SIGINT / SIGTERM: a command that ``follows`` (tail, a watch) ends then by itself,
     closing its bus, and exits 0; any other is cancelled (its bus closed on the way
     out) and exits 130. A second signal cancels a following command as well."""
+    quiet_library_logs()
     code = asyncio.run(_guarded(where, command, follows))
     raise typer.Exit(code)
+
+
+def quiet_library_logs() -> None:
+    """A command reports what failed itself, in one line with the URL redacted; the
+    library's log lines (librdkafka's connection failures, say, which quote brokers as
+    configured) would repeat it, unredacted."""
+    library = logging.getLogger("keybus")
+    library.addHandler(logging.NullHandler())
+    library.propagate = False
 
 
 async def _guarded(
