@@ -40,6 +40,7 @@ __all__ = [
     "open_bus",
     "run",
     "target",
+    "topic_given",
 ]
 
 console = Console(highlight=False, soft_wrap=True)
@@ -111,6 +112,13 @@ def target(
         values = [url, *values[:-1]]
         url = None
     return Target(url, config, connect_timeout), values
+
+
+def topic_given(name: str | None) -> str:
+    """The TOPIC argument, which click leaves optional (it shifts with ``--config``)."""
+    if name is None:
+        raise typer.BadParameter("which topic?", param_hint="TOPIC")
+    return name
 
 
 @contextlib.asynccontextmanager

@@ -18,17 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from keybus.bus import EventBus
-from keybus.cli.common import (
-    CONFIG,
-    CONNECT_TIMEOUT,
-    JSON,
-    URL,
-    console,
-    emit_json,
-    open_bus,
-    run,
-    target,
-)
+from keybus.cli import common
 from keybus.lag import PartitionLag
 
 __all__ = ["lag"]
@@ -43,26 +33,26 @@ _TOPICS = typer.Option(
 
 
 def lag(
-    url: str | None = URL,
+    url: str | None = common.URL,
     group: str = typer.Option(..., "--group", help="The consumer group."),
     topic: list[str] | None = _TOPICS,
     watch: float = typer.Option(
         0, "--watch", min=0, help="Refresh every S seconds until Ctrl-C (0: once)."
     ),
-    as_json: bool = JSON,
-    config: Path | None = CONFIG,
-    connect_timeout: float = CONNECT_TIMEOUT,
+    as_json: bool = common.JSON,
+    config: Path | None = common.CONFIG,
+    connect_timeout: float = common.CONNECT_TIMEOUT,
 ) -> None:
     """A consumer group's lag per partition: its committed position, the partition's end
     and the records it has not committed."""
-    where, _ = target(url, config, connect_timeout)
+    where, _ = common.target(url, config, connect_timeout)
 
     async def show(stop: asyncio.Event) -> int:
-        async with open_bus(where) as bus:
+        async with common.open_bus(where) as bus:
             if not watch:
                 _print(await _rows(bus, group, topic or []), group, as_json)
                 return 0
-            with Live(console=console, auto_refresh=False, transient=False) as live:
+            with Live(console=common.console, auto_refresh=False, transient=False) as live:
                 while not stop.is_set():
                     rows = await _rows(bus, group, topic or [])
                     if as_json:
@@ -74,7 +64,7 @@ def lag(
                         await asyncio.wait_for(stop.wait(), watch)
         return 0
 
-    run(where, show, follows=bool(watch))
+    common.run(where, show, follows=bool(watch))
 
 
 async def _rows(bus: EventBus, group: str, topics: list[str]) -> list[PartitionLag]:
@@ -105,9 +95,10 @@ def _row_json(row: PartitionLag) -> dict[str, Any]:
 def _print(rows: list[PartitionLag], group: str, as_json: bool) -> None:
     if as_json:
         total = sum(r.lag for r in rows)
-        emit_json({"group": group, "total": total, "partitions": [_row_json(r) for r in rows]})
+        partitions = [_row_json(r) for r in rows]
+        common.emit_json({"group": group, "total": total, "partitions": partitions})
     else:
-        console.print(_table(rows, group))
+        common.console.print(_table(rows, group))
 
 
 def _table(rows: list[PartitionLag], group: str) -> Table:

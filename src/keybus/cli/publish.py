@@ -19,18 +19,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from keybus.cli.common import (
-    CONFIG,
-    CONNECT_TIMEOUT,
-    JSON,
-    URL,
-    Target,
-    console,
-    emit_json,
-    open_bus,
-    run,
-    target,
-)
+from keybus.cli import common
 from keybus.envelope import Envelope, envelope_headers
 from keybus.errors import EnvelopeError
 
@@ -63,7 +52,7 @@ _HEADERS = typer.Option(None, "--header", help="A header name=value (repeat for 
 
 
 def publish(
-    url: str | None = URL,
+    url: str | None = common.URL,
     topic: str | None = typer.Argument(None, help="The topic to publish to.", show_default=False),
     value: str | None = typer.Argument(
         None, help="The value; '-' or left out: one record per line of standard input."
@@ -80,15 +69,14 @@ def publish(
     version: int = typer.Option(
         1, "--version", min=1, help="The first envelope's version (next lines: +1 each)."
     ),
-    as_json: bool = JSON,
-    config: Path | None = CONFIG,
-    connect_timeout: float = CONNECT_TIMEOUT,
+    as_json: bool = common.JSON,
+    config: Path | None = common.CONFIG,
+    connect_timeout: float = common.CONNECT_TIMEOUT,
 ) -> None:
     """Publish a record, or one per line of standard input, and print what the broker
     acknowledged."""
-    where, (name, text) = target(url, config, connect_timeout, topic, value)
-    if name is None:
-        raise typer.BadParameter("which topic?", param_hint="TOPIC")
+    where, (name, text) = common.target(url, config, connect_timeout, topic, value)
+    topic_name = common.topic_given(name)
     extra = _headers(header or [])
     if envelope:
         if not aggregate_id or not event_type:
@@ -100,10 +88,19 @@ def publish(
 
     async def send(stop: asyncio.Event) -> int:
         return await _send(
-            where, name, text, key, extra, envelope, aggregate_id, event_type, version, as_json
+            where,
+            topic_name,
+            text,
+            key,
+            extra,
+            envelope,
+            aggregate_id,
+            event_type,
+            version,
+            as_json,
         )
 
-    run(where, send)
+    common.run(where, send)
 
 
 def _record(number: int, text: str, aggregate_id: str, event_type: str, version: int) -> Envelope:
@@ -117,7 +114,7 @@ def _record(number: int, text: str, aggregate_id: str, event_type: str, version:
 
 
 async def _send(
-    where: Target,
+    where: common.Target,
     topic: str,
     value: str | None,
     key: str | None,
@@ -128,7 +125,7 @@ async def _send(
     version: int,
     as_json: bool,
 ) -> int:
-    async with open_bus(where) as bus:
+    async with common.open_bus(where) as bus:
         await bus.describe_topic(topic)  # publishing would create a missing one (NATS)
         for sent, (number, text) in enumerate(_values(value)):
             data, record_key = text.encode(), key
@@ -149,8 +146,9 @@ async def _send(
             await bus.publish(topic, data, key=record_key, headers=headers)
             shown["bytes"] = len(data)
             if as_json:
-                emit_json(shown)
+                common.emit_json(shown)
             else:
                 details = "  ".join(f"{k}={v}" for k, v in shown.items() if k != "topic")
-                console.print(f"[green]acknowledged[/green] {escape(topic)}  {escape(details)}")
+                line = f"[green]acknowledged[/green] {escape(topic)}  {escape(details)}"
+                common.console.print(line)
     return 0

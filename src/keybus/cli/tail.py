@@ -21,19 +21,7 @@ from pathlib import Path
 
 import typer
 
-from keybus.cli.common import (
-    CONFIG,
-    CONNECT_TIMEOUT,
-    JSON,
-    URL,
-    Target,
-    console,
-    emit_json,
-    errors,
-    open_bus,
-    run,
-    target,
-)
+from keybus.cli import common
 from keybus.cli.show import print_record, record_json
 from keybus.message import Message
 
@@ -82,7 +70,7 @@ class _Picker:
 
 
 def tail(
-    url: str | None = URL,
+    url: str | None = common.URL,
     topic: str | None = typer.Argument(None, help="The topic to follow.", show_default=False),
     envelope: bool = typer.Option(
         False, "--envelope", help="Decode each record as an envelope and show its fields."
@@ -103,16 +91,15 @@ def tail(
     max_records: int = typer.Option(
         0, "--max", min=0, help="Exit after showing N records (0: follow until Ctrl-C)."
     ),
-    as_json: bool = JSON,
-    config: Path | None = CONFIG,
-    connect_timeout: float = CONNECT_TIMEOUT,
+    as_json: bool = common.JSON,
+    config: Path | None = common.CONFIG,
+    connect_timeout: float = common.CONNECT_TIMEOUT,
 ) -> None:
     """Print a topic's records as they arrive (topic, partition, offset, key, headers,
     the envelope's fields and payload). Default: only records published after tail
     started. Ctrl-C or SIGTERM ends it (exit 0)."""
-    where, (name,) = target(url, config, connect_timeout, topic)
-    if name is None:
-        raise typer.BadParameter("which topic?", param_hint="TOPIC")
+    where, (name,) = common.target(url, config, connect_timeout, topic)
+    topic_name = common.topic_given(name)
     if from_beginning and last is not None:
         raise typer.BadParameter("--from-beginning and --last exclude each other")
     if group is not None and (from_beginning or last is not None):
@@ -123,13 +110,15 @@ def tail(
     keep = math.inf if from_beginning else float(last or 0)
 
     async def follow(stop: asyncio.Event) -> int:
-        return await _follow(where, name, envelope, keep, group, key, max_records, as_json, stop)
+        return await _follow(
+            where, topic_name, envelope, keep, group, key, max_records, as_json, stop
+        )
 
-    run(where, follow, follows=True)
+    common.run(where, follow, follows=True)
 
 
 async def _follow(
-    where: Target,
+    where: common.Target,
     topic: str,
     envelope: bool,
     keep: float,
@@ -139,7 +128,7 @@ async def _follow(
     as_json: bool,
     stop: asyncio.Event,
 ) -> int:
-    async with open_bus(where, group) as bus:
+    async with common.open_bus(where, group) as bus:
         await bus.describe_topic(topic)  # a missing topic is an error, not a wait
         backlog: dict[int, int] = {}
         if group is None:
@@ -155,11 +144,11 @@ async def _follow(
                     continue
                 try:
                     if as_json:
-                        emit_json(record_json(record, envelope))
+                        common.emit_json(record_json(record, envelope))
                     else:
-                        print_record(console, record, envelope)
+                        print_record(common.console, record, envelope)
                 except Exception as exc:  # never fail a record: it would be retried
-                    errors.print(f"cannot show {record.topic}[{record.partition}]: {exc!r}")
+                    common.errors.print(f"cannot show {record.topic}[{record.partition}]: {exc!r}")
                 shown += 1
                 if max_records and shown >= max_records:
                     stop.set()
@@ -167,7 +156,7 @@ async def _follow(
         # One at a time: the output is one stream. A handler that never raises never
         # retries nor dead-letters, so tail publishes nothing.
         await bus.subscribe(topic, handle, max_concurrency=1, max_attempts=1)
-        errors.print(
+        common.errors.print(
             f"[dim]following {topic} on {where.shown} in group {bus.group} (Ctrl-C to stop)[/dim]"
         )
         await stop.wait()

@@ -10,18 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from keybus.bus import EventBus
-from keybus.cli.common import (
-    CONFIG,
-    CONNECT_TIMEOUT,
-    JSON,
-    URL,
-    Target,
-    console,
-    emit_json,
-    open_bus,
-    run,
-    target,
-)
+from keybus.cli import common
 from keybus.errors import TopicError
 from keybus.topics import TopicConfig
 
@@ -31,7 +20,7 @@ ACTIONS = ("list", "describe", "create", "delete")
 
 
 def topics(
-    url: str | None = URL,
+    url: str | None = common.URL,
     action: str | None = typer.Argument(
         None, help="list (the default), describe, create or delete.", show_default=False
     ),
@@ -45,14 +34,14 @@ def topics(
     retention: float | None = typer.Option(
         None, "--retention", min=0.001, help="create: seconds records are kept (backend's default)."
     ),
-    as_json: bool = JSON,
-    config: Path | None = CONFIG,
-    connect_timeout: float = CONNECT_TIMEOUT,
+    as_json: bool = common.JSON,
+    config: Path | None = common.CONFIG,
+    connect_timeout: float = common.CONNECT_TIMEOUT,
 ) -> None:
     """List the topics, or describe, create or delete one. list hides the backend's own
     (Kafka's __consumer_offsets, NATS key-value buckets; on NATS it lists the topics of
     keybus's stream layout)."""
-    where, (chosen, name) = target(url, config, connect_timeout, action, topic)
+    where, (chosen, name) = common.target(url, config, connect_timeout, action, topic)
     chosen = chosen or "list"
     if chosen not in ACTIONS:
         raise typer.BadParameter(f"{chosen!r}: use {', '.join(ACTIONS)}", param_hint="ACTION")
@@ -72,7 +61,7 @@ def topics(
         )
 
     async def act(stop: asyncio.Event) -> int:
-        async with open_bus(where) as bus:
+        async with common.open_bus(where) as bus:
             if chosen == "list":
                 return await _list(bus, as_json)
             assert name is not None
@@ -83,16 +72,16 @@ def topics(
                 return await _create(bus, where, name, settings, as_json)
             return await _delete(bus, name, as_json)
 
-    run(where, act)
+    common.run(where, act)
 
 
 async def _list(bus: EventBus, as_json: bool) -> int:
     names = await bus.list_topics()
     if as_json:
-        emit_json({"topics": names})
+        common.emit_json({"topics": names})
     else:
         for name in names:
-            console.print(escape(name))
+            common.console.print(escape(name))
     return 0
 
 
@@ -102,14 +91,14 @@ async def _describe(bus: EventBus, topic: str, as_json: bool) -> int:
     lag = await bus.lag(topic)
     rows = [{"partition": p.partition, "end": p.end, "records": p.lag} for p in lag.partitions]
     if as_json:
-        emit_json({"topic": info.name, "partitions": info.partitions, "detail": rows})
+        common.emit_json({"topic": info.name, "partitions": info.partitions, "detail": rows})
         return 0
     table = Table(title=f"{info.name}: {info.partitions} partition(s)")
     for column in ("partition", "end", "records"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*(str(row[c]) for c in ("partition", "end", "records")))
-    console.print(table)
+    common.console.print(table)
     return 0
 
 
@@ -121,7 +110,7 @@ async def _exists(bus: EventBus, topic: str) -> int | None:
 
 
 async def _create(
-    bus: EventBus, where: Target, topic: str, settings: TopicConfig, as_json: bool
+    bus: EventBus, where: common.Target, topic: str, settings: TopicConfig, as_json: bool
 ) -> int:
     # ensure_topic keeps an existing topic as it is: say so rather than claim it created.
     existing = await _exists(bus, topic)
@@ -130,9 +119,9 @@ async def _create(
     await bus.ensure_topic(topic, settings)
     info = await bus.describe_topic(topic)
     if as_json:
-        emit_json({"topic": info.name, "partitions": info.partitions, "created": True})
+        common.emit_json({"topic": info.name, "partitions": info.partitions, "created": True})
     else:
-        console.print(f"created {escape(info.name)} ({info.partitions} partitions)")
+        common.console.print(f"created {escape(info.name)} ({info.partitions} partitions)")
     return 0
 
 
@@ -141,7 +130,7 @@ async def _delete(bus: EventBus, topic: str, as_json: bool) -> int:
         raise TopicError(topic, "delete", "no such topic")
     await bus.delete_topic(topic)
     if as_json:
-        emit_json({"topic": topic, "deleted": True})
+        common.emit_json({"topic": topic, "deleted": True})
     else:
-        console.print(f"deleted {escape(topic)}")
+        common.console.print(f"deleted {escape(topic)}")
     return 0
