@@ -31,8 +31,11 @@ __all__ = ["KafkaTransport"]
 # thread and librdkafka's native threads running after close()), so the budget covers the
 # session timeout plus this much for the leave and the thread's end.
 _CLOSE_MARGIN = 2.5
-# The least time left in a close worth spending on deleting private groups' offsets.
+# The least time left in a close worth spending on deleting private groups' offsets,
+# and the most it may take (a few ms when the broker answers; against a gone broker the
+# close must not wait long for what only tidies up).
 _DELETE_MIN = 0.2
+_DELETE_TIMEOUT = 1.0
 
 
 class KafkaTransport(Transport):
@@ -189,5 +192,6 @@ class KafkaTransport(Transport):
         # with time left: a close against a gone broker must not wait for this.
         private, self._private = self._private, set()
         if private and deadline.remaining() > _DELETE_MIN:
-            await asyncio.gather(*(self._admin.delete_group(g, deadline) for g in private))
+            within = deadline.within(_DELETE_TIMEOUT)
+            await asyncio.gather(*(self._admin.delete_group(g, within) for g in private))
         self._admin.close()
