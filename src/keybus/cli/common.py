@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +37,7 @@ __all__ = [
     "URL",
     "Target",
     "console",
+    "detach_stdout",
     "emit_json",
     "open_bus",
     "run",
@@ -139,6 +141,14 @@ def emit_json(data: Any) -> None:
     """One JSON object on a line of its own, flushed: a reader of a pipe sees it now."""
     sys.stdout.write(json.dumps(data, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+def detach_stdout() -> None:
+    """Standard output's reader went away: point it at /dev/null, so that what is still
+    written (and the flush at exit) does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def fail(where: Target | None, text: str) -> None:

@@ -147,6 +147,10 @@ async def _follow(
                         common.emit_json(record_json(record, envelope))
                     else:
                         print_record(common.console, record, envelope)
+                except BrokenPipeError:  # `keybus tail ... | head`: the reader is gone
+                    common.detach_stdout()
+                    stop.set()
+                    return
                 except Exception as exc:  # never fail a record: it would be retried
                     common.errors.print(f"cannot show {record.topic}[{record.partition}]: {exc!r}")
                 shown += 1
