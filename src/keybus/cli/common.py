@@ -53,6 +53,7 @@ _MASK = "**********"
 
 URL = typer.Argument(
     None,
+    metavar="URL",
     help="memory://, kafka://host:port[,host:port] or nats://host:port (left out with --config).",
     show_default=False,
 )

@@ -53,9 +53,13 @@ _HEADERS = typer.Option(None, "--header", help="A header name=value (repeat for 
 
 def publish(
     url: str | None = common.URL,
-    topic: str | None = typer.Argument(None, help="The topic to publish to.", show_default=False),
+    topic: str | None = typer.Argument(
+        None, metavar="TOPIC", help="The topic to publish to.", show_default=False
+    ),
     value: str | None = typer.Argument(
-        None, help="The value; '-' or left out: one record per line of standard input."
+        None,
+        metavar="VALUE",
+        help="The value; '-' or left out: one record per line of standard input.",
     ),
     key: str | None = typer.Option(None, "--key", help="The record's key (its partition)."),
     header: list[str] | None = _HEADERS,

@@ -71,7 +71,9 @@ class _Picker:
 
 def tail(
     url: str | None = common.URL,
-    topic: str | None = typer.Argument(None, help="The topic to follow.", show_default=False),
+    topic: str | None = typer.Argument(
+        None, metavar="TOPIC", help="The topic to follow.", show_default=False
+    ),
     envelope: bool = typer.Option(
         False, "--envelope", help="Decode each record as an envelope and show its fields."
     ),

@@ -22,10 +22,13 @@ ACTIONS = ("list", "describe", "create", "delete")
 def topics(
     url: str | None = common.URL,
     action: str | None = typer.Argument(
-        None, help="list (the default), describe, create or delete.", show_default=False
+        None,
+        metavar="ACTION",
+        help="list (the default), describe, create or delete.",
+        show_default=False,
     ),
     topic: str | None = typer.Argument(
-        None, help="The topic (describe, create, delete).", show_default=False
+        None, metavar="TOPIC", help="The topic (describe, create, delete).", show_default=False
     ),
     partitions: int | None = typer.Option(
         None, "--partitions", min=1, help="create: the partition count (required)."
