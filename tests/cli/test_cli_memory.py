@@ -103,7 +103,7 @@ def _message(partition: int, offset: int) -> Message:
 
 
 def test_picker_shows_the_newest_of_each_partitions_backlog_in_offset_order() -> None:
-    picker = _Picker({0: 4, 1: 1}, keep=2)
+    picker = _Picker({0: (4, 4), 1: (1, 1)}, keep=2)
     shown: list[tuple[int, int]] = []
     # Delivered in key order, not offset order; then a record published after the start.
     for partition, offset in [(0, 1), (0, 3), (1, 0), (0, 0), (0, 2), (0, 4)]:
@@ -112,12 +112,25 @@ def test_picker_shows_the_newest_of_each_partitions_backlog_in_offset_order() ->
 
 
 def test_picker_new_only_and_everything() -> None:
-    new_only = _Picker({0: 2}, keep=0)
+    new_only = _Picker({0: (2, 2)}, keep=0)
     assert [new_only.offer(_message(0, o)) for o in (0, 1)] == [[], []]
     assert [m.offset for m in new_only.offer(_message(0, 2))] == [2]
-    everything = _Picker({0: 2}, keep=float("inf"))
+    everything = _Picker({0: (2, 2)}, keep=float("inf"))
     assert [[m.offset for m in everything.offer(_message(0, o))] for o in (1, 0, 2)] == [
         [1],
         [0],
         [2],
     ]
+
+
+def test_picker_never_drops_a_new_record_when_the_count_overstates() -> None:
+    # NATS-like: stream sequences shared by partitions (end 10 for both); the count says
+    # 3 old records in partition 0 but only 2 are read (one expired meanwhile).
+    picker = _Picker({0: (3, 10), 1: (0, 10)}, keep=2)
+    assert picker.offer(_message(0, 4)) == []
+    assert picker.offer(_message(0, 7)) == []
+    assert [m.offset for m in picker.offer(_message(1, 10))] == [10]
+    assert [m.offset for m in picker.offer(_message(0, 11))] == [4, 7, 11]
+    assert picker.offer(_message(0, 5)) == [], "old, after the partition's were shown"
+    new_only = _Picker({0: (5, 6)}, keep=0)
+    assert [m.offset for m in new_only.offer(_message(0, 6))] == [6]

@@ -3,13 +3,14 @@
 keybus subscribes from a group's committed position, or from the earliest record for a
 group that has none; it cannot seek. So without ``--group`` tail reads in a fresh
 private group (dropped by the backend on close: nothing is left committed) from the
-earliest record, and chooses what to show by counting: before subscribing it reads how
-many records each partition holds (``bus.lag`` of the fresh group), and of those it
-shows the last N per partition (``--last N``), none (the default: only records
-published after tail started) or all (``--from-beginning``); every later record is shown
-as it arrives. The skipped records are still read, so starting on a large topic takes
-the time to read it. With ``--group G`` tail is a member of G like any other: it starts
-at G's committed position and commits what it showed.
+earliest record, and chooses what to show from where each partition stood when it
+started (``bus.lag`` of the fresh group: the end and the count of records held): a
+record below the end is old, and of the old ones it shows the last N per partition
+(``--last N``), none (the default: only records published after tail started) or all
+(``--from-beginning``); every new record is shown as it arrives. The skipped records
+are still read, so starting on a large topic takes the time to read it. With ``--group
+G`` tail is a member of G like any other: it starts at G's committed position and
+commits what it showed.
 """
 
 from __future__ import annotations
@@ -29,13 +30,18 @@ __all__ = ["tail"]
 
 
 class _Picker:
-    """Which records to show. Per partition, the ``backlog`` records there at the start
-    are held back except the ``keep`` newest (by offset: keybus hands records over in
-    each key's order, not the partition's), shown in offset order once the whole backlog
-    was read; later records go straight through."""
+    """Which records to show. A record of partition p is old when its offset is below
+    p's end as read at the start (on every backend a later record gets a higher offset
+    or stream sequence), new otherwise: new records go straight through, old ones are
+    dropped except the ``keep`` newest of each partition (by offset: keybus hands
+    records over in each key's order, not the partition's), held until the partition's
+    ``count`` old records were read and then shown in offset order. Should the count
+    overstate (records removed by retention while tail read), the first new record of
+    the partition shows what is held; old records after that are dropped."""
 
-    def __init__(self, backlog: dict[int, int], keep: float) -> None:
-        self.left = {p: n for p, n in backlog.items() if n > 0}
+    def __init__(self, backlog: dict[int, tuple[int, int]], keep: float) -> None:
+        self.ends = {p: end for p, (_, end) in backlog.items()}
+        self.left = {p: count for p, (count, _) in backlog.items() if count > 0}
         self.keep = keep
         self.held: dict[int, list[tuple[int, int, Message]]] = {}
         self._seq = 0
@@ -43,30 +49,29 @@ class _Picker:
     def offer(self, message: Message) -> list[Message]:
         """The records to show now that ``message`` arrived."""
         partition = message.partition
-        left = self.left.get(partition, 0)
-        if left == 0 or math.isinf(self.keep):
-            if left:
-                self._count(partition)
+        if message.offset >= self.ends.get(partition, 0):
+            self.left.pop(partition, None)
+            return [*self._release(partition), message]
+        if math.isinf(self.keep):
             return [message]
-        held = self.held.setdefault(partition, [])
-        self._seq += 1
+        if partition not in self.left:
+            return []  # old, and the partition's newest old ones were shown already
         if self.keep > 0:
+            held = self.held.setdefault(partition, [])
+            self._seq += 1
             entry = (message.offset, self._seq, message)
             if len(held) < self.keep:
                 heapq.heappush(held, entry)
             else:
                 heapq.heappushpop(held, entry)
-        if self._count(partition):
-            return [m for _, _, m in sorted(self.held.pop(partition, []))]
-        return []
-
-    def _count(self, partition: int) -> bool:
-        """One more backlog record of ``partition`` read; True once it was the last."""
         self.left[partition] -= 1
         if self.left[partition] > 0:
-            return False
+            return []
         del self.left[partition]
-        return True
+        return self._release(partition)
+
+    def _release(self, partition: int) -> list[Message]:
+        return [m for _, _, m in sorted(self.held.pop(partition, []))]
 
 
 def tail(
@@ -132,10 +137,10 @@ async def _follow(
 ) -> int:
     async with common.open_bus(where, group) as bus:
         await bus.describe_topic(topic)  # a missing topic is an error, not a wait
-        backlog: dict[int, int] = {}
+        backlog: dict[int, tuple[int, int]] = {}
         if group is None:
             lag = await bus.lag(topic, bus.group)
-            backlog = {row.partition: row.lag for row in lag.partitions}
+            backlog = {row.partition: (row.lag, row.end) for row in lag.partitions}
         picker = _Picker(backlog, keep)
         shown = 0
 
