@@ -301,7 +301,9 @@ async def test_health_ok_on_a_live_broker_and_exit_1_on_an_unreachable_one(
     assert json.loads(out)["ok"] is True
     assert backend.unreachable_url is not None
     scheme, rest = backend.unreachable_url.split("://", 1)
-    secret_url = f"{scheme}://someone:hunter2@{rest}"
+    # (Kafka takes a user and password in the URL with a SASL mechanism only.)
+    query = "?sasl=PLAIN" if scheme == "kafka" else ""
+    secret_url = f"{scheme}://someone:hunter2@{rest}{query}"
     began = time.monotonic()
     code, out, err = await keybus_cli("health", secret_url, "--connect-timeout", "2")
     took = time.monotonic() - began
