@@ -4,6 +4,7 @@ test holds it: usage errors, error lines, --config, and the tail's choice of rec
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,13 @@ def test_publish_prints_what_was_acknowledged(broker: MemoryBroker) -> None:
                        "T", "not json")  # fmt: skip
     assert code == 1
     assert "line 1 is not JSON" in out
+
+
+def test_a_command_leaves_the_logging_set_up_as_it_was(broker: MemoryBroker) -> None:
+    library = logging.getLogger("keybus")
+    before = (library.propagate, list(library.handlers))
+    assert invoke("topics", "memory://cli-unit", "list")[0] == 0
+    assert (library.propagate, list(library.handlers)) == before
 
 
 def test_usage_errors_exit_2() -> None:

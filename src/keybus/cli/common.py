@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,18 +167,27 @@ def run(
     SIGINT / SIGTERM: a command that ``follows`` (tail, a watch) ends then by itself,
     closing its bus, and exits 0; any other is cancelled (its bus closed on the way
     out) and exits 130. A second signal cancels a following command as well."""
-    quiet_library_logs()
-    code = asyncio.run(_guarded(where, command, follows))
+    with quiet_library_logs():
+        code = asyncio.run(_guarded(where, command, follows))
     raise typer.Exit(code)
 
 
-def quiet_library_logs() -> None:
+@contextlib.contextmanager
+def quiet_library_logs() -> Iterator[None]:
     """A command reports what failed itself, in one line with the URL redacted; the
     library's log lines (librdkafka's connection failures, say, which quote brokers as
-    configured) would repeat it, unredacted."""
+    configured) would repeat it, unredacted. Restored after: a command run in-process
+    (typer's test runner) leaves the logging set-up as it was."""
     library = logging.getLogger("keybus")
-    library.addHandler(logging.NullHandler())
+    quiet = logging.NullHandler()
+    propagate = library.propagate
+    library.addHandler(quiet)
     library.propagate = False
+    try:
+        yield
+    finally:
+        library.removeHandler(quiet)
+        library.propagate = propagate
 
 
 async def _guarded(
