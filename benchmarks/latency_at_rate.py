@@ -31,6 +31,12 @@ AGGREGATES = 1000
 SATURATION = 20_000  # envelopes of the maximum-rate measurement
 
 
+async def _drop(url: str, topic: str) -> None:
+    async with keybus.connect(url) as admin:
+        await admin.delete_topic(topic)
+        await admin.delete_topic(f"{topic}.dlq")
+
+
 def _envelope(aggregate: int, version: int, sent: float) -> keybus.Envelope:
     return keybus.Envelope(
         aggregate_id=f"agg-{aggregate}",
@@ -60,8 +66,7 @@ async def maximum_rate(url: str) -> float:
             await publisher.publish_many(topic, items[at : at + 5000])
         await asyncio.wait_for(done.wait(), 120)
         rate = SATURATION / (time.perf_counter() - started)
-        await publisher.delete_topic(topic)
-        await publisher.delete_topic(f"{topic}.dlq")
+    await _drop(url, topic)  # once the consumer left: it would log the topic gone
     return rate
 
 
@@ -103,8 +108,7 @@ async def at_rate(url: str, rate: float, seconds: float) -> tuple[int, int, list
         if len(latencies) < sent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(all_in.wait(), 60)
-        await publisher.delete_topic(topic)
-        await publisher.delete_topic(f"{topic}.dlq")
+    await _drop(url, topic)
     return sent, len(latencies), latencies, achieved
 
 
