@@ -15,7 +15,14 @@ from typing import Any, TypeVar
 
 from keybus.deadline import Deadline
 
-__all__ = ["call_hook", "cancel_and_wait", "log_failure", "start_feeder", "wait_event"]
+__all__ = [
+    "being_cancelled",
+    "call_hook",
+    "cancel_and_wait",
+    "log_failure",
+    "start_feeder",
+    "wait_event",
+]
 
 T = TypeVar("T")
 
@@ -81,6 +88,13 @@ async def wait_event(event: asyncio.Event, deadline: Deadline | float) -> bool:
         async with asyncio.timeout(seconds):
             await event.wait()
     return event.is_set()
+
+
+def being_cancelled() -> bool:
+    """Whether the current task has a cancellation requested (someone cancelled *us*,
+    as opposed to a handler raising a CancelledError of its own)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def call_hook(hook: Callable[[T], Awaitable[None] | None], event: T) -> None:

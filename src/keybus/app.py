@@ -197,7 +197,10 @@ class App:
         if self._config_source is not None:
             from keybus.connect import connect_from_config
 
-            return await connect_from_config(self._config_source, **self.options)
+            options = dict(self.options)
+            if self.group is not None:  # App.from_config(source, group=...) overrides it
+                options["group"] = self.group
+            return await connect_from_config(self._config_source, **options)
         if self.url is None:
             raise ValueError("an App needs a URL or a configuration (App.from_config)")
         return await connect(self.url, group=self.group, **self.options)

@@ -244,7 +244,7 @@ class EventBus:
         if type(topic) is not str:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
-        if self.subscribe_defaults:
+        if self.subscribe_defaults and group is None:  # not for the bus's own (a watch)
             options = {**self.subscribe_defaults, **options}
         unknown = sorted(set(options) - set(SubscribeOptions.__dataclass_fields__))
         if unknown:

@@ -18,7 +18,7 @@ from inspect import isawaitable
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
-from keybus._aio import log_failure, wait_event
+from keybus._aio import being_cancelled, log_failure, wait_event
 from keybus.deadline import (
     ABANDON_GRACE,
     CANCEL_GRACE,
@@ -470,7 +470,7 @@ class SubscriptionEngine:
                 if self._still_ours(work):
                     await self._retry(work, exc)
             except asyncio.CancelledError as exc:
-                if _being_cancelled():
+                if being_cancelled():
                     raise
                 # The handler *raised* CancelledError (e.g. it awaited a future someone
                 # else cancelled) while nobody cancelled us: that is a failure like any.
@@ -599,7 +599,7 @@ class SubscriptionEngine:
             except Exception as exc:
                 error = exc
             except asyncio.CancelledError as exc:
-                if _being_cancelled():
+                if being_cancelled():
                     raise
                 error = exc
             else:
@@ -740,11 +740,6 @@ def _reduced(
     headers["X-Original-SHA256"] = hashlib.sha256(message.value).hexdigest().encode()
     headers["X-Original-Headers"] = str(len(message.headers)).encode()
     return headers
-
-
-def _being_cancelled() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 async def _bounded(

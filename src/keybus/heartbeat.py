@@ -141,9 +141,7 @@ async def publish_heartbeats(
         sequence += 1
         try:
             await publish(topic, heartbeat_message(source, instance, sequence), source)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # (a cancellation is no Exception: it ends the loop)
             log.warning("keybus: heartbeat %d of %s not sent: %s", sequence, source, exc)
         await asyncio.sleep(interval)
 

@@ -51,7 +51,11 @@ class Lag:
     def max_age(self) -> float | None:
         """The oldest unfinished record's age over the partitions this bus consumes."""
         return max(
-            (p.oldest_unfinished_age for p in self.partitions if p.oldest_unfinished_age),
+            (
+                p.oldest_unfinished_age
+                for p in self.partitions
+                if p.oldest_unfinished_age is not None
+            ),
             default=None,
         )
 

@@ -69,7 +69,9 @@ class Parking:
         # (a partition taken over brings its parked keys along).
         self.reload_due = read_topic is not None
         self._reload_lock = asyncio.Lock()
-        self._unparked: set[str] = set()  # unparked while the store was being read
+        # Unparked here, the store's record saying so not written yet: a read of the store
+        # meanwhile must not park them again.
+        self._unparked: set[str] = set()
 
     @property
     def persistent(self) -> bool:
@@ -82,16 +84,17 @@ class Parking:
         async with self._reload_lock:
             if not self.reload_due or self._read is None:
                 return
-            self._unparked.clear()
+            # Cleared before the read: an assignment during it makes it due again.
+            self.reload_due = False
             try:
                 records = await self._read(self.store)
             except BusClosedError:
                 raise
             except KeybusError as exc:
                 # Left due: the next message tries again rather than run a parked key.
+                self.reload_due = True
                 log.warning("keybus: reading parked keys from %s failed: %s", self.store, exc)
                 return
-            self.reload_due = False
             found = load(records, self._engine.group)
             for key in self._unparked:
                 found.pop(key, None)
@@ -105,20 +108,23 @@ class Parking:
             if key not in self._handover:
                 del self.parked[key]
 
-    async def _write(self, key: str, state: Parked | None) -> None:
+    async def _write(self, key: str, state: Parked | None) -> bool:
+        """Store ``key``'s state (``None``: unparked); whether the store took it."""
         engine = self._engine
         for attempt in range(1, _STORE_ATTEMPTS + 1):
             try:
                 await engine.publish_internal(
                     self.store, encode(state), store_key(engine.group, key), {}
                 )
-                return
+                return True
             except BusClosedError:
                 raise
             except KeybusError as exc:
                 log.warning("keybus: writing parked key to %s failed: %s", self.store, exc)
-                await asyncio.sleep(engine.options.backoff(attempt))
+                if attempt < _STORE_ATTEMPTS:  # no wait after the last: nothing follows
+                    await asyncio.sleep(engine.options.backoff(attempt))
         log.error("keybus: parked state of a key of %s not stored", engine.topic)
+        return False
 
     # -- parking -----------------------------------------------------------------------
 
@@ -211,7 +217,8 @@ class Parking:
             self._unparked.add(key)
         finally:
             del self._handover[key]
-        await self._write(key, None)
+        if await self._write(key, None):
+            self._unparked.discard(key)  # the store says so now
         return handed
 
     async def _replay_one(self, message: Message) -> BaseException | None:
@@ -263,5 +270,6 @@ class Parking:
                 PARKED_BEHIND: state.behind(engine.topic),
             },
         )
-        await self._write(key, None)
+        if await self._write(key, None):
+            self._unparked.discard(key)  # the store says so now
         return state.count

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from keybus.cli.app import app
 from keybus.cli.tail import _Picker
 from keybus.message import Message
+from keybus.testing import LeakChecker
 from keybus.transports.memory import MemoryBroker
 
 
@@ -27,7 +28,7 @@ def invoke(*args: str, stdin: str | None = None) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_topics_create_list_describe_delete(broker: MemoryBroker) -> None:
+def test_topics_create_list_describe_delete(broker: MemoryBroker, no_leaks: LeakChecker) -> None:
     url = "memory://cli-unit"
     assert invoke("topics", url, "create", "orders", "--partitions", "4")[0] == 0
     code, out = invoke("topics", url, "create", "orders", "--partitions", "4")
@@ -46,7 +47,7 @@ def test_topics_create_list_describe_delete(broker: MemoryBroker) -> None:
     assert "Traceback" not in out
 
 
-def test_publish_prints_what_was_acknowledged(broker: MemoryBroker) -> None:
+def test_publish_prints_what_was_acknowledged(broker: MemoryBroker, no_leaks: LeakChecker) -> None:
     url = "memory://cli-unit"
     assert invoke("topics", url, "create", "events", "--partitions", "2")[0] == 0
     lines = '{"n": 1}\n\n{"n": 2}\n'
@@ -65,7 +66,9 @@ def test_publish_prints_what_was_acknowledged(broker: MemoryBroker) -> None:
     assert "line 1 is not JSON" in out
 
 
-def test_a_command_leaves_the_logging_set_up_as_it_was(broker: MemoryBroker) -> None:
+def test_a_command_leaves_the_logging_set_up_as_it_was(
+    broker: MemoryBroker, no_leaks: LeakChecker
+) -> None:
     library = logging.getLogger("keybus")
     before = (library.propagate, list(library.handlers))
     assert invoke("topics", "memory://cli-unit", "list")[0] == 0
@@ -84,14 +87,16 @@ def test_usage_errors_exit_2() -> None:
     assert invoke("health")[0] == 2  # neither URL nor --config
 
 
-def test_an_invalid_topic_name_is_one_line_not_a_traceback(broker: MemoryBroker) -> None:
+def test_an_invalid_topic_name_is_one_line_not_a_traceback(
+    broker: MemoryBroker, no_leaks: LeakChecker
+) -> None:
     code, out = invoke("topics", "memory://cli-unit", "describe", "no/slashes")
     assert code == 2
     assert "invalid topic" in out
     assert "Traceback" not in out
 
 
-def test_health_with_a_config_file_instead_of_a_url(tmp_path: Path) -> None:
+def test_health_with_a_config_file_instead_of_a_url(tmp_path: Path, no_leaks: LeakChecker) -> None:
     config = tmp_path / "keybus.toml"
     config.write_text('url = "memory://cli-config"\n')
     code, out = invoke("health", "--config", str(config), "--json")

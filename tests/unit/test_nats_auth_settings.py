@@ -8,6 +8,7 @@ import pathlib
 import pytest
 
 import keybus
+from keybus.testing import LeakChecker
 from keybus.transports.nats import NatsTransport
 from keybus.transports.nats.auth import NatsAuth
 from keybus.transports.nats.errors import PlainRefused
@@ -52,7 +53,7 @@ def test_conflicting_or_malformed_settings_are_refused_without_quoting_them() ->
         NatsTransport("nats://127.0.0.1:1", tls="yes")
 
 
-async def test_a_connect_error_never_quotes_url_credentials() -> None:
+async def test_a_connect_error_never_quotes_url_credentials(no_leaks: LeakChecker) -> None:
     with pytest.raises(keybus.ConnectError) as unknown:
         await keybus.connect(f"nosuch://svc:{CANARY}@127.0.0.1:1")
     assert CANARY not in str(unknown.value)

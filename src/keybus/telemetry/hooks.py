@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from keybus._aio import being_cancelled
 from keybus.delivery import Delivery
 from keybus.envelope import Envelope, envelope_headers
 from keybus.middleware import CallNext, Middleware
@@ -276,7 +277,7 @@ def _attempt_observer(
 
     def failure(attempt: int, error: BaseException) -> int:
         if not isinstance(error, Exception) and (
-            not isinstance(error, asyncio.CancelledError) or _being_cancelled()
+            not isinstance(error, asyncio.CancelledError) or being_cancelled()
         ):
             return _ABANDONED  # a revoke or a close cancelled it: redelivered later
         return _RETRIED if attempt < max_attempts else _DEAD_LETTERED
@@ -312,8 +313,3 @@ def _attempt_observer(
                 tracing.end_process(scope)  # type: ignore[union-attr]
 
     return observe_attempt
-
-
-def _being_cancelled() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0

@@ -226,7 +226,9 @@ def keybus_objects() -> dict[int, object]:
     return {
         id(obj): obj
         for obj in gc.get_objects()
-        if (module := type(obj).__module__).startswith("keybus.")
+        # (__module__ is not always a str: some extension types expose a descriptor)
+        if isinstance(module := type(obj).__module__, str)
+        and module.startswith("keybus.")
         and not module.startswith("keybus.testing")
     }
 
