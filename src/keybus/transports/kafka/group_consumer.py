@@ -723,14 +723,22 @@ class _ConsumerThread:
         last_topic: str | None = None
         chunk: list[Message] = []
         fences = self._fences
+        # Records come in runs of one partition: its fence is looked up once a run.
+        last_partition = -1
+        fence = 0
         for record in records:
             if record.error() is not None:
                 self._on_error_event(record.error())
                 continue
             topic = record.topic()
+            partition = record.partition()
             if topic != last_topic:
                 last_topic = topic
                 chunk = by_topic.setdefault(topic, [])
+                last_partition = -1
+            if partition != last_partition:
+                last_partition = partition
+                fence = fences.get((topic, partition), 0)
             raw_key = record.key()
             key: str | None
             if type(raw_key) is bytes:
@@ -740,7 +748,6 @@ class _ConsumerThread:
             else:
                 key = str(raw_key)
             kind, stamp = record.timestamp()
-            partition = record.partition()
             chunk.append(
                 Message(
                     topic,
@@ -751,7 +758,7 @@ class _ConsumerThread:
                     record.offset(),
                     stamp / 1000.0 if kind else None,
                     record,
-                    fences.get((topic, partition), 0),
+                    fence,
                 )
             )
         facades = self._group.facades

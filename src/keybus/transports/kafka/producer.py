@@ -167,7 +167,13 @@ class KafkaProducer:
         batch = _Batch(self._loop, topic, len(records))
         report = batch.report
         full_since: float | None = None
+        stuck: PublishError | None = None
         for index, (value, key, headers) in enumerate(records):
+            if stuck is not None:
+                # The queue stayed full: the rest fail too, or a later record of a key
+                # could be sent ahead of an earlier one that was refused.
+                batch.fail(index, stuck)
+                continue
             while True:
                 rd = self._rd
                 if rd is None:
@@ -188,9 +194,8 @@ class KafkaProducer:
                     now = time.monotonic()
                     full_since = now if full_since is None else full_since
                     if now - full_since > _QUEUE_FULL_WAIT:
-                        batch.fail(
-                            index, translate("local producer queue stayed full", "publish", topic)
-                        )
+                        stuck = PublishError(topic, "local producer queue stayed full")
+                        batch.fail(index, stuck)
                         break
                     _poll(rd)
                     await asyncio.sleep(_BUSY_POLL)

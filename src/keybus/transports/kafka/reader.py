@@ -16,6 +16,7 @@ from keybus.deadline import Deadline
 from keybus.message import Message
 from keybus.transports.kafka.config import guarded
 from keybus.transports.kafka.errors import translate
+from keybus.transports.kafka.headers import RecordHeaders
 from keybus.transports.kafka.threads import OwnedThread
 
 __all__ = ["read_topic"]
@@ -91,7 +92,7 @@ def _read(settings: Mapping[str, Any], topic: str, until: float) -> list[Message
                         topic,
                         record.value() or b"",
                         _key(record.key()),
-                        _headers(record.headers()),
+                        RecordHeaders(record),  # (safe with any header name, read lazily)
                         p,
                         offset,
                         stamp / 1000.0 if kind else None,
@@ -103,15 +104,6 @@ def _read(settings: Mapping[str, Any], topic: str, until: float) -> list[Message
         return [m for p in sorted(by_partition) for m in by_partition[p]]
     finally:
         rd.close()
-
-
-def _headers(
-    raw: Mapping[str, bytes | str | None] | list[tuple[str, bytes | str | None]] | None,
-) -> dict[str, bytes]:
-    pairs = raw.items() if isinstance(raw, Mapping) else raw or ()
-    return {
-        name: value.encode() if isinstance(value, str) else value or b"" for name, value in pairs
-    }
 
 
 def _key(raw: bytes | str | None) -> str | None:

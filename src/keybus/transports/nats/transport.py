@@ -269,18 +269,32 @@ class NatsTransport(Transport):
         errors: list[PublishError | None] = [None] * len(records)
         acks: list[asyncio.Future[None]] = []
         where: list[int] = []
-        for index, (value, key, headers) in enumerate(records):
-            try:
-                subject, nats_headers = self._prepare(topic, info, value, key, headers, publisher)
-                acks.append(await publisher.begin(subject, value, nats_headers))
-            except PublishError as exc:
-                errors[index] = exc
-            except Unsent as exc:
-                raise translate(exc, "publish", topic) from exc
-            except NATS_ERRORS as exc:
-                errors[index] = self._refused(topic, exc)
-            else:
-                where.append(index)
+        try:
+            for index, (value, key, headers) in enumerate(records):
+                try:
+                    subject, nats_headers = self._prepare(
+                        topic, info, value, key, headers, publisher
+                    )
+                    acks.append(await publisher.begin(subject, value, nats_headers))
+                except PublishError as exc:
+                    errors[index] = exc
+                except Unsent:
+                    # nats-py closed the client for good before this one left: the rest
+                    # go one by one, as publish() sends them (on the replacing client).
+                    for rest, (value, key, headers) in enumerate(records[index:], index):
+                        try:
+                            await self.publish(topic, value, key, headers)
+                        except PublishError as exc:
+                            errors[rest] = exc
+                    break
+                except NATS_ERRORS as exc:
+                    errors[index] = self._refused(topic, exc)
+                else:
+                    where.append(index)
+        except BaseException:
+            for ack in acks:  # nobody will wait for them now
+                ack.cancel()
+            raise
         results = await asyncio.gather(*acks, return_exceptions=True)
         for index, result in zip(where, results, strict=True):
             if isinstance(result, NATS_ERRORS):
