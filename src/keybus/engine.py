@@ -315,7 +315,7 @@ class SubscriptionEngine:
                 else:
                     self._owned_until.pop(partition, None)
             if self._parking is not None and self._parking.persistent:
-                self._parking.reload_due = True  # a partition taken over brings its keys
+                self._parking.assigned()  # a partition taken over brings its keys
 
     def renew(self, partitions: Collection[Partition], valid_until: float) -> None:
         owned_until = self._owned_until

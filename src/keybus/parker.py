@@ -66,12 +66,24 @@ class Parking:
         # Keys being replayed -> the live messages parked meanwhile, for the replay.
         self._handover: dict[str, list[Message]] = {}
         # The store is read before the first message and again after each assignment
-        # (a partition taken over brings its parked keys along).
-        self.reload_due = read_topic is not None
+        # (a partition taken over brings its parked keys along): assignments are counted,
+        # and a read covers those made before it began, so one made during a read makes
+        # another one due.
+        self._assignments = 1 if read_topic is not None else 0
+        self._covered = 0
         self._reload_lock = asyncio.Lock()
         # Unparked here, the store's record saying so not written yet: a read of the store
         # meanwhile must not park them again.
         self._unparked: set[str] = set()
+
+    @property
+    def reload_due(self) -> bool:
+        """A read is due, or running (then the caller waits for it in :meth:`refresh`)."""
+        return self._assignments != self._covered or self._reload_lock.locked()
+
+    def assigned(self) -> None:
+        """A partition was assigned: the store is to be read (again)."""
+        self._assignments += 1
 
     @property
     def persistent(self) -> bool:
@@ -82,17 +94,15 @@ class Parking:
     async def refresh(self) -> None:
         """Read the store if an assignment made it due (one reader; the rest wait)."""
         async with self._reload_lock:
-            if not self.reload_due or self._read is None:
+            if self._assignments == self._covered or self._read is None:
                 return
-            # Cleared before the read: an assignment during it makes it due again.
-            self.reload_due = False
+            covers = self._assignments
             try:
                 records = await self._read(self.store)
             except BusClosedError:
                 raise
             except KeybusError as exc:
                 # Left due: the next message tries again rather than run a parked key.
-                self.reload_due = True
                 log.warning("keybus: reading parked keys from %s failed: %s", self.store, exc)
                 return
             found = load(records, self._engine.group)
@@ -100,6 +110,7 @@ class Parking:
                 found.pop(key, None)
             found.update(self.parked)  # ours are newer than what the store had
             self.parked = found
+            self._covered = covers
 
     def forget(self, partitions: Collection[int]) -> None:
         """Partitions revoked: their keys' state is the next owner's (re-read if they
