@@ -100,6 +100,7 @@ __all__ = ["BACKLOG_DRAINED", "Feed", "GroupConsumer"]
 
 log = logging.getLogger("keybus.kafka")
 
+_GATHER = 0.005  # how long a turn waits for more records while records flow
 _POLL_TIMEOUT = 0.05  # how long the thread may sit in librdkafka before it sees a stop/request
 _BACKLOG_HIGH = 4096  # a facade's undelivered records above which fetching stops
 BACKLOG_DRAINED = 2048  # ... and at or below which a holding consumer thread fetches again
@@ -588,6 +589,7 @@ class _ConsumerThread:
         next_commit = time.monotonic() + interval
         held_since: float | None = None
         failures = 0
+        quiet = True
         try:
             while not group.stop.is_set():
                 try:
@@ -610,7 +612,8 @@ class _ConsumerThread:
                     else:
                         held_since = None
                     self._apply_backpressure(consumer)
-                    records = consumer.consume(batch, _POLL_TIMEOUT)
+                    records = self._fetch(consumer, batch, quiet)
+                    quiet = not records
                     if records:
                         self._dispatch(records)
                     failures = 0
@@ -646,6 +649,21 @@ class _ConsumerThread:
             for request, _ in requests:
                 if request.set_running_or_notify_cancel():
                     request.set_result(None)
+
+    @staticmethod
+    def _fetch(consumer: _RdConsumer, batch: int, quiet: bool) -> list[Any]:
+        """The next records to dispatch. ``consume(n, t)`` returns once it has n records
+        or t ran out, so below n/t records/s every record waited up to t in librdkafka
+        (p50 37 ms at 8k/s with n=500, t=50 ms). So: after a quiet spell, wake on the
+        first record; while records flow, take what is queued at once, else gather for
+        at most _GATHER (one record per dispatch made the loop's share per record grow
+        until it fell behind: p99 100-270 ms). At saturation the batches stay full.
+        Every call's records are dispatched before the next call: a rebalance callback
+        runs inside consume(), and a record held across it could belong to a partition
+        revoked (or re-assigned from its committed offset) meanwhile."""
+        if quiet:
+            return consumer.consume(1, _POLL_TIMEOUT)
+        return consumer.consume(batch, 0) or consumer.consume(batch, _GATHER)
 
     def _apply_subscription(self, consumer: _RdConsumer) -> None:
         group = self._group
