@@ -51,14 +51,22 @@ brokers-down:
 check: $(VENV)/.test
 	KEYBUS_BACKENDS=memory $(VENV)/bin/pytest -q -x -m "not slow"
 
-# The Kafka-vs-NATS comparison (report in .cache/bench/report.html; a broker that does not
-# answer is skipped: `make brokers` first), then the in-memory micro-benchmark and the
-# in-memory open/close cycle check (seconds; the Kafka/NATS runs take minutes: docs/kafka.md).
-bench: $(VENV)/.test
+# Every benchmark, brokers started first (about 15 minutes; each prints its ratios side by
+# side from one run): the Kafka-vs-NATS comparison (report in .cache/bench/report.html),
+# the in-memory micro-benchmark, the memory and close limits, the open/close cycle check,
+# then the per-direction Kafka and NATS runs against the raw clients and latency at half
+# the maximum rate. README "Performance" says what each measures.
+bench: $(VENV)/.test brokers
 	$(VENV)/bin/keybus bench --backends memory,kafka,nats --levels low,medium,high --raw \
 		--out .cache/bench
 	$(PY) benchmarks/memory_throughput.py
+	$(PY) benchmarks/limits.py
 	$(PY) benchmarks/cycle_rss.py --backend memory --topics fresh --cycles 500 --max-slope 2
+	$(PY) benchmarks/kafka_throughput.py --runs 3 --phases
+	$(PY) benchmarks/nats_throughput.py --runs 3 --bare
+	$(PY) benchmarks/nats_throughput.py --runs 3 --publish
+	$(PY) benchmarks/latency_at_rate.py --backend kafka --seconds 30
+	$(PY) benchmarks/latency_at_rate.py --backend nats --seconds 30
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
