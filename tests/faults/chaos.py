@@ -220,6 +220,30 @@ async def restart_broker(backend: str, url: str) -> None:
         await broker(backend, url, "restart-keep-data")
 
 
+async def freeze_broker(backend: str, url: str, seconds: float) -> None:
+    """SIGSTOP the broker's process for ``seconds`` (a long GC or VM pause of the broker
+    itself: connections stay open, nothing answers), then SIGCONT — always, even if the
+    wait is cancelled."""
+    port = str(urlsplit(url).port)
+    process = await asyncio.create_subprocess_exec(
+        f"tools/{backend}/{backend}.sh",
+        "pid",
+        cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, f"KEYBUS_{backend.upper()}_PORT": port},
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, f"no {backend} broker runs on port {port}"
+    pid = int(out.split()[-1])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 async def ensure_broker(backend: str, url: str) -> None:
     """Start the broker on the data it kept if a failed restart left it down (both
     commands do nothing to a broker that runs)."""
@@ -230,17 +254,20 @@ async def ensure_broker(backend: str, url: str) -> None:
 class Chaos:
     """The seeded controller: every few seconds it SIGKILLs a member (and starts a
     replacement) or SIGSTOPs one for longer than ``ownership_timeout`` (then SIGCONT);
-    halfway through, the broker restarts. At most one member is frozen at a time, so
-    the group keeps making progress."""
+    a quarter of the way through, the broker itself is frozen (SIGSTOP) for longer than
+    ``ownership_timeout``; halfway through, the broker restarts. At most one member is
+    frozen at a time, so the group keeps making progress."""
 
     rng: random.Random
     spawn: Callable[[], Awaitable[Member]]
     restart: Callable[[], Awaitable[None]]
     ownership_timeout: float
+    freeze_broker: Callable[[float], Awaitable[None]] | None = None
     members: list[Member] = field(default_factory=list)  # every incarnation
     kills: list[str] = field(default_factory=list)
     pauses: list[tuple[str, float]] = field(default_factory=list)
     restarts: int = 0
+    broker_pauses: list[float] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)  # (monotonic, what)
     _thawing: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -250,11 +277,23 @@ class Chaos:
     async def run(self, seconds: float) -> None:
         begun = time.monotonic()
         end, restart_at = begun + seconds, begun + seconds / 2
+        freeze_at = begun + seconds / 4
         while True:
             await asyncio.sleep(self.rng.uniform(3.0, 6.0))
             if time.monotonic() >= end:
                 return
-            if not self.restarts and time.monotonic() >= restart_at:
+            if (
+                self.freeze_broker is not None
+                and not self.broker_pauses
+                and time.monotonic() >= freeze_at
+            ):
+                await self.settle()  # one frozen process at a time: the broker now
+                frozen_for = self.ownership_timeout + self.rng.uniform(1.0, 3.0)
+                self.note(f"broker SIGSTOP for {frozen_for:.1f} s")
+                self.broker_pauses.append(frozen_for)
+                await self.freeze_broker(frozen_for)
+                self.note("broker SIGCONT")
+            elif not self.restarts and time.monotonic() >= restart_at:
                 self.note("broker stops")
                 await self.restart()
                 self.restarts += 1

@@ -1,8 +1,9 @@
 """Fault injection on a real broker: three member processes of one group handle envelopes
 (0-20 ms each) while a producer publishes 20,000 over 500 aggregates, and a seeded
 controller SIGKILLs members (starting replacements), SIGSTOPs them for longer than the
-session/lease, and restarts the broker once. Every handler run is logged; the history
-checker (``tests/faults/history.py``) then judges the whole history.
+session/lease, freezes the broker itself (SIGSTOP) for longer than that once, and restarts
+the broker once. Every handler run is logged; the history checker
+(``tests/faults/history.py``) then judges the whole history.
 
 ``KEYBUS_CHAOS_SECONDS`` (default 60) sets how long the faults go on;
 ``KEYBUS_CHAOS_SEED`` replays a controller schedule (the seed is printed)."""
@@ -30,6 +31,7 @@ from tests.faults.chaos import (
     Member,
     Produced,
     ensure_broker,
+    freeze_broker,
     produce,
     restart_broker,
 )
@@ -84,6 +86,7 @@ async def test_members_killed_frozen_and_a_broker_restart_keep_every_promise(
         spawn,
         lambda: restart_broker(backend.name, backend.url),
         OWNERSHIP_TIMEOUT[backend.name],
+        lambda seconds: freeze_broker(backend.name, backend.url, seconds),
     )
     produced = Produced()
     handled: set[Envelope] = set()
@@ -136,7 +139,9 @@ async def test_members_killed_frozen_and_a_broker_restart_keep_every_promise(
         f"\nchaos on {backend.name}: seed {seed}, {SECONDS:g} s of faults, "
         f"{len(chaos.kills)} kills, {len(chaos.pauses)} pauses "
         f"({', '.join(f'{name} {s:.1f} s' for name, s in chaos.pauses)}), "
-        f"{chaos.restarts} broker restart, {produced.failures} publish errors retried; "
+        f"{chaos.restarts} broker restart, broker frozen "
+        f"{', '.join(f'{s:.1f} s' for s in chaos.broker_pauses) or 'never'}, "
+        f"{produced.failures} publish errors retried; "
         f"producer done {faults_over - began:.1f} s, drained {drained - faults_over:.1f} s "
         f"after it\ntimeline (s): {chaos.timeline(began)}\n"
         f"longest stretch without a start, per partition (s): {stalls(runs, began)}\n"
@@ -146,5 +151,6 @@ async def test_members_killed_frozen_and_a_broker_restart_keep_every_promise(
     assert chaos.kills, "the controller killed no member"
     assert chaos.pauses, "the controller froze no member"
     assert chaos.restarts == 1, "the broker was not restarted"
+    assert chaos.broker_pauses, "the broker was not frozen"
     assert report.violations() == {}, f"seed {seed}:\n{report.summary()}"
     assert all(closed), "a member did not close cleanly on SIGTERM"

@@ -8,6 +8,7 @@
 #   tools/kafka/kafka.sh fetch    only download the jars (Maven Central -> .cache/)
 #   tools/kafka/kafka.sh stop     stop the broker, keep its data (fault-injection tests)
 #   tools/kafka/kafka.sh start    start again on the data `stop` kept (like `up` otherwise)
+#   tools/kafka/kafka.sh pid      print the broker's pid (exit 1 if none runs): to freeze it
 #
 # Jars come from Maven Central through tools/kafka/pom.xml; everything downloaded or
 # written lives under <repo>/.cache/ (Maven repo in .cache/m2, jars in
@@ -449,6 +450,7 @@ case "${1:-}" in
   stop) cmd_stop ;;
   start) KEEP_DATA=1 cmd_up ;;
   status) cmd_status ;;
+  pid) pid_alive || exit 1 ;;
   logs) shift; cmd_logs "$@" ;;
   fetch) fetch ;;
   -h|--help|help) usage ;;

@@ -10,6 +10,7 @@
 #   tools/nats/nats.sh status             exit 0 if healthy, 1 otherwise
 #   tools/nats/nats.sh logs [-f] [N]      tail the server log
 #   tools/nats/nats.sh url                print the client URL
+#   tools/nats/nats.sh pid                print the server's pid (exit 1 if none runs)
 #   tools/nats/nats.sh binary             print the nats-server binary (installing it if needed)
 #
 # Environment:
@@ -349,6 +350,7 @@ main() {
     status) cmd_status ;;
     logs) cmd_logs "$@" ;;
     url) echo "$URL" ;;
+    pid) p="$(read_pid)"; pid_alive "$p" && echo "$p" || exit 1 ;;
     binary) ensure_cache; server_bin || { cmd_install; server_bin; } ;;
     -h|--help|help) usage ;;
     *) usage >&2; exit 2 ;;
