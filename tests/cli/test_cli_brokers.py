@@ -26,6 +26,7 @@ if not BROKERS:
     pytest.skip("no broker in KEYBUS_BACKENDS", allow_module_level=True)
 
 COMMAND_TIMEOUT = 60.0  # a whole command, connect to exit
+STOP_BOUND = 15.0  # a signalled command, signal to exit
 
 
 @pytest_asyncio.fixture(params=BROKERS)
@@ -63,9 +64,11 @@ class Running:
     readers: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, *args: str) -> Running:
+    async def start(cls, *args: str, stdin: bool = False) -> Running:
+        """``stdin``: a pipe the test writes to (and keeps open), else none."""
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "keybus", *args,
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         running = cls(process)
@@ -95,9 +98,9 @@ class Running:
                          what=f"{count} records")  # fmt: skip
         return [json.loads(line) for line in self.out[:count]]
 
-    async def exit_code(self) -> int:
+    async def exit_code(self, timeout: float = COMMAND_TIMEOUT) -> int:
         try:
-            code = await asyncio.wait_for(self.process.wait(), COMMAND_TIMEOUT)
+            code = await asyncio.wait_for(self.process.wait(), timeout)
         finally:
             if self.process.returncode is None:
                 self.process.kill()
@@ -207,6 +210,34 @@ async def test_tail_exits_0_on_sigterm_and_sigint(backend: Backend) -> None:
         tail.process.send_signal(number)
         assert await tail.exit_code() == 0, tail.err
         assert not any("Traceback" in line for line in tail.err)
+
+
+async def test_publish_from_an_open_stdin_stops_promptly_on_sigint(backend: Backend) -> None:
+    """The input stays open (a producer upstream still running): Ctrl-C ends the
+    command at once, with what it read published, instead of waiting for a next line."""
+    topic = await make_topic(backend)
+    publish = await Running.start("publish", backend.url, topic, "--key", "k", "--json", stdin=True)
+    assert publish.process.stdin is not None
+    try:
+        publish.process.stdin.write(b"one\ntwo\n")
+        await publish.process.stdin.drain()
+        acked = await publish.records(2)
+        assert [row["bytes"] for row in acked] == [3, 3]
+        publish.process.send_signal(signal.SIGINT)
+        began = time.monotonic()
+        # (the bus's close on a healthy broker takes well under a second; the bound
+        # leaves room for a loaded machine, a blocked read would never end)
+        assert await publish.exit_code(timeout=STOP_BOUND) == 130, publish.err
+        took = time.monotonic() - began
+    finally:
+        publish.process.stdin.close()
+    assert took < STOP_BOUND
+    assert not any("Traceback" in line for line in publish.err), publish.err
+    code, out, err = await keybus_cli(
+        "tail", backend.url, topic, "--from-beginning", "--max", "2", "--json"
+    )
+    assert code == 0, err
+    assert sorted(json.loads(line)["value"] for line in out.splitlines()) == ["one", "two"]
 
 
 async def test_topics_create_describe_list_delete(backend: Backend) -> None:

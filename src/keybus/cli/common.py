@@ -162,13 +162,16 @@ def run(
     command: Callable[[asyncio.Event], Awaitable[int]],
     *,
     follows: bool = False,
+    drains: bool = False,
 ) -> None:
     """Run ``command(stop)`` and exit with the code it returns. ``stop`` is set on
     SIGINT / SIGTERM: a command that ``follows`` (tail, a watch) ends then by itself,
-    closing its bus, and exits 0; any other is cancelled (its bus closed on the way
-    out) and exits 130. A second signal cancels a following command as well."""
+    closing its bus, and exits 0; one that ``drains`` (publish from standard input)
+    ends by itself too, after finishing what it took in, with the code it returns; any
+    other is cancelled (its bus closed on the way out) and exits 130. A second signal
+    cancels a following or draining command as well (exit 0 and 130)."""
     with quiet_library_logs():
-        code = asyncio.run(_guarded(where, command, follows))
+        code = asyncio.run(_guarded(where, command, follows, drains))
     raise typer.Exit(code)
 
 
@@ -191,7 +194,10 @@ def quiet_library_logs() -> Iterator[None]:
 
 
 async def _guarded(
-    where: Target | None, command: Callable[[asyncio.Event], Awaitable[int]], follows: bool
+    where: Target | None,
+    command: Callable[[asyncio.Event], Awaitable[int]],
+    follows: bool,
+    drains: bool,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -202,7 +208,7 @@ async def _guarded(
         nonlocal signals
         signals += 1
         stop.set()
-        if signals > 1 or not follows:
+        if signals > 1 or not (follows or drains):
             work.cancel()
 
     for number in (signal.SIGINT, signal.SIGTERM):

@@ -1,7 +1,9 @@
 """``keybus publish``: send one record (VALUE), or one per line of standard input.
 
 Records go one at a time, each acknowledged before the next is sent: the order of the
-lines is the order on the topic, per key. With ``--envelope`` each value is the JSON
+lines is the order on the topic, per key. Ctrl-C / SIGTERM stops reading at once (the
+input may stay open upstream); the lines already read are still published, then the
+command exits 130 (a second signal cancels that too). With ``--envelope`` each value is the JSON
 payload of an envelope of ``--aggregate-id`` and ``--type``; the first gets
 ``--version`` and each next line the version after it (one aggregate's successive
 events). Blank lines are skipped.
@@ -11,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import typer
 from rich.markup import escape
 
 from keybus.cli import common
+from keybus.cli.lines import stdin_lines
 from keybus.envelope import Envelope, envelope_headers
 from keybus.errors import EnvelopeError
 
@@ -36,13 +38,12 @@ def _headers(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _values(value: str | None) -> Iterator[tuple[int, str]]:
+async def _values(value: str | None, stop: asyncio.Event) -> AsyncIterator[tuple[int, str]]:
     """(line number, text): VALUE itself, or standard input's non-blank lines."""
     if value is not None and value != "-":
         yield 1, value
         return
-    for number, line in enumerate(sys.stdin, 1):
-        text = line.rstrip("\r\n")
+    async for number, text in stdin_lines(stop):
         if text.strip():
             yield number, text
 
@@ -91,10 +92,10 @@ def publish(
         raise typer.BadParameter("--aggregate-id and --type go with --envelope")
 
     async def send(stop: asyncio.Event) -> int:
-        return await _send(
+        await _send(
             where,
+            _values(text, stop),
             topic_name,
-            text,
             key,
             extra,
             envelope,
@@ -103,8 +104,10 @@ def publish(
             version,
             as_json,
         )
+        return common.INTERRUPTED if stop.is_set() else 0
 
-    common.run(where, send)
+    # (one VALUE: a signal cancels its publish, as any one-shot command's)
+    common.run(where, send, drains=text is None or text == "-")
 
 
 def _record(number: int, text: str, aggregate_id: str, event_type: str, version: int) -> Envelope:
@@ -119,8 +122,8 @@ def _record(number: int, text: str, aggregate_id: str, event_type: str, version:
 
 async def _send(
     where: common.Target,
+    values: AsyncIterator[tuple[int, str]],
     topic: str,
-    value: str | None,
     key: str | None,
     extra: dict[str, str],
     envelope: bool,
@@ -128,10 +131,11 @@ async def _send(
     event_type: str | None,
     version: int,
     as_json: bool,
-) -> int:
+) -> None:
     async with common.open_bus(where) as bus:
         await bus.describe_topic(topic)  # publishing would create a missing one (NATS)
-        for sent, (number, text) in enumerate(_values(value)):
+        sent = 0
+        async for number, text in values:
             data, record_key = text.encode(), key
             headers: dict[str, str | bytes] = dict(extra)
             shown: dict[str, Any] = {"topic": topic, "key": key}
@@ -155,4 +159,4 @@ async def _send(
                 details = "  ".join(f"{k}={v}" for k, v in shown.items() if k != "topic")
                 line = f"[green]acknowledged[/green] {escape(topic)}  {escape(details)}"
                 common.console.print(line)
-    return 0
+            sent += 1
