@@ -5,11 +5,17 @@ A group's partition is consumed by a durable named ``consumer_name(group, p)_<ep
 consumer with the highest ack floor holds the group's position. Its pending plus
 unacknowledged messages are the partition's lag. A partition the group never consumed has
 no consumer: its lag is every message its subject holds.
+
+The server lists a stream's consumers a page (256) at a time, so every page is read:
+the group's durables may be anywhere among other groups' and other services'. And the
+stream may be shared with other subjects (a Go service's configured stream, thousands
+of them): only the topic's subjects are counted.
 """
 
 from __future__ import annotations
 
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 
 from keybus.topics import PartitionPosition
 from keybus.transports.nats.client import Stream
@@ -23,8 +29,8 @@ async def group_positions(
 ) -> list[PartitionPosition]:
     """Positions are stream sequences: ``committed`` is the next sequence after the
     group's ack floor, ``end`` the next sequence the stream gives."""
-    consumers = await js.consumers_info(stream.name)
-    info = await js.stream_info(stream.name, subjects_filter=">")
+    consumers = await _all_consumers(js, stream.name)
+    info = await js.stream_info(stream.name, subjects_filter=_subjects_filter(stream.subjects))
     end = (info.state.last_seq or 0) + 1
     counts = info.state.subjects or {}
     out = []
@@ -39,3 +45,21 @@ async def group_positions(
         lag = (current.num_pending or 0) + (current.num_ack_pending or 0)
         out.append(PartitionPosition(partition, floor + 1, end, lag))
     return out
+
+
+async def _all_consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
+    """Every page of the stream's consumers. (Bounded by the caller's timeout: a page
+    comes back empty once the offset passed the last consumer.)"""
+    consumers: list[ConsumerInfo] = []
+    while page := await js.consumers_info(stream, offset=len(consumers)):
+        consumers.extend(page)
+    return consumers
+
+
+def _subjects_filter(subjects: tuple[str, ...]) -> str:
+    """One filter that matches the topic's subjects: the subject itself, or the
+    partitions' ``kb.<token>.*``."""
+    if len(subjects) == 1:
+        return subjects[0]
+    heads = {subject.rpartition(".")[0] for subject in subjects}
+    return f"{heads.pop()}.*" if len(heads) == 1 and "" not in heads else ">"
