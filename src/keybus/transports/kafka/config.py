@@ -112,6 +112,15 @@ def is_eager(consumer: Mapping[str, Any]) -> bool:
     return "cooperative-sticky" not in {s.strip().lower() for s in strategies.split(",")}
 
 
+def resets_to_end(consumer: Mapping[str, Any]) -> bool:
+    """Does a partition without a committed offset start at its end
+    (``auto.offset.reset`` latest/largest/end) rather than its beginning (earliest,
+    smallest, beginning; and ``error``, which has no position of its own: the beginning
+    skips nothing)?"""
+    reset = str(consumer.get("auto.offset.reset", "largest")).strip().lower()
+    return reset in {"latest", "largest", "end"}
+
+
 def guard(callback: Callable[..., Any]) -> Callable[..., Any]:
     """A callback that raises inside ``consume`` makes confluent-kafka discard the batch
     it fetched in that call — records skipped without being handled. Log instead."""
@@ -166,10 +175,11 @@ class KafkaSettings:
     ``session_timeout`` the consumer's session timeout in seconds, ``ownership_window``
     how long this member's ownership of its partitions is known to last after the
     consumer thread last ran (see ``group_consumer``: the session timeout less a
-    heartbeat interval and :data:`OWNERSHIP_MARGIN`) and ``eager`` whether
+    heartbeat interval and :data:`OWNERSHIP_MARGIN`), ``eager`` whether
     the consumer's assignor rebalances eagerly (:func:`is_eager`; e.g.
     ``consumer_config={"partition.assignment.strategy": "range"}``, how a keybus member
-    joins a group of the Go services' sarama consumers).
+    joins a group of the Go services' sarama consumers) and ``reset_to_end`` whether a
+    partition the group never committed starts at its end (:func:`resets_to_end`).
     """
 
     url: str
@@ -190,6 +200,7 @@ class KafkaSettings:
     session_timeout: float = field(init=False)
     ownership_window: float = field(init=False)
     eager: bool = field(init=False)
+    reset_to_end: bool = field(init=False)
 
     def __post_init__(self) -> None:
         security = parse_security(self.url, self.tls, self.sasl)
@@ -235,3 +246,4 @@ class KafkaSettings:
         # session. (Never below a second: a tiny session would lapse under any load.)
         self.ownership_window = max(1.0, self.session_timeout - heartbeat - OWNERSHIP_MARGIN)
         self.eager = is_eager(self.consumer)
+        self.reset_to_end = resets_to_end(self.consumer)

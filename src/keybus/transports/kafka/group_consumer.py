@@ -78,8 +78,14 @@ import time
 from collections.abc import Callable, Collection, Coroutine, Iterable
 from typing import Any, Protocol
 
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka import Consumer as _RdConsumer
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from keybus._aio import wait_event
 from keybus.deadline import ABANDON_GRACE, Deadline
@@ -450,6 +456,10 @@ class _ConsumerThread:
         self._valid_until = -math.inf
         self._renewed_at = -math.inf
         self._lapsed: set[tuple[str, int]] = set()
+        # The first offset fetched of each partition since it was assigned: where a
+        # partition the group never committed resumes after a lapse (its reset policy
+        # put the fetch there; the records from it on may have been dropped by the core).
+        self._started: dict[tuple[str, int], int] = {}
         self._retake_at = -math.inf
         self._retake_refused = False  # the last re-take was refused (logged once)
 
@@ -564,7 +574,9 @@ class _ConsumerThread:
         self, consumer: _RdConsumer, partitions: Collection[tuple[str, int]]
     ) -> dict[tuple[str, int], int]:
         """Where each partition resumes: the end of its done prefix as the core reported
-        it, else its committed offset, else (never committed) its first offset."""
+        it, else its committed offset, else (never committed) where this assignment
+        started fetching it, else (nothing fetched yet) where its reset policy starts
+        it. One request to the broker for each step that needs one, all partitions in it."""
         wanted = self._group.wanted
         targets: dict[tuple[str, int], int] = {}
         unknown: list[TopicPartition] = []
@@ -574,12 +586,24 @@ class _ConsumerThread:
                 targets[tp] = offset
             else:
                 unknown.append(TopicPartition(*tp))
-        if unknown:
-            for found in consumer.committed(unknown, timeout=_PROBE_TIMEOUT * 2):
-                offset = found.offset
-                if offset < 0:
-                    offset, _ = consumer.get_watermark_offsets(found, timeout=_PROBE_TIMEOUT * 2)
-                targets[(found.topic, found.partition)] = offset
+        if not unknown:
+            return targets
+        unstarted: list[TopicPartition] = []
+        for found in consumer.committed(unknown, timeout=_PROBE_TIMEOUT * 2):
+            tp = (found.topic, found.partition)
+            offset = found.offset if found.offset >= 0 else self._started.get(tp, -1)
+            if offset >= 0:
+                targets[tp] = offset
+            else:
+                unstarted.append(found)
+        if unstarted:
+            # (offsets_for_times takes the logical offsets too: ListOffsets' "timestamps")
+            logical = OFFSET_END if self._group.settings.reset_to_end else OFFSET_BEGINNING
+            asked = [TopicPartition(t.topic, t.partition, logical) for t in unstarted]
+            for found in consumer.offsets_for_times(asked, timeout=_PROBE_TIMEOUT * 2):
+                if found.error is not None or found.offset < 0:
+                    raise KafkaException(found.error or KafkaError(KafkaError._NO_OFFSET))
+                targets[(found.topic, found.partition)] = found.offset
         return targets
 
     def run(self, consumer: _RdConsumer) -> None:
@@ -740,7 +764,7 @@ class _ConsumerThread:
         by_topic: dict[str, list[Message]] = {}
         last_topic: str | None = None
         chunk: list[Message] = []
-        fences = self._fences
+        fences, started = self._fences, self._started
         # Records come in runs of one partition: its fence is looked up once a run.
         last_partition = -1
         fence = 0
@@ -757,6 +781,7 @@ class _ConsumerThread:
             if partition != last_partition:
                 last_partition = partition
                 fence = fences.get((topic, partition), 0)
+                started.setdefault((topic, partition), record.offset())
             raw_key = record.key()
             key: str | None
             if type(raw_key) is bytes:
@@ -917,6 +942,7 @@ class _ConsumerThread:
             self._assigned.setdefault(tp.topic, set()).add(tp.partition)
             self._fences[(tp.topic, tp.partition)] = fence
             self._lapsed.discard((tp.topic, tp.partition))  # assigned anew: fetched afresh
+            self._started.pop((tp.topic, tp.partition), None)
         paused = [tp for tp in partitions if tp.topic in self._paused]
         if paused:
             consumer.pause(paused)
@@ -970,6 +996,7 @@ class _ConsumerThread:
                 self._committed.pop(tp, None)
                 self._fences.pop(tp, None)
                 self._lapsed.discard(tp)
+                self._started.pop(tp, None)
         for topic, parts in by_topic.items():
             owned = self._assigned.get(topic)
             if owned is not None:
