@@ -129,7 +129,7 @@ class SASL:
             raise ValueError(f"SASL {self.mechanism} needs username and password")
 
 
-def tls_settings(value: bool | ssl.SSLContext | TLS | None) -> TLS | ssl.SSLContext | None:
+def tls_settings(value: object) -> TLS | ssl.SSLContext | None:
     """The ``tls=`` option, checked: ``None``/``False`` (plain), ``True`` (``TLS()``), a
     :class:`TLS` or an ``ssl.SSLContext`` (used as it is, where the client takes one)."""
     if value is None or value is False:

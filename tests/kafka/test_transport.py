@@ -12,7 +12,7 @@ import pytest
 
 import keybus
 from keybus.testing import LeakChecker
-from tests.conftest import Backend, unique
+from tests.conftest import Backend, BusFactory, unique
 from tests.helpers import Collected, eventually
 
 
@@ -114,3 +114,23 @@ async def test_close_with_stuck_handlers_and_paused_backlog_is_bounded(
         started = time.monotonic()
         await bus.close(timeout=0.5)
         assert time.monotonic() - started < 0.5 + 4.0
+
+
+async def test_a_full_local_queue_is_flow_control_for_publish_and_publish_many(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    """librdkafka's queue holds 4 records here: publishes beyond that wait for room (its
+    delivery reports free it) instead of failing, one by one and in a batch, in order."""
+    topic = backend.topic("queue-full")
+    bus = await open_bus(producer_config={"queue.buffering.max.messages": 4})
+    await bus.ensure_topic(topic, keybus.TopicConfig(partitions=1))
+    await asyncio.gather(*(bus.publish(topic, b"one-%d" % n, key="k") for n in range(20)))
+    errors = await bus.publish_many(topic, [(b"many-%d" % n, "k") for n in range(40)])
+    assert errors == [None] * 40
+    got = Collected()
+    await bus.subscribe(topic, got)
+    await eventually(lambda: len(got) >= 60, what="every record")
+    values = got.values()
+    assert len(values) == 60
+    assert values[20:] == [b"many-%d" % n for n in range(40)], "the batch kept its order"
+    assert sorted(values[:20]) == sorted(b"one-%d" % n for n in range(20))

@@ -24,8 +24,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from confluent_kafka import KafkaException
 from confluent_kafka import Producer as _RdProducer
@@ -59,6 +59,7 @@ _PURGE_SHARE = 0.3
 
 
 _Future = asyncio.Future
+_T = TypeVar("_T")
 
 
 def _delivered(future: asyncio.Future[None], err: Any, msg: Any) -> None:
@@ -166,7 +167,6 @@ class KafkaProducer:
         is full), then wait for the batch's last report."""
         batch = _Batch(self._loop, topic, len(records))
         report = batch.report
-        full_since: float | None = None
         stuck: PublishError | None = None
         for index, (value, key, headers) in enumerate(records):
             if stuck is not None:
@@ -174,34 +174,19 @@ class KafkaProducer:
                 # could be sent ahead of an earlier one that was refused.
                 batch.fail(index, stuck)
                 continue
-            while True:
-                rd = self._rd
-                if rd is None:
-                    raise closed(self._url)
+            produce = functools.partial(
+                self._produce, topic, value, key, headers, functools.partial(report, index)
+            )
+            try:
                 try:
-                    rd.produce(
-                        topic,
-                        value,
-                        key,
-                        headers=(headers if type(headers) is dict else dict(headers))
-                        if headers
-                        else None,
-                        on_delivery=functools.partial(report, index),
-                    )
-                    full_since = None
-                    break
-                except BufferError:  # the queue is full: serve reports, then again
-                    now = time.monotonic()
-                    full_since = now if full_since is None else full_since
-                    if now - full_since > _QUEUE_FULL_WAIT:
-                        stuck = PublishError(topic, "local producer queue stayed full")
-                        batch.fail(index, stuck)
-                        break
-                    _poll(rd)
-                    await asyncio.sleep(_BUSY_POLL)
-                except (KafkaException, TypeError, ValueError) as exc:
-                    batch.fail(index, translate(exc, "publish", topic))
-                    break
+                    produce()
+                except BufferError:
+                    await self._when_room(topic, produce)
+            except PublishError as exc:  # (from _when_room: the queue stayed full)
+                stuck = exc
+                batch.fail(index, stuck)
+            except (KafkaException, TypeError, ValueError) as exc:
+                batch.fail(index, translate(exc, "publish", topic))
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
@@ -217,8 +202,15 @@ class KafkaProducer:
     async def send_when_room(
         self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
     ) -> asyncio.Future[None]:
+        """:meth:`send`, once librdkafka's full local queue has room for the record."""
+        return await self._when_room(
+            topic, functools.partial(self.send, topic, value, key, headers)
+        )
+
+    async def _when_room(self, topic: str, attempt: Callable[[], _T]) -> _T:
         """librdkafka's local queue is full: flow control, not a failure. Serve delivery
-        reports (that is what frees room) and try again, boundedly."""
+        reports (that is what frees room) and run ``attempt`` (a produce) again until it
+        is taken, for at most ``_QUEUE_FULL_WAIT``; then a ``PublishError``."""
         deadline = time.monotonic() + _QUEUE_FULL_WAIT
         while True:
             rd = self._rd
@@ -227,10 +219,31 @@ class KafkaProducer:
             _poll(rd)
             await asyncio.sleep(_BUSY_POLL)
             try:
-                return self.send(topic, value, key, headers)
+                return attempt()
             except BufferError:
                 if time.monotonic() > deadline:
                     raise translate("local producer queue stayed full", "publish", topic) from None
+
+    def _produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: str | None,
+        headers: Mapping[str, bytes],
+        on_delivery: Callable[[Any, Any], None],
+    ) -> None:
+        """One record to librdkafka (``BufferError``: its queue is full)."""
+        rd = self._rd
+        if rd is None:
+            raise closed(self._url)
+        # confluent-kafka takes a dict of headers as it is: no list to build.
+        rd.produce(
+            topic,
+            value,
+            key,
+            headers=(headers if type(headers) is dict else dict(headers)) if headers else None,
+            on_delivery=on_delivery,
+        )
 
     async def _pump(self) -> None:
         rd = self._rd

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-from keybus.security import SASL, TLS, Mechanism, Secret, redact_url, split_credentials
+from keybus.security import (
+    SASL,
+    TLS,
+    Mechanism,
+    Secret,
+    redact_url,
+    split_credentials,
+    tls_settings,
+)
 
 __all__ = ["Security", "librdkafka_security", "parse_security"]
 
@@ -83,20 +91,22 @@ def _url_mechanism(bare: str, shown: str) -> str | None:
 
 
 def _tls(value: object) -> TLS | None:
+    """``keybus.security.tls_settings``, less what librdkafka cannot take."""
     if isinstance(value, ssl.SSLContext):
         raise TypeError(_SSL_CONTEXT)
-    if value is None or value is False:
-        return None
-    if value is True:
-        return TLS()
-    if isinstance(value, TLS):
-        if value.server_hostname is not None:
-            raise ValueError(
-                "tls: server_hostname is not supported on Kafka: librdkafka verifies each "
-                "broker as the host name it advertises"
-            )
-        return value
-    raise TypeError(f"tls must be True, False or a keybus.TLS on Kafka, got {value!r}")
+    try:
+        checked = tls_settings(value)
+    except TypeError:  # (its message offers an ssl.SSLContext)
+        raise TypeError(
+            f"tls must be True, False or a keybus.TLS on Kafka, got {value!r}"
+        ) from None
+    assert not isinstance(checked, ssl.SSLContext)
+    if checked is not None and checked.server_hostname is not None:
+        raise ValueError(
+            "tls: server_hostname is not supported on Kafka: librdkafka verifies each "
+            "broker as the host name it advertises"
+        )
+    return checked
 
 
 def librdkafka_security(tls: TLS | None, sasl: SASL | None) -> dict[str, Any]:
