@@ -217,3 +217,33 @@ async def test_workers_die_with_a_killed_supervisor(
     await eventually(
         lambda: not [pid for pid in workers if _alive(pid)], what="the workers gone", timeout=30
     )
+
+
+def test_a_worker_started_while_the_stop_signal_arrives_gets_it_too(tmp_path: Path) -> None:
+    """SIGTERM reaches the supervisor while it starts a worker: that worker is sent it
+    as well (not left to be killed past the close bound), and no worker is started
+    after it."""
+    log = tmp_path / "workers.log"
+    close_timeout = 1.0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.supervisor_proc", str(log), "2", str(close_timeout)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    began = time.monotonic()
+    try:
+        code = process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    took = time.monotonic() - began
+    err = process.stderr.read().decode() if process.stderr else ""
+    assert "did not stop in time" not in err, err
+    # (the kill would come at close_timeout + 10 s; a prompt stop takes a python start)
+    assert took < close_timeout + 5.0, f"the supervisor took {took:.1f} s"
+    assert code == EXIT_OK, err
+    started = [int(p[1]) for p in _lines(log) if p[0] == "ready"]
+    assert len(started) <= 1, "a worker was started after the signal"
+    assert not [pid for pid in started if _alive(pid)], "a worker outlived the supervisor"

@@ -7,6 +7,15 @@ workers (the first closes them gracefully, a second cuts their close short), wai
 them — bounded: past the close timeout and a margin it kills what is left — and leaves
 no orphan: each worker is started with ``PR_SET_PDEATHSIG``, so it gets SIGTERM (and
 closes gracefully) even if the supervisor itself is killed.
+
+A stop signal that arrives while a worker is being started would find no process in its
+slot yet, and the worker would run on until it is killed at the bound. So the stop
+signals are blocked while a worker starts (the worker unblocks them in its own process
+before it runs): one arriving meanwhile is handled once the worker is in its slot, and
+forwarded to it. Once a stop signal came, no worker is started any more.
+
+A worker the forwarded signal reaches before it set up its own handling (it was still
+starting) ends by the signal itself: that is the stop asked for, not a failure.
 """
 
 from __future__ import annotations
@@ -33,10 +42,13 @@ _TICK = 0.1
 _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
 _KILL_MARGIN = 10.0  # past the close timeout, before what is left is killed
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: deliver SIGTERM to this process when its parent dies."""
+def _prepare_child() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: deliver SIGTERM to this process when its parent dies; and take the stop
+    signals the parent blocked while starting it (the mask survives exec)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -70,15 +82,15 @@ def supervise(worker_argv: Sequence[str], workers: int, close_timeout: float) ->
         while not signals:
             now = time.monotonic()
             for slot in slots:
-                _tend(slot, worker_argv, now)
+                _tend(slot, worker_argv, now, signals)
             time.sleep(_TICK)
-        return _wind_down(slots, close_timeout)
+        return _wind_down(slots, close_timeout, signals)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
 
 
-def _tend(slot: _Slot, argv: Sequence[str], now: float) -> None:
+def _tend(slot: _Slot, argv: Sequence[str], now: float, signals: list[int]) -> None:
     process = slot.process
     if process is not None:
         code = process.poll()
@@ -98,12 +110,23 @@ def _tend(slot: _Slot, argv: Sequence[str], now: float) -> None:
         )
         return
     if now >= slot.start_at:
-        env = {**os.environ, "KEYBUS_WORKER": str(slot.index)}
-        slot.process = subprocess.Popen(list(argv), env=env, preexec_fn=_die_with_parent)
-        log.info("keybus: worker %d started (pid %d)", slot.index, slot.process.pid)
+        _start(slot, argv, signals)
 
 
-def _wind_down(slots: list[_Slot], close_timeout: float) -> int:
+def _start(slot: _Slot, argv: Sequence[str], signals: list[int]) -> None:
+    """Start the slot's worker, unless a stop signal came (see the module's docstring)."""
+    env = {**os.environ, "KEYBUS_WORKER": str(slot.index)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        if signals:  # (checked with the signals blocked: none can come in between)
+            return
+        slot.process = subprocess.Popen(list(argv), env=env, preexec_fn=_prepare_child)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    log.info("keybus: worker %d started (pid %d)", slot.index, slot.process.pid)
+
+
+def _wind_down(slots: list[_Slot], close_timeout: float, signals: list[int]) -> int:
     """Wait for the workers the signal reached; kill what is left past the bound."""
     deadline = time.monotonic() + close_timeout + _KILL_MARGIN
     codes: list[int] = []
@@ -112,7 +135,9 @@ def _wind_down(slots: list[_Slot], close_timeout: float) -> int:
         if process is None:
             continue
         try:
-            codes.append(process.wait(max(0.0, deadline - time.monotonic())))
+            code = process.wait(max(0.0, deadline - time.monotonic()))
+            # (ended by a forwarded signal it had no handler for yet: stopped as asked)
+            codes.append(EXIT_OK if -code in signals else code)
         except subprocess.TimeoutExpired:
             log.error(
                 "keybus: worker %d (pid %d) did not stop in time: killed", slot.index, process.pid
