@@ -1,5 +1,7 @@
 """What a bus runs beside its subscriptions — heartbeats, heartbeat and lag watches — as
-tasks it owns: each ends with ``stop()`` or with the bus's ``close()``."""
+tasks it owns: each ends with ``stop()`` or with the bus's ``close()``. A stopped one
+tells its owner (``on_stopped``), which lets go of it: a long-lived bus that starts and
+stops them over and over holds only those still running."""
 
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ class Background:
         name: str,
         body: Callable[[Background], Coroutine[Any, Any, None]],
         watch: object = None,
+        on_stopped: Callable[[Background], None] | None = None,
     ) -> None:
         self.name = name
+        self._on_stopped = on_stopped
         # A watch's state, to look at (a HeartbeatWatch's sources, a LagWatch's behind).
         self.watch = watch
         self._ready = asyncio.Event()
@@ -51,10 +55,14 @@ class Background:
 
     async def stop(self) -> None:
         """End it (idempotent)."""
-        await cancel_and_wait(self._task)
-        steps, self._stopping = self._stopping, []
-        for step in steps:
-            await step()
+        try:
+            await cancel_and_wait(self._task)
+            steps, self._stopping = self._stopping, []
+            for step in steps:
+                await step()
+        finally:
+            if self._on_stopped is not None:
+                self._on_stopped(self)
 
     def __repr__(self) -> str:
         return f"<Background {self.name} {'running' if self.running else 'stopped'}>"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -496,7 +496,7 @@ class EventBus:
             handle.started()
             await publish_heartbeats(self._send_plain, topic, name, interval)
 
-        return self._start(Background(f"keybus-heartbeat:{topic}", run))
+        return self._start(f"keybus-heartbeat:{topic}", run)
 
     def watch_heartbeats(
         self,
@@ -525,7 +525,7 @@ class EventBus:
             handle.started()
             await watch_heartbeats(watch, on_alert)
 
-        return self._start(Background(f"keybus-heartbeat-watch:{topic}", run, watch))
+        return self._start(f"keybus-heartbeat-watch:{topic}", run, watch)
 
     def watch_lag(
         self,
@@ -557,11 +557,21 @@ class EventBus:
                         await call_hook(on_change, alert)
                 await asyncio.sleep(interval)
 
-        return self._start(Background("keybus-lag-watch", run, watch))
+        return self._start("keybus-lag-watch", run, watch)
 
-    def _start(self, handle: Background) -> Background:
+    def _start(
+        self,
+        name: str,
+        body: Callable[[Background], Coroutine[Any, Any, None]],
+        watch: object = None,
+    ) -> Background:
+        handle = Background(name, body, watch, on_stopped=self._forget_background)
         self._background.add(handle)
         return handle
+
+    def _forget_background(self, handle: Background) -> None:
+        # (the set held now: close() swaps it for an empty one while it stops the rest)
+        self._background.discard(handle)
 
     async def _send_plain(self, topic: str, value: bytes, key: str) -> None:
         await self._transport.send(topic, value, key, {})
