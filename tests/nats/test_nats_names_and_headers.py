@@ -54,14 +54,13 @@ async def test_any_header_name_round_trips_and_survives_dead_lettering(
     bus = await open_bus()
     topic = backend.topic("names")
     got: list[keybus.Message] = []
-    letters = Collected()
 
     async def handler(message: keybus.Message) -> None:
         got.append(message)
         raise RuntimeError("to the dead letters")
 
     await bus.subscribe(topic, handler, max_attempts=1)
-    await bus.subscribe(f"{topic}.dlq", letters)
+    letters = await watch_dead_letters(open_bus, topic)
     await bus.publish(topic, b"v", key="k", headers=ODD_NAMES)
     await eventually(lambda: len(letters) == 1, what="the dead letter")
     assert got[0].key == "k"
