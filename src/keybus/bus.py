@@ -585,8 +585,8 @@ class EventBus:
         afterwards it raises :class:`BusClosedError`.
 
         Returns within ``timeout`` plus a small constant even if a handler never returns
-        (Kafka with its broker unreachable: up to the consumer session timeout more, the
-        time librdkafka holds a consumer's close; see docs/kafka.md).
+        (Kafka with its broker unreachable: up to the consumer's session or request
+        timeout more, the time librdkafka holds a consumer's close; see docs/kafka.md).
         Idempotent, and safe to call from inside a handler; afterwards the bus owns no
         task, thread, socket or fd."""
         if self._close_task is not None:

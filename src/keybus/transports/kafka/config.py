@@ -172,7 +172,8 @@ class KafkaSettings:
 
     After construction, ``producer``, ``consumer`` and ``admin`` are the librdkafka
     configs (bootstrap servers from the URL, our defaults, the user's settings),
-    ``session_timeout`` the consumer's session timeout in seconds, ``ownership_window``
+    ``session_timeout`` the consumer's session timeout in seconds, ``request_timeout``
+    its request timeout (``socket.timeout.ms``) in seconds, ``ownership_window``
     how long this member's ownership of its partitions is known to last after the
     consumer thread last ran (see ``group_consumer``: the session timeout less a
     heartbeat interval and :data:`OWNERSHIP_MARGIN`), ``eager`` whether
@@ -198,6 +199,7 @@ class KafkaSettings:
     consumer: dict[str, Any] = field(init=False, repr=False)
     admin: dict[str, Any] = field(init=False, repr=False)
     session_timeout: float = field(init=False)
+    request_timeout: float = field(init=False)
     ownership_window: float = field(init=False)
     eager: bool = field(init=False)
     reset_to_end: bool = field(init=False)
@@ -236,6 +238,10 @@ class KafkaSettings:
             self.session_timeout = float(self.consumer.get("session.timeout.ms", 45000)) / 1000
         except (TypeError, ValueError):  # librdkafka rejects it when the consumer is made
             self.session_timeout = 45.0
+        try:
+            self.request_timeout = float(self.consumer.get("socket.timeout.ms", 60000)) / 1000
+        except (TypeError, ValueError):
+            self.request_timeout = 60.0
         try:
             heartbeat = float(self.consumer.get("heartbeat.interval.ms", 3000)) / 1000
         except (TypeError, ValueError):

@@ -53,7 +53,8 @@ _QUEUE_FULL_WAIT = 30.0
 # what is left then, the purged ones get _PURGE_SHARE for their (local, immediate)
 # failure reports; the destroy, which must not be cut short or librdkafka's threads
 # outlive close(), gets the rest. With the 5 s minimum close budget that is ~1.4 s,
-# ~1 s and ~2.3 s; the default 8.5 s (session timeout + margin) gives each more.
+# ~1 s and ~2.3 s (the Kafka transport gives it at most that budget: the rest of its own
+# is for the consumers).
 _FLUSH_SHARE = 0.3
 _PURGE_SHARE = 0.3
 

@@ -26,10 +26,13 @@ from keybus.transports.kafka.topic_feed import KafkaConsumer
 __all__ = ["KafkaTransport"]
 
 # close_budget: librdkafka holds a consumer's close, and no deadline of ours can cut it
-# short, until the session times out when an asynchronous commit was outstanding as the
-# broker went away; the close waits for it (returning earlier would leave the consumer
-# thread and librdkafka's native threads running after close()), so the budget covers the
-# session timeout plus this much for the leave and the thread's end.
+# short, while an asynchronous commit is outstanding as the broker goes away: one that
+# found no coordinator fails a session timeout after it was made, one sent to the
+# coordinator as it went away fails when its request times out (socket.timeout.ms), each
+# found by a scan librdkafka runs once a second. The close waits for it (returning earlier
+# would leave the consumer thread and librdkafka's native threads running after close()),
+# so the budget covers the longer of the two plus this much for that scan, the leave and
+# the thread's end.
 _CLOSE_MARGIN = 2.5
 # The least time left in a close worth spending on deleting private groups' offsets,
 # and the most it may take (a few ms when the broker answers; against a gone broker the
@@ -46,9 +49,8 @@ class KafkaTransport(Transport):
     def __init__(self, url: str, **options: Any) -> None:
         self._settings = KafkaSettings(url=url, **options)
         self.url = self._settings.url  # credentials masked: shown in reprs, logs, errors
-        self.close_budget = max(
-            TRANSPORT_CLOSE_BUDGET, self._settings.session_timeout + _CLOSE_MARGIN
-        )
+        held = max(self._settings.session_timeout, self._settings.request_timeout)
+        self.close_budget = max(TRANSPORT_CLOSE_BUDGET, held + _CLOSE_MARGIN)
         self._admin = KafkaAdmin(self.url, self._settings.admin, self._settings.probe_timeout)
         self._producer: KafkaProducer | None = None
         self._groups: dict[str, list[GroupConsumer]] = {}
@@ -182,10 +184,13 @@ class KafkaTransport(Transport):
         self._groups.clear()
         producer, self._producer = self._producer, None
         # Side by side, each sized from this close's deadline: the consumer threads wait
-        # until shortly before it, the producer splits it between flush, purge and destroy.
+        # until shortly before it, the producer splits it between flush, purge and destroy
+        # — within the default budget: the rest of ours is for librdkafka's hold on a
+        # consumer's close (above), and publishes a gone broker never acknowledges would
+        # wait out a share of it for nothing.
         await asyncio.gather(
             *(s.shutdown(deadline) for s in shared),
-            *([producer.close(deadline)] if producer else []),
+            *([producer.close(deadline.within(TRANSPORT_CLOSE_BUDGET))] if producer else []),
         )
         # Nobody can rejoin a private group: drop its committed offsets, which the broker
         # would otherwise keep for offsets.retention.minutes (a week by default). Only
