@@ -22,6 +22,7 @@ import pytest_asyncio
 from nats.js import JetStreamContext, api
 
 from keybus.deadline import Deadline
+from keybus.message import Message
 from keybus.transports.nats.client import Stream
 from keybus.transports.nats.reader import read_topic
 from tests.conftest import Backend
@@ -78,44 +79,44 @@ def before_the_first_fetch(
     monkeypatch.setattr(js, "pull_subscribe", pull_subscribe)
 
 
-async def test_the_read_ends_at_once_when_retention_removed_everything_it_counted(
-    shared: tuple[JetStreamContext, Stream, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def read_while(
+    shared: tuple[JetStreamContext, Stream, str],
+    monkeypatch: pytest.MonkeyPatch,
+    step: Callable[[JetStreamContext, str, str], Awaitable[None]],
+) -> list[Message]:
+    """Six messages on the topic (t0..t5), then a read with ``step(js, topic, other)``
+    run before its first fetch; the read must end promptly."""
     js, stream, other = shared
     topic = stream.subjects[0]
     for n in range(6):
         await js.publish(topic, b"t%d" % n)
-
-    async def push_out() -> None:
-        for n in range(6):
-            await js.publish(other, b"o%d" % n)
-
-    before_the_first_fetch(monkeypatch, js, push_out)
+    before_the_first_fetch(monkeypatch, js, lambda: step(js, topic, other))
     began = time.monotonic()
     read = await read_topic(js, topic, stream, Deadline.after(READ_DEADLINE))
     took = time.monotonic() - began
-    assert read == []
     assert took < PROMPT, f"waited {took:.1f} s for messages retention had removed"
     assert not await js.consumers_info(stream.name), "the reader's consumer is deleted"
+    return read
+
+
+async def test_the_read_ends_at_once_when_retention_removed_everything_it_counted(
+    shared: tuple[JetStreamContext, Stream, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def push_out(js: JetStreamContext, topic: str, other: str) -> None:
+        for n in range(6):
+            await js.publish(other, b"o%d" % n)
+
+    assert await read_while(shared, monkeypatch, push_out) == []
 
 
 async def test_the_read_returns_what_retention_left_and_nothing_published_after_it_began(
     shared: tuple[JetStreamContext, Stream, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    js, stream, other = shared
-    topic = stream.subjects[0]
-    for n in range(6):
-        await js.publish(topic, b"t%d" % n)
-
-    async def push_out_three_then_add_one() -> None:
+    async def push_out_three_then_add_one(js: JetStreamContext, topic: str, other: str) -> None:
         for n in range(2):
             await js.publish(other, b"o%d" % n)
         await js.publish(topic, b"late")  # (it pushes out a third of the topic's)
 
-    before_the_first_fetch(monkeypatch, js, push_out_three_then_add_one)
-    began = time.monotonic()
-    read = await read_topic(js, topic, stream, Deadline.after(READ_DEADLINE))
-    took = time.monotonic() - began
+    read = await read_while(shared, monkeypatch, push_out_three_then_add_one)
     assert [m.value for m in read] == [b"t3", b"t4", b"t5"]
     assert [m.offset for m in read] == [4, 5, 6], "offsets are stream sequences"
-    assert took < PROMPT, f"waited {took:.1f} s for messages retention had removed"
