@@ -39,7 +39,7 @@ from keybus.parking import GROUP, ParkedKey, VersionGuard
 from keybus.partitioning import Partition
 from keybus.positions import DoneTracker
 from keybus.stats import HeldPartition, SubscriptionSnapshot, SubscriptionStats, WaitingKey
-from keybus.work import DONE, DROPPED, RUNNING, Work
+from keybus.work import DONE, DROPPED, RUNNING, Work, lane_key
 
 if TYPE_CHECKING:
     from keybus.transports.base import Consumer
@@ -145,7 +145,7 @@ class SubscriptionEngine:
         """The counters and the live state now (see :class:`SubscriptionSnapshot`)."""
         now, wall = time.monotonic(), time.time()
         running = [w for w in self._tracker.open_work() if w.state == RUNNING]
-        running_by_key = {_key_of(w): w for w in running}
+        running_by_key = {w.key: w for w in running}
 
         def run_for(work: Work | None) -> float | None:
             return now - work.started if work is not None and work.state == RUNNING else None
@@ -167,7 +167,7 @@ class SubscriptionEngine:
             HeldPartition(
                 work.partition[0],
                 work.partition[1],
-                _key_of(work),
+                work.key,
                 work.message.offset,
                 work.attempts,
                 run_for(work),
@@ -381,15 +381,15 @@ class SubscriptionEngine:
                 try:
                     envelope = Envelope.from_bytes(message.value)
                 except Exception as exc:  # EnvelopeError, or anything a bug lets through
-                    work = Work(message, None, exc, where)
                     # Dead-lettered in its key's lane: the key's dead letters keep order.
-                    key: str | None = message.key
+                    key = lane_key(message, None)
+                    work = Work(message, None, exc, where, key)
                 else:
-                    work = Work(message, envelope, None, where)
-                    key = message.key or envelope.aggregate_id
+                    key = lane_key(message, envelope)
+                    work = Work(message, envelope, None, where, key)
             else:
-                work = Work(message, message, None, where)
-                key = message.key
+                key = lane_key(message, None)
+                work = Work(message, message, None, where, key)
             self._in_flight += 1
             tracker.add(work)
             submit(work, key)
@@ -488,7 +488,7 @@ class SubscriptionEngine:
         if parking is not None:
             if parking.reload_due:
                 await parking.refresh()
-            key = _key_of(work)
+            key = work.key
             state = parking.parked.get(key) if key is not None else None
             if state is not None and key is not None:
                 if not (self._owned_until and self._lapsed(work)):
@@ -690,7 +690,7 @@ class SubscriptionEngine:
         self.stats.note_error(reason)
         work.error = error  # tells the process steps after it that it was not handled
         if parking is not None and not isinstance(error, KeyParked):
-            await parking.dead_lettered(work, reason, _key_of(work))
+            await parking.dead_lettered(work, reason, work.key)
         # The type only: an exception's text may quote the payload (it is in the dead
         # letter's X-Error header, where the payload is anyway).
         log.warning(
@@ -713,7 +713,7 @@ class SubscriptionEngine:
             "partition": message.partition,
             "offset": message.offset,
             "group": self.group,
-            "key": _key_of(work),
+            "key": work.key,
             "attempt": work.attempts,
         }
 
@@ -754,11 +754,3 @@ async def _bounded(
         log.error("keybus: %s did not finish in time", what)
     except Exception:
         log.exception("keybus: %s failed", what)
-
-
-def _key_of(work: Work) -> str | None:
-    """The key a work's lane has: the record key, else an envelope's aggregate id."""
-    key = work.message.key
-    if key is None and isinstance(work.payload, Envelope):
-        return work.payload.aggregate_id
-    return key

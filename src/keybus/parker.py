@@ -144,9 +144,8 @@ class Parking:
         if key is None or key in self.parked:
             return
         message = work.message
-        state = Parked(
-            message.partition, message.offset, event_id_of(message.value), reason, time.time()
-        )
+        event_id = event_id_of(work.payload, self._engine.envelopes)
+        state = Parked(message.partition, message.offset, event_id, reason, time.time())
         self.parked[key] = state
         self._engine.stats.parked += 1
         await self._write(key, state)
@@ -210,10 +209,10 @@ class Parking:
             seen = {(m.partition, m.offset) for m in queue}
             while True:
                 for message in queue:
-                    error = await self._replay_one(message)
+                    payload, error = await self._replay_one(message)
                     if error is not None:
                         reason = f"{type(error).__name__}: {error}"
-                        state.moved_to(message, reason)
+                        state.moved_to(message, event_id_of(payload, engine.envelopes), reason)
                         engine.stats.note_error(reason)
                         await self._write(key, state)
                         raise ReplayError(key, handed, reason) from error
@@ -232,14 +231,16 @@ class Parking:
             self._unparked.discard(key)  # the store says so now
         return handed
 
-    async def _replay_one(self, message: Message) -> BaseException | None:
+    async def _replay_one(self, message: Message) -> tuple[object, BaseException | None]:
+        """Run the handler on ``message``, retried as a delivery is: what it was handed
+        (``None``: an envelope that does not decode) and why it failed, if it did."""
         engine = self._engine
         payload: object = message
         if engine.envelopes:
             try:
                 payload = Envelope.from_bytes(message.value)
             except Exception as exc:
-                return exc
+                return None, exc
         work = Work(message, payload, None)
         work.state = RUNNING
         token = CURRENT.set(work)
@@ -254,12 +255,12 @@ class Parking:
                     error = exc
                 else:
                     engine.handled_by_replay(payload)
-                    return None
+                    return payload, None
                 if attempt < options.max_attempts:
                     await asyncio.sleep(options.backoff(attempt))
         finally:
             CURRENT.reset(token)
-        return error
+        return payload, error
 
     async def discard(self, key: str) -> int:
         """Drop ``key``'s parked messages (recorded in the dead-letter topic) and unpark

@@ -102,10 +102,10 @@ class Parked:
         where = f"{topic}/{self.partition}/{self.offset}"
         return (where if self.event_id is None else f"{where} event={self.event_id}").encode()
 
-    def moved_to(self, message: Message, reason: str) -> None:
+    def moved_to(self, message: Message, event_id: str | None, reason: str) -> None:
         """A replay failed at ``message``: the key stays parked from there on."""
         self.partition, self.offset = message.partition, message.offset
-        self.event_id = event_id_of(message.value)
+        self.event_id = event_id
         self.reason = reason
 
 
@@ -163,9 +163,16 @@ def load(records: Iterable[Message], group: str) -> dict[str, Parked]:
     return parked
 
 
-def event_id_of(value: bytes) -> str | None:
+def event_id_of(payload: object, decoded: bool) -> str | None:
+    """The event id of a message whose handler gets ``payload``: an envelope
+    subscription's decoded envelope (``decoded``: not decoded again — ``None`` when it
+    could not be), else the message, whose value may be an envelope."""
+    if isinstance(payload, Envelope):
+        return payload.event_id
+    if decoded or not isinstance(payload, Message):
+        return None
     try:
-        return Envelope.from_bytes(value).event_id
+        return Envelope.from_bytes(payload.value).event_id
     except Exception:  # not an envelope: the position alone names it
         return None
 

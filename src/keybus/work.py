@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keybus.message import Message
 from keybus.partitioning import Partition
+
+if TYPE_CHECKING:
+    from keybus.envelope import Envelope
 
 QUEUED = 0
 RUNNING = 1
@@ -21,6 +24,7 @@ class Work:
     __slots__ = (
         "attempts",
         "error",
+        "key",
         "message",
         "partition",
         "payload",
@@ -37,8 +41,10 @@ class Work:
         payload: Any,
         error: BaseException | None,
         partition: Partition | None = None,  # (message.topic, message.partition) if known
+        key: str | None = None,  # its lane's key (lane_key)
     ) -> None:
         self.message = message
+        self.key = key
         self.partition: Partition = (
             partition if partition is not None else (message.topic, message.partition)
         )
@@ -50,3 +56,13 @@ class Work:
         self.task: asyncio.Task[None] | None = None
         # ``started``: when it started running (time.monotonic()), set by the dispatcher
         # as it does (so read it only of RUNNING work): how long a stuck handler has run.
+
+
+def lane_key(message: Message, envelope: Envelope | None) -> str | None:
+    """The key of ``message``'s lane: the record key, else (none, or empty) the aggregate
+    id of its decoded ``envelope``. The one source of it: the dispatcher's lanes, parking
+    and ``stats()`` must agree (an empty Kafka key once parked under ``""`` while its
+    lane was the aggregate's)."""
+    if envelope is None:
+        return message.key
+    return message.key or envelope.aggregate_id

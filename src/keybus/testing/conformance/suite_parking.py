@@ -258,6 +258,29 @@ class ParkingSuite(BackendFixtures):
         await eventually(lambda: handler.seen["K"] == [1, 4], what="K flows again")
         assert await bus.parked(topic) == []
 
+    async def test_an_empty_record_key_parks_the_aggregate_its_lane_is(
+        self, open_bus: BusFactory, backend: Backend
+    ) -> None:
+        # An envelope's lane is its aggregate when the record key is empty: parking and
+        # stats() must name the same key, or every key-less aggregate would park at once.
+        bus, handler, sub, topic = await _parking(open_bus, backend, 2)
+        for version in range(1, 4):
+            await bus.publish(topic, envelope("K", version).to_bytes(), key="")
+        await eventually(lambda: sub.stats().parked == 2, what="v2, v3 of K parked")
+        assert [p.key for p in await bus.parked(topic)] == ["K"]
+        release = asyncio.Event()
+        handler.before[("other", 1)] = release.wait
+        await bus.publish(topic, envelope("other", 1).to_bytes(), key="")
+
+        def holding() -> bool:
+            return any(h.key == "other" for h in sub.stats().held_partitions)
+
+        await eventually(holding, what="other's handler held, under its aggregate")
+        release.set()
+        await eventually(lambda: handler.seen["other"] == [1], what="other handled")
+        assert handler.seen["K"] == [1]
+        assert sub.stats().parked == 2
+
     @pytest.mark.parametrize("on_dead_letter", ["continue", "park"])
     async def test_the_version_guard_skips_duplicates_and_counts_gaps(
         self, open_bus: BusFactory, backend: Backend, on_dead_letter: str
