@@ -29,6 +29,7 @@ from keybus.lag import Lag, LagAlert, LagWatch, PartitionLag
 from keybus.message import Message
 from keybus.middleware import CallNext, Middleware
 from keybus.options import SubscribeOptions
+from keybus.parked_requests import ParkedRequest
 from keybus.parking import PARKED_BEHIND, ParkedKey
 from keybus.registry import register_transport
 from keybus.security import SASL, TLS, Secret
@@ -64,6 +65,7 @@ __all__ = [
     "Message",
     "Middleware",
     "ParkedKey",
+    "ParkedRequest",
     "PartitionLag",
     "PublishBatchError",
     "PublishError",

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from keybus import parked_requests
 from keybus._aio import call_hook, log_failure
 from keybus.background import Background
 from keybus.deadline import Deadline
@@ -22,6 +23,7 @@ from keybus.lag import Lag, LagAlert, LagWatch, PartitionLag
 from keybus.message import Message
 from keybus.middleware import Middleware, check_middleware
 from keybus.options import SubscribeOptions
+from keybus.parked_requests import ParkedRequest
 from keybus.parking import ParkedKey, load, store_topic
 from keybus.subscription import Subscription
 from keybus.topics import TopicConfig, TopicInfo, check_topic
@@ -349,6 +351,35 @@ class EventBus:
         """Drop ``key``'s parked messages (a record in the dead-letter topic says so) and
         unpark it; returns how many were parked."""
         return await self._parking_subscription(topic, group).discard_parked(key)
+
+    async def request_parked(
+        self,
+        topic: str,
+        *,
+        key: str,
+        action: str = "replay",
+        group: str | None = None,
+        dead_letter_topic: str | None = None,
+        timeout: float = 60.0,
+    ) -> ParkedRequest:
+        """Ask the member of ``group`` that owns ``key``'s partition — a running service
+        with the handler, not this bus — to replay (``action="replay"``) or discard
+        ``key``'s parked messages, through a request in the parked-keys store; wait up
+        to ``timeout`` seconds for its answer. The member performs ``replay_parked`` /
+        ``discard_parked`` itself. ``keybus dlq replay`` / ``discard`` use it."""
+        check_topic(topic)
+        if not self._transport.can_read_topics:
+            raise ValueError("this transport cannot read parked keys back from the broker")
+        store = store_topic(dead_letter_topic or f"{topic}.dlq")
+
+        async def read(seconds: float) -> list[Message]:
+            budget = Deadline.after(max(0.1, min(seconds, _READ_BUDGET)))
+            return await self._transport.read_topic(store, budget)
+
+        async def write(value: bytes, name: str, headers: dict[str, bytes]) -> None:
+            await self._transport.publish(store, value, name, headers)
+
+        return await parked_requests.request(read, write, group or self.group, key, action, timeout)
 
     def _forget(self, engine: SubscriptionEngine) -> None:
         self._engines.pop(engine, None)

@@ -18,7 +18,7 @@ from inspect import isawaitable
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
-from keybus._aio import being_cancelled, log_failure, wait_event
+from keybus._aio import being_cancelled, cancel_and_wait, log_failure, wait_event
 from keybus.deadline import (
     ABANDON_GRACE,
     CANCEL_GRACE,
@@ -89,6 +89,7 @@ class SubscriptionEngine:
         # default path does not pay for them (keybus.parker).
         self._parking: Parking | None = None
         self._guard: VersionGuard | None = None
+        self._requests: asyncio.Task[None] | None = None
         process = self._process
         if options.on_dead_letter == "park" or (options.versions and envelopes):
             if options.on_dead_letter == "park":
@@ -234,6 +235,13 @@ class SubscriptionEngine:
         self._consumer = consumer
         try:
             await consumer.start()
+            parking = self._parking
+            if parking is not None and parking.persistent:
+                # Replay / discard requests of processes without the handler (the CLI).
+                self._requests = asyncio.get_running_loop().create_task(
+                    parking.serve_requests(), name=f"keybus-parked-requests:{self.topic}"
+                )
+                self._requests.add_done_callback(log_failure)
         finally:
             self._started.set()
             self._progress.set()  # a stop waiting for the start sees it now
@@ -272,6 +280,8 @@ class SubscriptionEngine:
             # Closed while subscribe() was starting it: wait for the start.
             if not await self._wait_progress(self._started.is_set, self._stop_deadline):
                 log.error("keybus: consumer start did not finish in time")
+            if self._requests is not None:  # no replay starts from here on
+                await cancel_and_wait(self._requests)
             stop_by = Deadline(self._deadline).later(STOP_MARGIN)
             await _bounded(consumer.stop, stop_by, "consumer stop")
         # Drain what was already fetched until the deadline.

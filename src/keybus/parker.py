@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING
 
+from keybus import parked_requests as requests
 from keybus.delivery import CURRENT
 from keybus.envelope import Envelope
 from keybus.errors import BusClosedError, KeybusError, ReplayError
@@ -45,6 +46,8 @@ log = logging.getLogger("keybus")
 
 ReadTopic = Callable[[str], Awaitable[list[Message]]]
 _STORE_ATTEMPTS = 5
+# How often a member owning a parked key looks for replay / discard requests in the store.
+REQUEST_POLL = 2.0
 
 
 class KeyParked(Exception):
@@ -75,6 +78,8 @@ class Parking:
         # Unparked here, the store's record saying so not written yet: a read of the store
         # meanwhile must not park them again.
         self._unparked: set[str] = set()
+        # Requests started here whose answer the store may not show yet.
+        self._answered: set[str] = set()
 
     @property
     def reload_due(self) -> bool:
@@ -121,12 +126,14 @@ class Parking:
 
     async def _write(self, key: str, state: Parked | None) -> bool:
         """Store ``key``'s state (``None``: unparked); whether the store took it."""
+        return await self._store(store_key(self._engine.group, key), encode(state), {})
+
+    async def _store(self, name: str, value: bytes, headers: dict[str, bytes]) -> bool:
+        """Write a record to the store, retried; whether the store took it."""
         engine = self._engine
         for attempt in range(1, _STORE_ATTEMPTS + 1):
             try:
-                await engine.publish_internal(
-                    self.store, encode(state), store_key(engine.group, key), {}
-                )
+                await engine.publish_internal(self.store, value, name, headers)
                 return True
             except BusClosedError:
                 raise
@@ -134,7 +141,7 @@ class Parking:
                 log.warning("keybus: writing parked key to %s failed: %s", self.store, exc)
                 if attempt < _STORE_ATTEMPTS:  # no wait after the last: nothing follows
                     await asyncio.sleep(engine.options.backoff(attempt))
-        log.error("keybus: parked state of a key of %s not stored", engine.topic)
+        log.error("keybus: a parked-keys record of %s not stored", engine.topic)
         return False
 
     # -- parking -----------------------------------------------------------------------
@@ -170,6 +177,55 @@ class Parking:
             state.count += 1
             engine.stats.parked += 1
             await self._write(key, state)
+
+    # -- requests from a process without the handler (keybus.parked_requests) ----------
+
+    async def serve_requests(self) -> None:
+        """Every :data:`REQUEST_POLL` seconds, while this member owns a parked key: read
+        the store and perform the replay / discard requests for the keys it owns, in
+        store order, as the API calls would (runs until cancelled with the
+        subscription)."""
+        while True:
+            await asyncio.sleep(REQUEST_POLL)
+            try:
+                await self._serve_once()
+            except BusClosedError:
+                return
+            except KeybusError as exc:  # the store unreadable now: the next round retries
+                log.warning("keybus: reading requests from %s failed: %s", self.store, exc)
+
+    async def _serve_once(self) -> None:
+        await self.refresh()  # the store is read once per assignment, traffic or not
+        engine = self._engine
+        if not any(engine.owns(state.partition) for state in self.parked.values()):
+            return  # nothing to replay here: no read (an idle service pays nothing)
+        assert self._read is not None  # persistent: only then is this task started
+        waiting = requests.pending(await self._read(self.store), engine.group)
+        self._answered &= {r.id for r in waiting}  # bounded: only those still listed
+        for request in waiting:
+            state = self.parked.get(request.key)
+            if request.id in self._answered or state is None:
+                continue
+            if not engine.owns(state.partition):
+                continue  # its partition's owner answers
+            self._answered.add(request.id)
+            handled, reason = 0, ""
+            try:
+                if request.action == "replay":
+                    handled = await self.replay(request.key)
+                    result = "replayed"
+                else:
+                    handled = await self.discard(request.key)
+                    result = "discarded"
+            except ReplayError as exc:
+                result, handled, reason = "failed", exc.handled, exc.reason
+            except ValueError as exc:  # a replay of the key already running
+                result, reason = "refused", str(exc)
+            except KeybusError:
+                self._answered.discard(request.id)  # not done: the next round tries again
+                raise
+            value, headers = requests.answer(request, result, handled, reason)
+            await self._store(requests.request_key(engine.group, request.key), value, headers)
 
     # -- operating ---------------------------------------------------------------------
 
