@@ -282,7 +282,7 @@ class ParkingSuite(BackendFixtures):
         self, open_bus: BusFactory, backend: Backend
     ) -> None:
         backend.require("parked_persistence")
-        bus, handler, sub, topic = await _parked_from_v3(open_bus, backend, 3)
+        bus, _, sub, topic = await _parked_from_v3(open_bus, backend, 3)
         group = sub.group
         await sub.unsubscribe()  # the service is down
         answer = await bus.request_parked(topic, key="K", group=group, timeout=1.5)
