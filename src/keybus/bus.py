@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -289,7 +290,9 @@ class EventBus:
                 await self.ensure_topic(topic)
                 await self.ensure_topic(engine.dead_letter_topic)
                 if settings.on_dead_letter == "park":
-                    await self.ensure_topic(store_topic(engine.dead_letter_topic))
+                    # Per-key state: compacted (where the backend can), never expiring.
+                    store = replace(self.topic_config, compacted=True, retention_seconds=None)
+                    await self.ensure_topic(store_topic(engine.dead_letter_topic), store)
             if self._closing:
                 raise BusClosedError("the bus was closed while subscribing")
             await engine.start(self._transport.consumer(topic, engine.group, engine))

@@ -26,6 +26,10 @@ class TopicConfig:
 
     ``ephemeral`` topics trade durability for speed: short retention on Kafka, memory
     storage on NATS. ``retention_seconds=None`` keeps the backend's default.
+    ``compacted`` topics keep at least the last record of each key (Kafka
+    ``cleanup.policy=compact``, plus ``delete`` when ``retention_seconds`` is given):
+    what a store of per-key state needs. NATS and memory keep every record instead (a
+    NATS subject is a partition, not a key: JetStream has nothing to compact by).
     """
 
     partitions: int = 3
@@ -33,6 +37,7 @@ class TopicConfig:
     retention_seconds: float | None = None
     compression: str | None = None
     ephemeral: bool = False
+    compacted: bool = False
 
     def __post_init__(self) -> None:
         if type(self.partitions) is not int or self.partitions < 1:
@@ -41,6 +46,8 @@ class TopicConfig:
             raise ValueError(
                 f"replication_factor must be an int >= 1, got {self.replication_factor!r}"
             )
+        if type(self.compacted) is not bool:
+            raise ValueError(f"compacted must be a bool, got {self.compacted!r}")
         if self.retention_seconds is not None and not self.retention_seconds > 0:
             raise ValueError(f"retention_seconds must be > 0, got {self.retention_seconds!r}")
 

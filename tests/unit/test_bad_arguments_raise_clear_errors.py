@@ -51,3 +51,9 @@ async def test_argument_errors_are_clear_and_typed(no_leaks: LeakChecker) -> Non
         with pytest.raises(ValueError, match="dead_letter_topic must differ"):
             await bus.subscribe("t", lambda m: None, dead_letter_topic="t")
         assert not bus.subscriptions
+
+
+def test_topic_config_compacted_is_a_bool() -> None:
+    with pytest.raises(ValueError, match="compacted must be a bool"):
+        keybus.TopicConfig(compacted="yes")  # type: ignore[arg-type]
+    assert keybus.TopicConfig(compacted=True).compacted

@@ -36,6 +36,7 @@ __all__ = ["KafkaAdmin"]
 
 log = logging.getLogger("keybus.kafka")
 
+_COMPACTED_SEGMENT_MS = 60 * 60 * 1000  # TopicConfig(compacted=True): segments roll hourly
 _EPHEMERAL_RETENTION_MS = 15 * 60 * 1000  # "short retention" for TopicConfig(ephemeral=True)
 # The interface gives topic calls no deadline; these bound each request and the wait for
 # its effect so that a silent broker fails a call instead of hanging it.
@@ -133,6 +134,12 @@ class KafkaAdmin:
             settings["retention.ms"] = str(_EPHEMERAL_RETENTION_MS)
         if config.compression:
             settings["compression.type"] = config.compression
+        if config.compacted:
+            retained = config.retention_seconds is not None
+            settings["cleanup.policy"] = "compact,delete" if retained else "compact"
+            # Only closed segments are compacted: roll hourly, not weekly (the default),
+            # so a store written at every parked message stays near one record per key.
+            settings["segment.ms"] = str(_COMPACTED_SEGMENT_MS)
         new = NewTopic(
             topic,
             num_partitions=max(1, config.partitions),
