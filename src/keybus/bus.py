@@ -10,7 +10,6 @@ from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from keybus import parked_requests
 from keybus._aio import call_hook, log_failure
 from keybus.background import Background
 from keybus.deadline import Deadline
@@ -24,10 +23,11 @@ from keybus.lag import Lag, LagAlert, LagWatch, PartitionLag
 from keybus.message import Message
 from keybus.middleware import Middleware, check_middleware
 from keybus.options import SubscribeOptions
-from keybus.parked_requests import ParkedRequest
+from keybus.parked_requests import ParkedRequest, request_through_store
 from keybus.parking import ParkedKey, load, store_topic
 from keybus.subscription import Subscription
 from keybus.topics import TopicConfig, TopicInfo, check_topic
+from keybus.versions import store_topic as versions_topic
 
 if TYPE_CHECKING:
     from keybus.telemetry.hooks import Telemetry
@@ -289,10 +289,13 @@ class EventBus:
             if self.create_topics:
                 await self.ensure_topic(topic)
                 await self.ensure_topic(engine.dead_letter_topic)
+                # Per-key state (parked keys, versions): compacted where the backend can,
+                # never expiring.
+                store = replace(self.topic_config, compacted=True, retention_seconds=None)
                 if settings.on_dead_letter == "park":
-                    # Per-key state: compacted (where the backend can), never expiring.
-                    store = replace(self.topic_config, compacted=True, retention_seconds=None)
                     await self.ensure_topic(store_topic(engine.dead_letter_topic), store)
+                if settings.versions and self._transport.can_read_topics:
+                    await self.ensure_topic(versions_topic(engine.dead_letter_topic), store)
             if self._closing:
                 raise BusClosedError("the bus was closed while subscribing")
             await engine.start(self._transport.consumer(topic, engine.group, engine))
@@ -382,7 +385,7 @@ class EventBus:
         async def write(value: bytes, name: str, headers: dict[str, bytes]) -> None:
             await self._transport.publish(store, value, name, headers)
 
-        return await parked_requests.request(read, write, group or self.group, key, action, timeout)
+        return await request_through_store(read, write, group or self.group, key, action, timeout)
 
     def _forget(self, engine: SubscriptionEngine) -> None:
         self._engines.pop(engine, None)

@@ -35,10 +35,11 @@ from keybus.message import Message
 from keybus.middleware import CallNext, Delivery, chain
 from keybus.options import SubscribeOptions
 from keybus.parker import KeyParked, Parking, ReadTopic, VersionGap
-from keybus.parking import GROUP, ParkedKey, VersionGuard
+from keybus.parking import GROUP, ParkedKey
 from keybus.partitioning import Partition
 from keybus.positions import DoneTracker
 from keybus.stats import HeldPartition, SubscriptionSnapshot, SubscriptionStats, WaitingKey
+from keybus.versions import VersionGuard, VersionStore
 from keybus.work import DONE, DROPPED, RUNNING, Work, lane_key
 
 if TYPE_CHECKING:
@@ -90,12 +91,18 @@ class SubscriptionEngine:
         self._parking: Parking | None = None
         self._guard: VersionGuard | None = None
         self._requests: asyncio.Task[None] | None = None
+        # The guard's versions in the broker (keybus.versions), and its flush loop.
+        self._versions: VersionStore | None = None
+        self._flusher: asyncio.Task[None] | None = None
         process = self._process
         if options.on_dead_letter == "park" or (options.versions and envelopes):
             if options.on_dead_letter == "park":
                 self._parking = Parking(self, read_topic)
             if options.versions and envelopes:
-                self._guard = VersionGuard(options.version_window)
+                stored = read_topic is not None
+                self._guard = VersionGuard(options.version_window, persistent=stored)
+                if read_topic is not None:
+                    self._versions = VersionStore(self, self._guard, read_topic)
             process = self._process_guarded
         self._dispatcher = KeyedDispatcher(process, options.max_concurrency, topic)
         self._tracker = DoneTracker(self._commit)
@@ -242,6 +249,11 @@ class SubscriptionEngine:
                     parking.serve_requests(), name=f"keybus-parked-requests:{self.topic}"
                 )
                 self._requests.add_done_callback(log_failure)
+            if self._versions is not None:
+                self._flusher = asyncio.get_running_loop().create_task(
+                    self._versions.run(), name=f"keybus-versions:{self.topic}"
+                )
+                self._flusher.add_done_callback(log_failure)
         finally:
             self._started.set()
             self._progress.set()  # a stop waiting for the start sees it now
@@ -293,6 +305,10 @@ class SubscriptionEngine:
         left = self._tracker.forget(list(self._assigned))
         self.stats.dropped += len(left)
         self._assigned.clear()
+        if self._flusher is not None and self._versions is not None:
+            # The last versions stored, then the commits they held back reported.
+            await cancel_and_wait(self._flusher)
+            await _bounded(self._flush_versions, Deadline.after(FLUSH_BUDGET), "versions flush")
         if consumer is not None:
             await _bounded(consumer.flush, Deadline.after(FLUSH_BUDGET), "commit flush")
             await _bounded(consumer.close, Deadline.after(CONSUMER_CLOSE_BUDGET), "consumer close")
@@ -326,6 +342,8 @@ class SubscriptionEngine:
                     self._owned_until.pop(partition, None)
             if self._parking is not None and self._parking.persistent:
                 self._parking.assigned()  # a partition taken over brings its keys
+            if self._versions is not None:
+                self._versions.assigned()  # ... and its aggregates' versions
 
     def renew(self, partitions: Collection[Partition], valid_until: float) -> None:
         owned_until = self._owned_until
@@ -349,8 +367,7 @@ class SubscriptionEngine:
         )
         self._owned_until.pop(partition, None)
         self._assigned.pop(partition, None)
-        if self._parking is not None and partition[0] == self.topic:
-            self._parking.forget({partition[1]})
+        self._forget_partitions([partition])
         work.state = DROPPED  # this one is not started; the rest of its partition below
         dropped = self._dispatcher.drop(lambda w: w.partition == partition)
         running = [
@@ -409,8 +426,6 @@ class SubscriptionEngine:
         for partition in revoked:
             self._assigned.pop(partition, None)
             self._owned_until.pop(partition, None)
-        if self._parking is not None:
-            self._parking.forget({p for (t, p) in revoked if t == self.topic})
         dropped = self._dispatcher.drop(lambda w: w.partition in revoked)
         self.stats.dropped += len(dropped)
         self._release(len(dropped))
@@ -431,8 +446,27 @@ class SubscriptionEngine:
         await self._wait_progress(settled, lambda: deadline.at)
         if running:
             await self._abandon(running, revoked)
+        if self._versions is not None and not deadline.expired:
+            # The commits held for the versions are made before the partition goes.
+            await _bounded(self._flush_versions, deadline, "versions flush")
+        self._forget_partitions(revoked)
         self._tracker.forget(revoked)
         self._release(0)  # intake may have waited for the uncommitted window
+
+    def _forget_partitions(self, partitions: Collection[Partition]) -> None:
+        """Partitions gone: their parked keys, versions and held commits are the next
+        owner's (read from the stores again if they come back)."""
+        mine = {p for (t, p) in partitions if t == self.topic}
+        if self._parking is not None:
+            self._parking.forget(mine)
+        if self._guard is not None:
+            self._guard.forget(mine)
+        if self._versions is not None:
+            self._versions.forget(partitions)
+
+    async def _flush_versions(self, deadline: Deadline) -> None:
+        assert self._versions is not None
+        await self._versions.flush()
 
     async def _abandon(self, running: list[Work], revoked: set[Partition]) -> None:
         """The wait for a revoked partition's handlers ran out: cancel them, so the next
@@ -508,6 +542,8 @@ class SubscriptionEngine:
         guard = self._guard
         envelope = work.payload
         if guard is not None and work.error is None:
+            if self._versions is not None and self._versions.reload_due:
+                await self._versions.refresh()
             verdict = guard.check(envelope)
             if verdict < 0:
                 self.stats.version_duplicates += 1
@@ -524,7 +560,9 @@ class SubscriptionEngine:
                     return
         await self._process(work)
         if guard is not None and work.state == DONE and work.error is None:
-            guard.handled(envelope)
+            # No await since the work was done: a flush of the versions cannot run
+            # between its commit being held and its version being noted.
+            guard.handled(envelope, work.message.partition)
 
     def _finish(self, work: Work) -> None:
         if work.state == RUNNING:  # not abandoned by a revoke meanwhile
@@ -553,10 +591,13 @@ class SubscriptionEngine:
     async def attempt(self, work: Work) -> None:
         await self._attempt(work)
 
-    def handled_by_replay(self, payload: Any) -> None:
+    def handled_by_replay(self, payload: Any, partition: int) -> None:
         self.stats.handled += 1
         if self._guard is not None and isinstance(payload, Envelope):
-            self._guard.handled(payload)
+            self._guard.handled(payload, partition)
+
+    def owned_partitions(self) -> set[int]:
+        return {p for (t, p) in self._assigned if t == self.topic}
 
     def _parker(self) -> Parking:
         if self._parking is None:
@@ -646,6 +687,12 @@ class SubscriptionEngine:
             self._progress.set()
 
     def _commit(self, message: Message) -> None:
+        if self._versions is not None:
+            self._versions.hold(message)  # committed once the versions before it are stored
+        else:
+            self.commit_now(message)
+
+    def commit_now(self, message: Message) -> None:
         self.stats.committed += 1
         self.last_commit = time.monotonic()
         if self._consumer is not None:

@@ -166,7 +166,7 @@ WriteStore = Callable[[bytes, str, dict[str, bytes]], Awaitable[None]]
 ASK_POLL = 0.5
 
 
-async def request(
+async def request_through_store(
     read: ReadStore, write: WriteStore, group: str, key: str, action: str, timeout: float
 ) -> ParkedRequest:
     """Write a request for ``key`` and wait, until ``timeout`` at most, for the owning

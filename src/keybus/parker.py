@@ -19,11 +19,11 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING
 
-from keybus import parked_requests as requests
 from keybus.delivery import CURRENT
 from keybus.envelope import Envelope
 from keybus.errors import BusClosedError, KeybusError, ReplayError
 from keybus.message import Message
+from keybus.parked_requests import answer, pending, request_key
 from keybus.parking import (
     PARKED_BEHIND,
     Parked,
@@ -200,7 +200,7 @@ class Parking:
         if not any(engine.owns(state.partition) for state in self.parked.values()):
             return  # nothing to replay here: no read (an idle service pays nothing)
         assert self._read is not None  # persistent: only then is this task started
-        waiting = requests.pending(await self._read(self.store), engine.group)
+        waiting = pending(await self._read(self.store), engine.group)
         self._answered &= {r.id for r in waiting}  # bounded: only those still listed
         for request in waiting:
             state = self.parked.get(request.key)
@@ -224,8 +224,8 @@ class Parking:
             except KeybusError:
                 self._answered.discard(request.id)  # not done: the next round tries again
                 raise
-            value, headers = requests.answer(request, result, handled, reason)
-            await self._store(requests.request_key(engine.group, request.key), value, headers)
+            value, headers = answer(request, result, handled, reason)
+            await self._store(request_key(engine.group, request.key), value, headers)
 
     # -- operating ---------------------------------------------------------------------
 
@@ -310,7 +310,7 @@ class Parking:
                 except Exception as exc:
                     error = exc
                 else:
-                    engine.handled_by_replay(payload)
+                    engine.handled_by_replay(payload, message.partition)
                     return payload, None
                 if attempt < options.max_attempts:
                     await asyncio.sleep(options.backoff(attempt))

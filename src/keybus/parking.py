@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,6 @@ from keybus.message import Message
 __all__ = [
     "PARKED_BEHIND",
     "ParkedKey",
-    "VersionGuard",
 ]
 
 PARKED_BEHIND = "X-Parked-Behind"
@@ -205,33 +203,3 @@ def to_replay(
             Message(topic, letter.value, key, original, partition, offset, letter.timestamp),
         )
     return [found[where] for where in sorted(found)]
-
-
-class VersionGuard:
-    """The last handled ``event_version`` of the most recently seen aggregates, at most
-    ``size`` of them (least recently used forgotten first: a forgotten aggregate's next
-    version is taken as it comes)."""
-
-    __slots__ = ("_last", "_size")
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._last: OrderedDict[str, int] = OrderedDict()
-
-    def check(self, envelope: Envelope) -> int:
-        """-1: a duplicate (not above the last handled), 1: a gap, 0: the next one."""
-        last = self._last.get(envelope.aggregate_id)
-        if last is None:
-            return 0
-        version = envelope.event_version
-        if version <= last:
-            return -1
-        return 1 if version > last + 1 else 0
-
-    def handled(self, envelope: Envelope) -> None:
-        last = self._last
-        aggregate = envelope.aggregate_id
-        last[aggregate] = envelope.event_version
-        last.move_to_end(aggregate)
-        if len(last) > self._size:
-            last.popitem(last=False)

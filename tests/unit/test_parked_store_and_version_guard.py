@@ -8,9 +8,10 @@ import pytest
 import keybus
 from keybus.message import Message
 from keybus.options import SubscribeOptions
-from keybus.parking import Parked, VersionGuard, encode, load, store_key, to_replay
+from keybus.parking import Parked, encode, load, store_key, to_replay
 from keybus.testing.conformance.helpers import envelope
 from keybus.testing.leaks import LeakChecker
+from keybus.versions import VersionGuard
 
 
 def _record(group: str, key: str, state: Parked | None) -> Message:
@@ -94,3 +95,34 @@ async def test_versions_need_an_envelope_subscription(no_leaks: LeakChecker) -> 
         with pytest.raises(ValueError, match="does not park"):
             await bus.discard_parked("t", key="K")
         await sub.unsubscribe()
+
+
+def test_stored_versions_load_the_last_of_each_aggregate_of_the_partitions_owned() -> None:
+    from keybus.versions import encode as encode_version
+    from keybus.versions import load as load_versions
+
+    def record(name: str, version: int, partition: int) -> Message:
+        return Message("t.dlq.versions", encode_version(version, partition), name)
+
+    records = [
+        record("g/A", 1, 0),
+        record("g/B", 4, 1),
+        record("g/A", 3, 0),  # A's later record wins
+        record("g/C", 2, 2),  # not owned
+        record("other/D", 9, 0),  # another group's
+        Message("t.dlq.versions", b"junk", "g/E"),
+    ]
+    assert load_versions(records, "g", {0, 1}, 10) == {"B": (4, 1), "A": (3, 0)}
+    assert load_versions(records, "g", {0, 1}, 1) == {"A": (3, 0)}  # the latest written
+
+
+def test_the_guard_prefers_what_it_handled_and_forgets_revoked_partitions() -> None:
+    guard = VersionGuard(10, persistent=True)
+    guard.handled(envelope("A", 5), 0)
+    guard.learn({"A": (3, 0), "B": (7, 1)})
+    assert guard.check(envelope("A", 5)) == -1  # its own v5, not the store's v3
+    assert guard.check(envelope("B", 7)) == -1
+    assert guard.dirty == {"A": (5, 0)}  # only what it handled is written back
+    guard.forget({1})
+    assert guard.check(envelope("B", 7)) == 0  # B's partition went: taken as it comes
+    assert guard.check(envelope("A", 5)) == -1

@@ -43,7 +43,8 @@ class _Aggregates:
 
 
 def _store(backend: Backend, topic: str) -> None:
-    backend.topics.append(f"{topic}.dlq.parked")  # deleted with the test's topics
+    # The stores, deleted with the test's topics.
+    backend.topics += [f"{topic}.dlq.parked", f"{topic}.dlq.versions"]
 
 
 async def _publish(bus: keybus.EventBus, topic: str, key: str, versions: range) -> list[Envelope]:
@@ -354,3 +355,35 @@ class ParkingSuite(BackendFixtures):
             assert handler.seen["A"] == [1, 2, 3]
             assert (stats.version_duplicates, stats.version_gaps) == (1, 1)
             assert stats.parked == 3
+
+    async def test_the_version_guard_remembers_the_versions_across_a_restart(
+        self, open_bus: BusFactory, backend: Backend
+    ) -> None:
+        backend.require("parked_persistence")
+        topic, group = backend.topic("versions"), backend.topic("g")
+        _store(backend, topic)
+        first = await open_bus(group=group)
+        handler = _Aggregates()
+        await first.subscribe_envelope(topic, handler, versions="strict")
+        await _publish(first, topic, "A", range(1, 4))
+        await _publish(first, topic, "B", range(1, 4))
+        await eventually(
+            lambda: handler.seen["A"] == [1, 2, 3] and handler.seen["B"] == [1, 2, 3],
+            what="A and B v1..v3",
+        )
+        await eventually(lambda: _no_lag(first, topic), what="all committed")
+        second = await open_bus(group=group)  # first: the in-memory broker lives on
+        await first.close()
+        again = _Aggregates()
+        sub = await second.subscribe_envelope(topic, again, versions="strict")
+        await second.publish_envelope(topic, envelope("A", 2))  # a duplicate, re-published
+        await second.publish_envelope(topic, envelope("B", 5))  # skips v4
+        await second.publish_envelope(topic, envelope("A", 4))
+        await eventually(
+            lambda: sub.stats().delivered == 3 and sub.stats().uncommitted == 0,
+            what="the three after the restart done",
+        )
+        assert again.seen["A"] == [4]  # v2 skipped: v3 was handled before the restart
+        assert again.seen["B"] == [5]  # handled (on_dead_letter="continue"), and counted
+        stats = sub.stats()
+        assert (stats.version_duplicates, stats.version_gaps) == (1, 1)
