@@ -3,6 +3,7 @@
     tools/kafka/kafka.sh up
     .venv/bin/python benchmarks/kafka_throughput.py [--envelopes 100000] [--aggregates 1000]
                                                     [--partitions 3] [--runs 3] [--phases]
+                                                    [--versions]
 
 Each run uses a fresh topic with ``--partitions`` partitions and a fresh group, and the
 figures are medians over ``--runs`` runs, the three sides' order rotating from run to run:
@@ -38,6 +39,8 @@ them too. Neither side's own objects are exempt.
 
 ``--phases`` adds keybus alone per direction: publish only (same 1000 concurrent
 publishers, no subscriber) and consume only (a topic prefilled by the raw producer).
+``--versions`` subscribes keybus with ``versions="strict"`` (the version guard, its
+versions kept in a store topic).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ from keybus.envelope import envelope_headers
 from keybus.transports.kafka import bootstrap_servers
 
 URL = backend_url("kafka")  # KEYBUS_KAFKA_URL, else the broker `make brokers` starts
+# Subscribe options of keybus's consumers: --versions adds versions="strict".
+SUBSCRIBE: dict[str, Any] = {}
 BOOTSTRAP = bootstrap_servers(URL)
 PRODUCER = {
     "bootstrap.servers": BOOTSTRAP,
@@ -106,6 +111,7 @@ async def _drop(*topics: str) -> None:
         for topic in topics:
             await admin.delete_topic(topic)
             await admin.delete_topic(f"{topic}.dlq")
+            await admin.delete_topic(f"{topic}.dlq.versions")  # --versions' store
 
 
 def _quantiles(latencies: list[float]) -> tuple[float, float]:
@@ -318,7 +324,7 @@ async def keybus_run(
         keybus.connect(URL) as publisher,
         keybus.connect(URL, group=f"kb-{uuid.uuid4().hex[:8]}") as consumer,
     ):
-        await consumer.subscribe_envelope(topic, handler)
+        await consumer.subscribe_envelope(topic, handler, **SUBSCRIBE)
         await publisher.publish(WARMUP_TOPIC, b"warm-up")
 
         async def publish(items: list[keybus.Envelope]) -> None:
@@ -431,7 +437,7 @@ async def keybus_consume_only(topic: str, envelopes: list[keybus.Envelope]) -> f
     with static_inputs():
         async with keybus.connect(URL, group=f"kb-{uuid.uuid4().hex[:8]}") as consumer:
             started = time.perf_counter()  # includes the group join: ~0.1 s
-            await consumer.subscribe_envelope(topic, handler)
+            await consumer.subscribe_envelope(topic, handler, **SUBSCRIBE)
             await asyncio.wait_for(done.wait(), 120)
             return total / (time.perf_counter() - started)
 
@@ -459,7 +465,10 @@ async def main() -> None:
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--phases", action="store_true", help="also keybus per direction")
+    parser.add_argument("--versions", action="store_true", help='subscribe versions="strict"')
     args = parser.parse_args()
+    if args.versions:
+        SUBSCRIBE["versions"] = "strict"
     async with keybus.connect(URL) as admin:
         await admin.ensure_topic(WARMUP_TOPIC, keybus.TopicConfig(partitions=1))
     raw: Rows = []

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/memory_throughput.py [--envelopes 100000] [--aggregates 1000]
                                                      [--runs 5] [--metrics]
-                                                     [--tracing noop|sdk]
+                                                     [--tracing noop|sdk] [--versions]
 
 Every figure is a median over ``--runs`` runs made in this one process, side by side:
 - end to end: 1000 aggregates publish versions 1..n concurrently (each in order), one
@@ -15,6 +15,8 @@ Every figure is a median over ``--runs`` runs made in this one process, side by 
 message costs is the counting); ``--tracing noop`` with ``tracing=True`` and no SDK
 installed as the global provider (the OpenTelemetry API's no-op tracer), ``--tracing
 sdk`` with an SDK ``TracerProvider`` that records every span and exports none.
+``--versions`` subscribes with ``versions="strict"`` (the version guard, its versions
+kept in the broker's store).
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def _envelope(aggregate: int, version: int) -> keybus.Envelope:
     )
 
 
-# connect() options for --metrics / --tracing (set by main()).
+# connect() options for --metrics / --tracing, subscribe options for --versions (main()).
 TELEMETRY: dict[str, Any] = {}
+SUBSCRIBE: dict[str, Any] = {}
 
 
 async def end_to_end(envelopes: int, aggregates: int) -> tuple[float, float, Deliveries, int]:
@@ -66,7 +69,7 @@ async def end_to_end(envelopes: int, aggregates: int) -> tuple[float, float, Del
                 done.set()
 
     async with keybus.connect("memory://bench-e2e", group="bench", **TELEMETRY) as bus:
-        await bus.subscribe_envelope("orders", handler)
+        await bus.subscribe_envelope("orders", handler, **SUBSCRIBE)
 
         async def publish(aggregate: int) -> None:
             for version in range(1, per + 1):
@@ -98,7 +101,7 @@ async def consume_only(envelopes: int, aggregates: int) -> float:
         for i in range(envelopes):
             await bus.publish_envelope("orders", _envelope(i % aggregates, i // aggregates + 1))
         started = time.perf_counter()
-        await bus.subscribe_envelope("orders", handler)
+        await bus.subscribe_envelope("orders", handler, **SUBSCRIBE)
         await asyncio.wait_for(done.wait(), 300)
         elapsed = time.perf_counter() - started
         await bus.delete_topic("orders")
@@ -142,7 +145,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--metrics", action="store_true", help="connect with metrics on")
     parser.add_argument("--tracing", choices=("noop", "sdk"), help="connect with tracing on")
+    parser.add_argument("--versions", action="store_true", help='subscribe versions="strict"')
     args = parser.parse_args()
+    if args.versions:
+        SUBSCRIBE["versions"] = "strict"
     if args.metrics:
         from prometheus_client import CollectorRegistry
 
@@ -177,6 +183,7 @@ def main() -> None:
     print(
         f"keybus memory benchmark: {args.envelopes} envelopes, {args.aggregates} aggregates, "
         f"telemetry: {', '.join(f'{k}={v!r}' for k, v in TELEMETRY.items()) or 'off'}, "
+        f"subscribe: {SUBSCRIBE or 'defaults'}, "
         f"median of {args.runs} runs (end to end, all runs: {violations} order violations, "
         f"{duplicates} duplicates, {lost} lost)"
     )
