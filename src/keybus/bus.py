@@ -276,6 +276,7 @@ class EventBus:
             publish=publish,
             on_closed=self._forget,
             read_topic=self._read_topic if self._transport.can_read_topics else None,
+            store_versions=self._stores_versions,
         )
         check_topic(engine.dead_letter_topic)
         if engine.dead_letter_topic == topic:
@@ -294,7 +295,7 @@ class EventBus:
                 store = replace(self.topic_config, compacted=True, retention_seconds=None)
                 if settings.on_dead_letter == "park":
                     await self.ensure_topic(store_topic(engine.dead_letter_topic), store)
-                if settings.versions and self._transport.can_read_topics:
+                if settings.versions and self._stores_versions:
                     await self.ensure_topic(versions_topic(engine.dead_letter_topic), store)
             if self._closing:
                 raise BusClosedError("the bus was closed while subscribing")
@@ -305,6 +306,12 @@ class EventBus:
             await sub.unsubscribe(timeout=0)
             raise
         return sub
+
+    @property
+    def _stores_versions(self) -> bool:
+        """Whether the version guard keeps its versions in the broker: only where a
+        compacted topic bounds them (one record per aggregate), and reads back."""
+        return self._transport.can_read_topics and self._transport.compacts_topics
 
     async def _read_topic(self, topic: str) -> list[Message]:
         return await self._transport.read_topic(topic, Deadline.after(_READ_BUDGET))

@@ -70,6 +70,7 @@ class SubscriptionEngine:
         publish: Publish,
         on_closed: Callable[[SubscriptionEngine], None],
         read_topic: ReadTopic | None = None,
+        store_versions: bool = False,
     ) -> None:
         self.topic = topic
         self.group = group
@@ -99,9 +100,9 @@ class SubscriptionEngine:
             if options.on_dead_letter == "park":
                 self._parking = Parking(self, read_topic)
             if options.versions and envelopes:
-                stored = read_topic is not None
+                stored = store_versions and read_topic is not None
                 self._guard = VersionGuard(options.version_window, persistent=stored)
-                if read_topic is not None:
+                if stored and read_topic is not None:
                     self._versions = VersionStore(self, self._guard, read_topic)
             process = self._process_guarded
         self._dispatcher = KeyedDispatcher(process, options.max_concurrency, topic)

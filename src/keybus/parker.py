@@ -35,6 +35,7 @@ from keybus.parking import (
     store_topic,
     to_replay,
 )
+from keybus.reloads import Reloads
 from keybus.work import RUNNING, Work
 
 if TYPE_CHECKING:
@@ -68,13 +69,8 @@ class Parking:
         self.parked: dict[str, Parked] = {}
         # Keys being replayed -> the live messages parked meanwhile, for the replay.
         self._handover: dict[str, list[Message]] = {}
-        # The store is read before the first message and again after each assignment
-        # (a partition taken over brings its parked keys along): assignments are counted,
-        # and a read covers those made before it began, so one made during a read makes
-        # another one due.
-        self._assignments = 1 if read_topic is not None else 0
-        self._covered = 0
-        self._reload_lock = asyncio.Lock()
+        # The store is read before the first message and again after each assignment.
+        self._reloads = Reloads(first=read_topic is not None)
         # Unparked here, the store's record saying so not written yet: a read of the store
         # meanwhile must not park them again.
         self._unparked: set[str] = set()
@@ -84,11 +80,11 @@ class Parking:
     @property
     def reload_due(self) -> bool:
         """A read is due, or running (then the caller waits for it in :meth:`refresh`)."""
-        return self._assignments != self._covered or self._reload_lock.locked()
+        return self._reloads.due
 
     def assigned(self) -> None:
         """A partition was assigned: the store is to be read (again)."""
-        self._assignments += 1
+        self._reloads.assigned()
 
     @property
     def persistent(self) -> bool:
@@ -98,24 +94,25 @@ class Parking:
 
     async def refresh(self) -> None:
         """Read the store if an assignment made it due (one reader; the rest wait)."""
-        async with self._reload_lock:
-            if self._assignments == self._covered or self._read is None:
-                return
-            covers = self._assignments
-            try:
-                records = await self._read(self.store)
-            except BusClosedError:
-                raise
-            except KeybusError as exc:
-                # Left due: the next message tries again rather than run a parked key.
-                log.warning("keybus: reading parked keys from %s failed: %s", self.store, exc)
-                return
-            found = load(records, self._engine.group)
-            for key in self._unparked:
-                found.pop(key, None)
-            found.update(self.parked)  # ours are newer than what the store had
-            self.parked = found
-            self._covered = covers
+        if self._read is not None:
+            await self._reloads.run(self._reload)
+
+    async def _reload(self) -> bool:
+        assert self._read is not None
+        try:
+            records = await self._read(self.store)
+        except BusClosedError:
+            raise
+        except KeybusError as exc:
+            # Left due: the next message tries again rather than run a parked key.
+            log.warning("keybus: reading parked keys from %s failed: %s", self.store, exc)
+            return False
+        found = load(records, self._engine.group)
+        for key in self._unparked:
+            found.pop(key, None)
+        found.update(self.parked)  # ours are newer than what the store had
+        self.parked = found
+        return True
 
     def forget(self, partitions: Collection[int]) -> None:
         """Partitions revoked: their keys' state is the next owner's (re-read if they

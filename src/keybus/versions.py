@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from keybus.envelope import Envelope
 from keybus.errors import BusClosedError, KeybusError
 from keybus.message import Message
+from keybus.reloads import Reloads
 
 if TYPE_CHECKING:
     from keybus.engine import SubscriptionEngine
@@ -134,9 +135,7 @@ class VersionStore:
         self._guard = guard
         self._read = read
         self.store = store_topic(engine.dead_letter_topic)
-        self._assignments = 1  # read before the first message, and after each assignment
-        self._covered = 0
-        self._lock = asyncio.Lock()
+        self._reloads = Reloads()  # read before the first message, after each assignment
         # Commits held until the versions before them are stored: partition -> message.
         self._held: dict[tuple[str, int], Message] = {}
         self._wake = asyncio.Event()
@@ -146,29 +145,28 @@ class VersionStore:
 
     @property
     def reload_due(self) -> bool:
-        return self._assignments != self._covered or self._lock.locked()
+        return self._reloads.due
 
     def assigned(self) -> None:
-        self._assignments += 1
+        self._reloads.assigned()
 
     async def refresh(self) -> None:
         """Read the store if an assignment made it due (one reader; the rest wait)."""
-        async with self._lock:
-            if self._assignments == self._covered:
-                return
-            covers = self._assignments
-            engine = self._engine
-            try:
-                records = await self._read(self.store)
-            except BusClosedError:
-                raise
-            except KeybusError as exc:
-                # Left due: the next message tries again rather than judge without it.
-                log.warning("keybus: reading versions from %s failed: %s", self.store, exc)
-                return
-            owned = engine.owned_partitions()
-            self._guard.learn(load(records, engine.group, owned, engine.options.version_window))
-            self._covered = covers
+        await self._reloads.run(self._reload)
+
+    async def _reload(self) -> bool:
+        engine = self._engine
+        try:
+            records = await self._read(self.store)
+        except BusClosedError:
+            raise
+        except KeybusError as exc:
+            # Left due: the next message tries again rather than judge without it.
+            log.warning("keybus: reading versions from %s failed: %s", self.store, exc)
+            return False
+        owned = engine.owned_partitions()
+        self._guard.learn(load(records, engine.group, owned, engine.options.version_window))
+        return True
 
     # -- writing -----------------------------------------------------------------------
 

@@ -41,7 +41,9 @@ FEATURES = {
     # A partitioned log in the process, shaped like Kafka: groups, rebalances, committed
     # offsets that outlive a member while the broker (any bus of that name) is open. A
     # crashed intake is reported; the subscription stalls until reopened.
-    "memory": Features(dedupe=True, max_message_bytes=1_048_576),
+    # Memory and NATS keep every record of a topic (nothing compacts by key): the version
+    # guard's versions live in the subscription only.
+    "memory": Features(dedupe=True, max_message_bytes=1_048_576, stored_versions=False),
     # librdkafka places keys with fnv1a_random (the transport's setting), as keybus and
     # the Go SDK's sarama do; if the transport changes it, partition_for changes here.
     # The fence is the group generation in which the partition was assigned. The limit
@@ -61,6 +63,7 @@ FEATURES = {
         retakes_crashed_partition=True,
         dedupe=True,
         max_message_bytes=1_048_576,
+        stored_versions=False,
     ),
     # The same transport, every topic one subject (one partition): a group has one active
     # member, the others stand by; every key on partition 0.
@@ -70,6 +73,7 @@ FEATURES = {
         retakes_crashed_partition=True,
         dedupe=True,
         max_message_bytes=1_048_576,
+        stored_versions=False,
     ),
 }
 # The same transport and server software as "nats", over TLS with decentralised auth.

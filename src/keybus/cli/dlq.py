@@ -109,68 +109,53 @@ def _print(rows: list[ParkedKey], topic: str, group: str, as_json: bool) -> None
     common.console.print(table)
 
 
-@dlq.command("replay")
-def replay(
-    url: str | None = common.URL,
-    topic: str | None = _TOPIC,
-    key: str = _KEY,
-    group: str = _GROUP,
-    dead_letter_topic: str = _DEAD_LETTER_TOPIC,
-    timeout: float = _TIMEOUT,
-    config: Path | None = common.CONFIG,
-    connect_timeout: float = common.CONNECT_TIMEOUT,
-) -> None:
+def _request_command(action: str, summary: str) -> None:
+    """Register ``keybus dlq ACTION``: a request through the store, its answer reported."""
+
+    def command(
+        url: str | None = common.URL,
+        topic: str | None = _TOPIC,
+        key: str = _KEY,
+        group: str = _GROUP,
+        dead_letter_topic: str = _DEAD_LETTER_TOPIC,
+        timeout: float = _TIMEOUT,
+        config: Path | None = common.CONFIG,
+        connect_timeout: float = common.CONNECT_TIMEOUT,
+    ) -> None:
+        where, (name,) = common.target(url, config, connect_timeout, topic)
+        subscribed = common.topic_given(name)
+
+        async def ask(stop: asyncio.Event) -> int:
+            async with common.open_bus(where) as bus:
+                answer = await bus.request_parked(
+                    subscribed,
+                    key=key,
+                    action=action,
+                    group=group,
+                    dead_letter_topic=dead_letter_topic or None,
+                    timeout=timeout,
+                )
+            return _report(answer, subscribed, group)
+
+        common.run(where, ask)
+
+    command.__doc__ = summary
+    dlq.command(action)(command)
+
+
+_request_command(
+    "replay",
     """Have the service replay KEY's parked messages, in order, then unpark KEY.
 
     The member of GROUP owning KEY's partition hands them to its (fixed) handler, then
-    KEY's live messages flow again; this waits for its answer."""
-    _request("replay", url, topic, key, group, dead_letter_topic, timeout, config, connect_timeout)
-
-
-@dlq.command("discard")
-def discard(
-    url: str | None = common.URL,
-    topic: str | None = _TOPIC,
-    key: str = _KEY,
-    group: str = _GROUP,
-    dead_letter_topic: str = _DEAD_LETTER_TOPIC,
-    timeout: float = _TIMEOUT,
-    config: Path | None = common.CONFIG,
-    connect_timeout: float = common.CONNECT_TIMEOUT,
-) -> None:
+    KEY's live messages flow again; this waits for its answer.""",
+)
+_request_command(
+    "discard",
     """Have the service drop KEY's parked messages, then unpark KEY.
 
-    The drop is recorded in the dead-letter topic; KEY's live messages flow again."""
-    _request("discard", url, topic, key, group, dead_letter_topic, timeout, config, connect_timeout)
-
-
-def _request(
-    action: str,
-    url: str | None,
-    topic: str | None,
-    key: str,
-    group: str,
-    dead_letter_topic: str,
-    timeout: float,
-    config: Path | None,
-    connect_timeout: float,
-) -> None:
-    where, (name,) = common.target(url, config, connect_timeout, topic)
-    subscribed = common.topic_given(name)
-
-    async def ask(stop: asyncio.Event) -> int:
-        async with common.open_bus(where) as bus:
-            answer = await bus.request_parked(
-                subscribed,
-                key=key,
-                action=action,
-                group=group,
-                dead_letter_topic=dead_letter_topic or None,
-                timeout=timeout,
-            )
-        return _report(answer, subscribed, group)
-
-    common.run(where, ask)
+    The drop is recorded in the dead-letter topic; KEY's live messages flow again.""",
+)
 
 
 def _report(answer: ParkedRequest, topic: str, group: str) -> int:

@@ -123,6 +123,10 @@ class Transport(abc.ABC):
     # Whether :meth:`read_topic` works: parked keys then survive restarts and move with
     # their partition, and a replay reads their dead letters back.
     can_read_topics: bool = False
+    # Whether a topic created with TopicConfig(compacted=True) keeps (eventually) only
+    # the last record of each key: a store of per-key state written often (the version
+    # guard's) then stays bounded. Without it the core keeps such state in memory only.
+    compacts_topics: bool = False
 
     @abc.abstractmethod
     async def connect(self, deadline: Deadline) -> None:

@@ -64,6 +64,11 @@ class Features:
     partition over, keeps parking them, and a replay reads their dead letters back.
     Without it, parking works within one subscription's life and replay is refused."""
 
+    stored_versions: bool = True
+    """The version guard's versions (``versions="strict"``) are kept in the broker
+    (``Transport.compacts_topics`` and ``read_topic``): after a restart a duplicate is
+    still skipped and a gap still seen. Without it they live in the subscription."""
+
     max_message_bytes: int | None = None
     """The largest record (value and headers) the backend accepts, if the suite should
     test what happens near it: a poison record a few bytes under the limit, whose dead

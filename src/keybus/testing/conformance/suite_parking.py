@@ -359,7 +359,7 @@ class ParkingSuite(BackendFixtures):
     async def test_the_version_guard_remembers_the_versions_across_a_restart(
         self, open_bus: BusFactory, backend: Backend
     ) -> None:
-        backend.require("parked_persistence")
+        backend.require("stored_versions")
         topic, group = backend.topic("versions"), backend.topic("g")
         _store(backend, topic)
         first = await open_bus(group=group)

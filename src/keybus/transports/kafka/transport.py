@@ -84,6 +84,7 @@ class KafkaTransport(Transport):
         return await self._admin.ping(deadline)
 
     can_read_topics = True
+    compacts_topics = True  # cleanup.policy=compact
 
     async def read_topic(self, topic: str, deadline: Deadline) -> list[Message]:
         if self._closed:
