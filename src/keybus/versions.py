@@ -1,6 +1,7 @@
 """The version guard (``versions="strict"``): the last handled ``event_version`` of the
-most recently seen aggregates, bounded, and — where the transport can read a topic back
-— kept in the broker so that it survives a restart and moves with its partition.
+most recently seen aggregates, bounded, and — where the transport compacts topics and
+reads them back (Kafka) — kept in the broker so that it survives a restart and moves
+with its partition. (Elsewhere a store written at this rate would grow without bound.)
 
 The store is a compacted topic beside the dead-letter topic,
 ``f"{dead_letter_topic}.versions"``, with one record per aggregate, keyed
