@@ -126,3 +126,48 @@ def test_the_guard_prefers_what_it_handled_and_forgets_revoked_partitions() -> N
     guard.forget({1})
     assert guard.check(envelope("B", 7)) == 0  # B's partition went: taken as it comes
     assert guard.check(envelope("A", 5)) == -1
+
+
+class _Engine:
+    """What VersionStore uses of an engine: its writes can be made to fail."""
+
+    group = "g"
+    dead_letter_topic = "t.dlq"
+
+    def __init__(self) -> None:
+        self.fail = False
+        self.written: list[tuple[str, bytes]] = []
+        self.committed: list[int] = []
+
+    async def publish_internal(
+        self, topic: str, value: bytes, key: str | None, headers: dict[str, bytes]
+    ) -> None:
+        if self.fail:
+            raise keybus.PublishError("t.dlq.versions", "refused")
+        assert key is not None
+        self.written.append((key, value))
+
+    def commit_now(self, message: Message) -> None:
+        self.committed.append(message.offset)
+
+
+async def test_a_commit_is_made_only_once_the_versions_before_it_are_stored() -> None:
+    from keybus.versions import VersionStore
+
+    engine = _Engine()
+    guard = VersionGuard(10, persistent=True)
+    store = VersionStore(engine, guard, read=None)  # type: ignore[arg-type]  # a fake engine
+    guard.handled(envelope("A", 1), 0)
+    store.hold(Message("t", b"", "A", {}, 0, 0))
+    engine.fail = True
+    with pytest.raises(keybus.PublishError):
+        await store.flush()
+    assert engine.committed == []  # not stored: not committed
+    guard.handled(envelope("A", 2), 0)  # newer than the one that failed to be written
+    store.hold(Message("t", b"", "A", {}, 0, 1))
+    engine.fail = False
+    await store.flush()
+    assert engine.written == [("g/A", b'{"p":0,"v":2}')]
+    assert engine.committed == [1]  # the latest held commit of the partition
+    await store.flush()  # nothing new: nothing written, nothing committed
+    assert (len(engine.written), engine.committed) == (1, [1])
