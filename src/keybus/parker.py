@@ -95,24 +95,18 @@ class Parking:
     async def refresh(self) -> None:
         """Read the store if an assignment made it due (one reader; the rest wait)."""
         if self._read is not None:
-            await self._reloads.run(self._reload)
+            await self._reloads.run(self._read_store, self._reload, f"parked keys ({self.store})")
 
-    async def _reload(self) -> bool:
+    async def _read_store(self) -> list[Message]:
         assert self._read is not None
-        try:
-            records = await self._read(self.store)
-        except BusClosedError:
-            raise
-        except KeybusError as exc:
-            # Left due: the next message tries again rather than run a parked key.
-            log.warning("keybus: reading parked keys from %s failed: %s", self.store, exc)
-            return False
+        return await self._read(self.store)
+
+    def _reload(self, records: list[Message]) -> None:
         found = load(records, self._engine.group)
         for key in self._unparked:
             found.pop(key, None)
         found.update(self.parked)  # ours are newer than what the store had
         self.parked = found
-        return True
 
     def forget(self, partitions: Collection[int]) -> None:
         """Partitions revoked: their keys' state is the next owner's (re-read if they

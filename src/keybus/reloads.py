@@ -11,9 +11,15 @@ without what it will bring.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
+from keybus.errors import BusClosedError, KeybusError
+from keybus.message import Message
+
 __all__ = ["Reloads"]
+
+log = logging.getLogger("keybus")
 
 
 class Reloads:
@@ -34,12 +40,25 @@ class Reloads:
     def assigned(self) -> None:
         self._assignments += 1
 
-    async def run(self, read: Callable[[], Awaitable[bool]]) -> None:
-        """``read()`` if a read is due (one reader; the rest wait for it). It returns
-        whether it read: if not (the store could not be read), the read stays due."""
+    async def run(
+        self,
+        read: Callable[[], Awaitable[list[Message]]],
+        apply: Callable[[list[Message]], None],
+        what: str,
+    ) -> None:
+        """If a read is due: ``apply(await read())`` (one reader; the rest wait for it).
+        A store that cannot be read now is logged and stays due: the next message tries
+        again rather than be judged without it."""
         async with self._lock:
             if self._assignments == self._covered:
                 return
             covers = self._assignments
-            if await read():
-                self._covered = covers
+            try:
+                records = await read()
+            except BusClosedError:
+                raise
+            except KeybusError as exc:
+                log.warning("keybus: reading %s failed: %s", what, exc)
+                return
+            apply(records)
+            self._covered = covers

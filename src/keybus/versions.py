@@ -153,21 +153,14 @@ class VersionStore:
 
     async def refresh(self) -> None:
         """Read the store if an assignment made it due (one reader; the rest wait)."""
-        await self._reloads.run(self._reload)
+        await self._reloads.run(
+            lambda: self._read(self.store), self._reload, f"versions ({self.store})"
+        )
 
-    async def _reload(self) -> bool:
+    def _reload(self, records: list[Message]) -> None:
         engine = self._engine
-        try:
-            records = await self._read(self.store)
-        except BusClosedError:
-            raise
-        except KeybusError as exc:
-            # Left due: the next message tries again rather than judge without it.
-            log.warning("keybus: reading versions from %s failed: %s", self.store, exc)
-            return False
         owned = engine.owned_partitions()
         self._guard.learn(load(records, engine.group, owned, engine.options.version_window))
-        return True
 
     # -- writing -----------------------------------------------------------------------
 
