@@ -387,3 +387,37 @@ class ParkingSuite(BackendFixtures):
         assert again.seen["B"] == [5]  # handled (on_dead_letter="continue"), and counted
         stats = sub.stats()
         assert (stats.version_duplicates, stats.version_gaps) == (1, 1)
+
+    async def test_the_member_that_takes_a_partition_over_knows_its_versions(
+        self, open_bus: BusFactory, backend: Backend
+    ) -> None:
+        backend.require("stored_versions", "consumer_groups")
+        topic, group = backend.topic("versions"), backend.topic("g")
+        _store(backend, topic)
+        members = []
+        for _ in range(2):  # both running before K is handled
+            bus = await open_bus(group=group)
+            await bus.ensure_topic(topic, keybus.TopicConfig(partitions=2))
+            handler = _Aggregates()
+            sub = await bus.subscribe_envelope(topic, handler, versions="strict")
+            members.append((bus, handler, sub))
+        # Each member handles a message first: it has read the (empty) store by then, so
+        # only the take-over's read can tell the survivor K's version.
+        partitions = backend.features.topic_partitions(2)
+        warm = [backend.key_on(p, partitions) for p in range(partitions)]
+        for key in warm:
+            await _publish(members[0][0], topic, key, range(1, 2))
+        await eventually(
+            lambda: sum(len(m[1].seen[k]) for m in members for k in warm) == partitions,
+            what="warm-up",
+        )
+        await _publish(members[0][0], topic, "K", range(1, 4))
+        await eventually(lambda: any(m[1].seen["K"] == [1, 2, 3] for m in members), what="K v1..v3")
+        owner = next(m for m in members if m[1].seen["K"])
+        await owner[0].close()  # its revoke stores K's versions before the commit
+        bus, handler, sub = next(m for m in members if m is not owner)
+        await _publish(bus, topic, "K", range(2, 3))  # a duplicate, re-published
+        await _publish(bus, topic, "K", range(4, 5))
+        timeout = backend.features.handover_timeout
+        await eventually(lambda: handler.seen["K"] == [4], timeout=timeout, what="K v4")
+        assert sub.stats().version_duplicates == 1
