@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/memory_throughput.py [--envelopes 100000] [--aggregates 1000]
                                                      [--runs 5] [--metrics]
                                                      [--tracing noop|sdk] [--versions]
+    .venv/bin/python benchmarks/memory_throughput.py --interleave [--runs 7]
 
 Every figure is a median over ``--runs`` runs made in this one process, side by side:
 - end to end: 1000 aggregates publish versions 1..n concurrently (each in order), one
@@ -17,6 +18,13 @@ installed as the global provider (the OpenTelemetry API's no-op tracer), ``--tra
 sdk`` with an SDK ``TracerProvider`` that records every span and exports none.
 ``--versions`` subscribes with ``versions="strict"`` (the version guard, its versions
 kept in the broker's store).
+
+``--interleave`` measures what telemetry costs: each run does the four variants one
+after the other (off, metrics, tracing without an SDK, both), so a change in the
+machine's load falls on all of them alike; it prints per variant the median end-to-end
+rate, CPU microseconds per envelope end to end (this process's CPU time over the run:
+steadier than wall time on a shared machine) and the consume path's wall microseconds,
+each against "off".
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ def _envelope(aggregate: int, version: int) -> keybus.Envelope:
 # connect() options for --metrics / --tracing, subscribe options for --versions (main()).
 TELEMETRY: dict[str, Any] = {}
 SUBSCRIBE: dict[str, Any] = {}
+LAST_CPU = [0.0]
 
 
 async def end_to_end(envelopes: int, aggregates: int) -> tuple[float, float, Deliveries, int]:
-    """Returns (envelopes/s, p99 latency ms, what was delivered, envelopes lost)."""
+    """Returns (envelopes/s, p99 latency ms, what was delivered, envelopes lost); the
+    CPU seconds of the run (publish to last handled) are left in ``LAST_CPU``."""
     per = envelopes // aggregates
     total = per * aggregates
     done = asyncio.Event()
@@ -76,9 +86,11 @@ async def end_to_end(envelopes: int, aggregates: int) -> tuple[float, float, Del
                 await bus.publish_envelope("orders", _envelope(aggregate, version))
 
         started = time.perf_counter()
+        cpu = time.process_time()
         await asyncio.gather(*(publish(a) for a in range(aggregates)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), 300)
+        LAST_CPU[0] = time.process_time() - cpu
         await bus.delete_topic("orders")
     latencies.sort()
     rate = deliveries.delivered / (finished - started) if deliveries.delivered else 0.0
@@ -138,6 +150,58 @@ def per_call(fn: Callable[[], object], n: int = 100_000) -> float:
     return (time.perf_counter() - started) / n
 
 
+def _variants() -> dict[str, dict[str, Any]]:
+    from prometheus_client import CollectorRegistry
+
+    return {
+        "off": {},
+        "metrics": {"metrics": CollectorRegistry()},
+        "tracing": {"tracing": True},
+        "both": {"metrics": CollectorRegistry(), "tracing": True},
+    }
+
+
+def interleaved(envelopes: int, aggregates: int, runs: int) -> None:
+    """The four telemetry variants, one after the other in each run (see the module's
+    doc); exits non-zero on any order violation or loss."""
+    variants = _variants()
+    rows: dict[str, dict[str, list[float]]] = {
+        name: {"e2e": [], "cpu": [], "consume": []} for name in variants
+    }
+    bad = 0
+    for _ in range(runs):
+        for name, options in variants.items():
+            TELEMETRY.clear()
+            TELEMETRY.update(options)
+            gc.collect()
+            rate, _, deliveries, missing = asyncio.run(end_to_end(envelopes, aggregates))
+            bad += deliveries.order_violations + missing
+            rows[name]["e2e"].append(rate)
+            rows[name]["cpu"].append(LAST_CPU[0] / (envelopes // aggregates * aggregates))
+            rows[name]["consume"].append(asyncio.run(consume_only(envelopes, aggregates)))
+    med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in rows.items()}
+    off = med["off"]
+    print(
+        f"keybus memory benchmark, telemetry interleaved: {envelopes} envelopes, "
+        f"{aggregates} aggregates, median of {runs} runs per variant"
+    )
+    print(
+        f"  {'variant':<8} {'end to end/s':>13} {'vs off':>7} {'CPU us/env':>11} {'+us':>6}"
+        f" {'CPU vs off':>10} {'consume us':>11} {'+us':>6}"
+    )
+    for name, m in med.items():
+        print(
+            f"  {name:<8} {m['e2e']:>13,.0f} {m['e2e'] / off['e2e'] - 1:>+7.1%}"
+            f" {m['cpu'] * 1e6:>11.2f} {(m['cpu'] - off['cpu']) * 1e6:>+6.2f}"
+            f" {m['cpu'] / off['cpu'] - 1:>+10.1%}"
+            f" {m['consume'] * 1e6:>11.2f} {(m['consume'] - off['consume']) * 1e6:>+6.2f}"
+        )
+    for name, row in rows.items():
+        print(f"  {name:<8} end to end, runs: {', '.join(f'{r:,.0f}' for r in row['e2e'])}")
+    if bad:
+        raise SystemExit(f"{bad} order violations or envelopes lost")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envelopes", type=int, default=100_000)
@@ -146,9 +210,15 @@ def main() -> None:
     parser.add_argument("--metrics", action="store_true", help="connect with metrics on")
     parser.add_argument("--tracing", choices=("noop", "sdk"), help="connect with tracing on")
     parser.add_argument("--versions", action="store_true", help='subscribe versions="strict"')
+    parser.add_argument(
+        "--interleave", action="store_true", help="off / metrics / tracing / both, interleaved"
+    )
     args = parser.parse_args()
     if args.versions:
         SUBSCRIBE["versions"] = "strict"
+    if args.interleave:
+        interleaved(args.envelopes, args.aggregates, args.runs)
+        return
     if args.metrics:
         from prometheus_client import CollectorRegistry
 
