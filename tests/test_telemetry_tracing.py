@@ -17,8 +17,10 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from prometheus_client import CollectorRegistry
 
 import keybus
+import keybus.envelope
 from keybus.testing.conformance import Backend, BusFactory, unique
 from tests.helpers import Collected, envelope, eventually
 
@@ -124,6 +126,43 @@ async def test_an_envelope_keeps_its_own_trace_id_and_raw_headers_carry_tracepar
         _hex(publish.context.trace_id, 32),
         _hex(publish.context.span_id, 16),
     )
+
+
+async def test_publish_many_encodes_each_envelope_once_with_its_trace(
+    open_bus: BusFactory, backend: Backend, traces: Traces, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch with metrics and tracing on: every envelope is encoded once (after its
+    trace id was filled), each record carries its own publish span's traceparent, and
+    the batch's spans are children of the caller's."""
+    bus = await open_bus(tracing=traces.provider, metrics=CollectorRegistry())
+    topic = backend.topic()
+    got = Collected()
+    await bus.subscribe(topic, got)
+    encoded: list[str] = []
+    encode = keybus.envelope._encode
+
+    def counting(item: keybus.Envelope) -> bytes:
+        encoded.append(item.event_id)
+        return encode(item)
+
+    monkeypatch.setattr(keybus.envelope, "_encode", counting)
+    items = [envelope(f"agg-{i}", 1) for i in range(5)]
+    with traces.tracer.start_as_current_span("batch") as batch:
+        assert await bus.publish_many(topic, items) == [None] * 5
+    monkeypatch.undo()
+    assert sorted(encoded) == sorted(item.event_id for item in items)  # once each
+    await eventually(lambda: len(got) == 5, what="the batch delivered")
+    trace_id = _hex(batch.get_span_context().trace_id, 32)
+    spans = {_hex(s.context.span_id, 16): s for s in traces.spans(f"{topic} publish")}
+    assert len(spans) == 5
+    for message in got:
+        assert keybus.Envelope.from_bytes(message.value).trace_id == trace_id
+        _version, carried, span_id, _flags = message.headers["traceparent"].decode().split("-")
+        assert carried == trace_id
+        span = spans.pop(span_id)  # each record its own span
+        assert span.parent is not None
+        assert span.parent.span_id == batch.get_span_context().span_id
+    assert not spans
 
 
 async def test_a_dead_letter_span_links_to_every_failed_attempt(

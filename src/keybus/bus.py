@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from keybus._aio import call_hook, log_failure
 from keybus.background import Background
@@ -30,7 +30,8 @@ from keybus.topics import TopicConfig, TopicInfo, check_topic
 from keybus.versions import store_topic as versions_topic
 
 if TYPE_CHECKING:
-    from keybus.telemetry.hooks import Telemetry
+    from keybus.observer import AttemptObserver
+    from keybus.telemetry.hooks import Sending, Telemetry
     from keybus.transports.base import Transport
 
 __all__ = ["EventBus"]
@@ -114,12 +115,18 @@ class EventBus:
         if type(topic) is not str:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
-        if self._telemetry is None:
+        telemetry = self._telemetry
+        if telemetry is None:
             await self._transport.send(topic, value, key, _header_bytes(headers))
-        else:
-            await self._telemetry.publish(
-                self._transport.send, topic, value, key, _header_bytes(headers)
-            )
+            return
+        # Observed: begun and ended around the send here, not in a coroutine around it.
+        value, key, sending, token = telemetry.outgoing(topic, value, key, _header_bytes(headers))
+        try:
+            await self._transport.send(topic, value, key, sending)
+        except BaseException as exc:
+            telemetry.sent(topic, token, exc)
+            raise
+        telemetry.sent(topic, token, None)
 
     async def publish_envelope(self, topic: str, envelope: Envelope) -> None:
         """Send an envelope (validated at construction): key = aggregate id, headers
@@ -131,12 +138,19 @@ class EventBus:
         if type(topic) is not str:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
-        if self._telemetry is None:
+        telemetry = self._telemetry
+        if telemetry is None:
             await self._transport.send(
                 topic, envelope.to_bytes(), envelope.aggregate_id, envelope_headers(envelope)
             )
-        else:
-            await self._telemetry.publish(self._transport.send, topic, b"", None, {}, envelope)
+            return
+        value, key, headers, token = telemetry.outgoing(topic, b"", None, {}, envelope)
+        try:
+            await self._transport.send(topic, value, key, headers)
+        except BaseException as exc:
+            telemetry.sent(topic, token, exc)
+            raise
+        telemetry.sent(topic, token, None)
 
     async def publish_many(
         self,
@@ -163,46 +177,52 @@ class EventBus:
             raise TypeError(f"topic must be a str, got {type(topic).__name__}")
         check_topic(topic)
         items = list(items)
-        records = [_record(item) for item in items]
-        if not records:
+        if not items:
             errors: list[PublishError | None] = []
         elif self._telemetry is None:
-            errors = await self._transport.send_many(topic, records)
+            errors = await self._transport.send_many(topic, [_record(item) for item in items])
         else:
-            errors = await self._observed_many(topic, items, records)
+            errors = await self._observed_many(self._telemetry, topic, items)
         if raise_on_error and any(e is not None for e in errors):
             raise PublishBatchError(topic, errors)
         return errors
 
     async def _observed_many(
-        self,
-        topic: str,
-        items: list[Envelope | bytes | tuple[Any, ...]],
-        records: list[tuple[bytes, str | None, Mapping[str, bytes]]],
+        self, telemetry: Telemetry, topic: str, items: list[Envelope | bytes | tuple[Any, ...]]
     ) -> list[PublishError | None]:
-        """With metrics or tracing on, a batch is published record by record (all in
-        flight at once), so each gets its measure and its PRODUCER span as a publish
-        does; the transport's batch path is for when nothing observes."""
-        telemetry = self._telemetry
-        assert telemetry is not None
-        send = self._transport.send
-        results = await asyncio.gather(
-            *(
-                telemetry.publish(send, topic, b"", None, {}, item)
-                if isinstance(item, Envelope)
-                else telemetry.publish(send, topic, value, key, dict(headers))
-                for item, (value, key, headers) in zip(items, records, strict=True)
-            ),
-            return_exceptions=True,
-        )
-        errors: list[PublishError | None] = []
-        for result in results:
-            if isinstance(result, PublishError):
-                errors.append(result)
-            elif isinstance(result, BaseException):
-                raise result  # BusClosedError (closed meanwhile), or a bug
-            else:
-                errors.append(None)
+        """A batch with metrics or tracing on: each record gets its measure and its
+        PRODUCER span as a publish does (its trace context in its headers, an envelope
+        stamped with the trace id and then encoded once), and the batch still goes to
+        the transport at once."""
+        # Raw records checked before any span starts; an envelope is checked as it is
+        # encoded (after its stamp): an invalid one ends the spans begun, nothing sent.
+        raw = [None if isinstance(item, Envelope) else _record(item) for item in items]
+        records: list[tuple[bytes, str | None, Mapping[str, bytes]]] = []
+        tokens: list[Sending] = []
+        try:
+            for item, record in zip(items, raw, strict=True):
+                if record is None:
+                    value, key, headers, token = telemetry.outgoing(
+                        topic, b"", None, {}, cast(Envelope, item)
+                    )
+                else:
+                    value, key, headers, token = telemetry.outgoing(
+                        topic, record[0], record[1], dict(record[2])
+                    )
+                records.append((value, key, headers))
+                tokens.append(token)
+        except BaseException:
+            for token in tokens:
+                telemetry.unsent(token)
+            raise
+        try:
+            errors = await self._transport.send_many(topic, records)
+        except BaseException as exc:  # BusClosedError (closed meanwhile), or a bug
+            for token in tokens:
+                telemetry.sent(topic, token, exc)
+            raise
+        for token, error in zip(tokens, errors, strict=True):
+            telemetry.sent(topic, token, error)
         return errors
 
     async def _send_internal(
@@ -264,8 +284,9 @@ class EventBus:
             raise ValueError('versions="strict" needs an envelope subscription')
         group = group or self.group
         publish: Publish = self._send_internal
-        if self._telemetry is not None:  # measured and traced: outermost middleware
-            settings = self._telemetry.observe(topic, group, settings)
+        observer: AttemptObserver[Any] | None = None
+        if self._telemetry is not None:  # measured and traced: around every attempt
+            observer = self._telemetry.attempts(topic, group, settings.max_attempts)
             publish = self._telemetry.dead_letters(publish, topic, group)
         engine = SubscriptionEngine(
             topic,
@@ -277,6 +298,7 @@ class EventBus:
             on_closed=self._forget,
             read_topic=self._read_topic if self._transport.can_read_topics else None,
             store_versions=self._stores_versions,
+            observer=observer,
         )
         check_topic(engine.dead_letter_topic)
         if engine.dead_letter_topic == topic:

@@ -33,6 +33,7 @@ from keybus.envelope import Envelope
 from keybus.errors import BusClosedError, KeybusError, PublishError
 from keybus.message import Message
 from keybus.middleware import CallNext, Delivery, chain
+from keybus.observer import AttemptObserver
 from keybus.options import SubscribeOptions
 from keybus.parker import KeyParked, Parking, ReadTopic, VersionGap
 from keybus.parking import GROUP, ParkedKey
@@ -71,6 +72,7 @@ class SubscriptionEngine:
         on_closed: Callable[[SubscriptionEngine], None],
         read_topic: ReadTopic | None = None,
         store_versions: bool = False,
+        observer: AttemptObserver[Any] | None = None,
     ) -> None:
         self.topic = topic
         self.group = group
@@ -83,6 +85,8 @@ class SubscriptionEngine:
         self._chain: CallNext | None = (
             chain(handler, options.middleware) if options.middleware else None
         )
+        # Metrics and tracing of each attempt (keybus.observer), around the chain.
+        self._observer = observer
         self._envelopes = envelopes
         self._publish = publish
         self._on_closed = on_closed
@@ -500,8 +504,11 @@ class SubscriptionEngine:
         if work.error is not None:
             await self._dead_letter(work, work.error)
         else:
-            # The first attempt is inlined: it is almost always the only one.
+            # The first attempt is inlined (as :meth:`_attempt` does it): it is almost
+            # always the only one.
             work.attempts = 1
+            observer = self._observer
+            token = None if observer is None else observer.begin(work)
             try:
                 if self._chain is None:
                     result = self._handler(work.payload)
@@ -512,16 +519,26 @@ class SubscriptionEngine:
                 else:
                     await self._chain(Delivery(work.message, work.payload, 1))
             except Exception as exc:
+                if observer is not None:
+                    observer.end(work, token, exc)
                 if self._still_ours(work):
                     await self._retry(work, exc)
             except asyncio.CancelledError as exc:
+                if observer is not None:
+                    observer.end(work, token, exc)
                 if being_cancelled():
                     raise
                 # The handler *raised* CancelledError (e.g. it awaited a future someone
                 # else cancelled) while nobody cancelled us: that is a failure like any.
                 if self._still_ours(work):
                     await self._retry(work, exc)
+            except BaseException as exc:
+                if observer is not None:
+                    observer.end(work, token, exc)
+                raise
             else:
+                if observer is not None:
+                    observer.end(work, token, None)
                 self.stats.handled += 1
         if work.state == RUNNING:  # not abandoned by a revoke meanwhile
             self._tracker.done(work)
@@ -619,12 +636,21 @@ class SubscriptionEngine:
 
     async def _attempt(self, work: Work) -> None:
         """One more attempt (the first is inlined in :meth:`_process`)."""
-        if self._chain is not None:
-            await self._chain(Delivery(work.message, work.payload, work.attempts))
-            return
-        result = self._handler(work.payload)
-        if isawaitable(result):
-            await result
+        observer = self._observer
+        token = None if observer is None else observer.begin(work)
+        try:
+            if self._chain is not None:
+                await self._chain(Delivery(work.message, work.payload, work.attempts))
+            else:
+                result = self._handler(work.payload)
+                if isawaitable(result):
+                    await result
+        except BaseException as exc:
+            if observer is not None:
+                observer.end(work, token, exc)
+            raise
+        if observer is not None:
+            observer.end(work, token, None)
 
     async def _retry(self, work: Work, error: BaseException) -> None:
         """Retry in place — this key's lane stays busy, so order survives — with

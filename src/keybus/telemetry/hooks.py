@@ -9,19 +9,17 @@ OpenTelemetry; :func:`build` does, when asked for them.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from keybus._aio import being_cancelled
-from keybus.delivery import Delivery
 from keybus.envelope import Envelope, envelope_headers
-from keybus.middleware import CallNext, Middleware
-from keybus.options import SubscribeOptions
+from keybus.observer import AttemptObserver
+from keybus.work import Work
 
 if TYPE_CHECKING:
-    from opentelemetry.context import Context
     from opentelemetry.trace import Span
 
     from keybus.engine import SubscriptionEngine
@@ -32,6 +30,14 @@ if TYPE_CHECKING:
 __all__ = ["OUTCOMES", "Telemetry", "backend_name", "build"]
 
 _T = TypeVar("_T")
+
+# What Telemetry.outgoing hands to Telemetry.sent: when the publish started
+# (time.perf_counter()), with its span when one records.
+Sending: TypeAlias = "float | tuple[float, Span]"
+# An attempt's span (None without an SDK) and the token of the context made current
+# for it (Tracing.start_process); None: nothing was started.
+_SpanScope: TypeAlias = "tuple[Span | None, object]"
+_Scope: TypeAlias = "_SpanScope | None"
 
 Send = Callable[[str, bytes, str | None, Mapping[str, bytes]], Awaitable[None]]
 
@@ -144,97 +150,87 @@ class Telemetry:
             meter = self._publish_meters[topic] = metrics.publish_meter(self.backend, topic)
         return meter
 
-    async def publish(
+    def outgoing(
         self,
-        send: Send,
         topic: str,
         value: bytes,
         key: str | None,
         headers: dict[str, bytes],
         envelope: Envelope | None = None,
-    ) -> None:
-        """A publish: raw (``headers``: a fresh dict of the bus's, may be written to) or
-        of ``envelope`` (then ``value``, ``key`` and ``headers`` are ignored: the envelope
-        is encoded here, once its trace id is filled). One coroutine for every case: a
-        helper coroutine more per message shows in the in-memory benchmark."""
+    ) -> tuple[bytes, str | None, dict[str, bytes], Sending]:
+        """A publish begins: its record as it is to be sent, and the token to hand to
+        :meth:`sent` (or :meth:`unsent`). A raw record (``headers``: a fresh dict, may be
+        written to) or ``envelope`` (then ``value``, ``key`` and ``headers`` are ignored:
+        it is encoded here, once, after its trace id was filled). Synchronous, so that
+        the bus awaits the transport's send itself: a coroutine layer per publish shows
+        in the in-memory benchmark."""
         tracing = self._tracing
+        scope = None
         if tracing is not None:
-            if envelope is not None:
-                message_id: str | None = envelope.event_id
-            else:
-                event_id = headers.get("X-Event-ID")
-                message_id = event_id.decode("utf-8", "replace") if event_id is not None else None
-            scope = tracing.start_publish(topic, message_id)
-            if scope is not None:
-                if envelope is not None:
-                    envelope = tracing.stamp(envelope, scope[1])
-                    value, key = envelope.to_bytes(), envelope.aggregate_id
-                    headers = envelope_headers(envelope)
-                await self._traced(send, topic, value, key, headers, scope)
-                return
+            scope = tracing.start_send(topic, envelope, headers)
+            if scope is not None and envelope is not None:
+                envelope = tracing.stamp(envelope, scope[1])
         if envelope is not None:
-            value, key = envelope.to_bytes(), envelope.aggregate_id
+            try:
+                value, key = envelope.to_bytes(), envelope.aggregate_id
+            except BaseException:
+                if scope is not None and scope[0] is not None:
+                    tracing.unsent(scope[0])  # type: ignore[union-attr]
+                raise
             headers = envelope_headers(envelope)
-        meter = self._publish_meters.get(topic)
-        if meter is None:
-            meter = self._meter(topic)
-            if meter is None:
-                await send(topic, value, key, headers)
-                return
-        started = time.perf_counter()
-        try:
-            await send(topic, value, key, headers)
-        except BaseException:
-            meter.failed += 1
-            raise
-        else:
-            meter.ok += 1
-        finally:
-            meter.duration.observe(time.perf_counter() - started)
-
-    async def _traced(
-        self,
-        send: Send,
-        topic: str,
-        value: bytes,
-        key: str | None,
-        headers: dict[str, bytes],
-        scope: tuple[Span | None, Context],
-    ) -> None:
-        tracing = self._tracing
-        assert tracing is not None
+        if scope is None:
+            return value, key, headers, time.perf_counter()
         span, context = scope
-        meter = self._meter(topic)
+        tracing.inject(headers, context)  # type: ignore[union-attr]
         started = time.perf_counter()
-        try:
-            tracing.inject(headers, context)
-            await send(topic, value, key, headers)
-        except BaseException as exc:
-            if meter is not None:
-                meter.failed += 1
-            if span is not None:
-                tracing.failed(span, exc)
-            raise
+        return value, key, headers, started if span is None else (started, span)
+
+    def sent(self, topic: str, token: Sending, error: BaseException | None) -> None:
+        """The publish that :meth:`outgoing` began was acknowledged (``error`` None) or
+        failed."""
+        if type(token) is float:
+            started, span = token, None
         else:
-            if meter is not None:
+            started, span = token  # type: ignore[misc]
+        if self._metrics is not None:
+            meter = self._publish_meters.get(topic) or self._meter(topic)
+            assert meter is not None
+            seconds = time.perf_counter() - started
+            if error is None:
                 meter.ok += 1
-        finally:
-            if meter is not None:
-                meter.duration.observe(time.perf_counter() - started)
-            if span is not None:
-                span.end()
+            else:
+                meter.failed += 1
+            duration = meter.duration
+            duration.counts[bisect_left(duration.bounds, seconds)] += 1
+            duration.sum += seconds
+        if span is not None:
+            if error is not None:
+                self._tracing.failed(span, error)  # type: ignore[union-attr]
+            span.end()
+
+    def unsent(self, token: Sending) -> None:
+        """A publish :meth:`outgoing` began was never sent (another record of its batch
+        was invalid, and a batch sends nothing then): its span ends, nothing counts."""
+        if type(token) is tuple:
+            self._tracing.unsent(token[1])  # type: ignore[union-attr]
 
     # -- subscribing -------------------------------------------------------------------
 
-    def observe(self, topic: str, group: str, options: SubscribeOptions) -> SubscribeOptions:
-        """``options`` with this telemetry's middleware outermost (around every other)."""
+    def attempts(self, topic: str, group: str, max_attempts: int) -> AttemptObserver[Any]:
+        """What measures and traces each handling attempt of the subscription of
+        ``topic`` by ``group`` (called by its engine around the handler and its
+        middleware)."""
         meter = (
             None
             if self._metrics is None
             else self._metrics.subscription_meter(self.backend, topic, group)
         )
-        middleware = _attempt_observer(meter, self._tracing, group, options.max_attempts)
-        return dataclasses.replace(options, middleware=(middleware, *options.middleware))
+        if self._tracing is None:
+            assert meter is not None
+            return _MeteredAttempts(meter, max_attempts)
+        if meter is None:
+            return _TracedAttempts(self._tracing, group, max_attempts)
+        return _MeteredTracedAttempts(meter, self._tracing, group, max_attempts)
 
     def dead_letters(self, publish: Send, topic: str, group: str) -> Send:
         """``publish`` (the dead-letter path of the subscription of ``topic``), counted
@@ -270,46 +266,115 @@ class Telemetry:
         return dead_letter
 
 
-def _attempt_observer(
-    meter: SubscriptionMeter | None, tracing: Tracing | None, group: str, max_attempts: int
-) -> Middleware:
-    """The middleware that measures and traces each attempt of one subscription."""
+def _outcome(attempt: int, max_attempts: int, error: BaseException) -> int:
+    """What a failed attempt was: retried, dead-lettered, or abandoned (cancelled by a
+    revoke or a close: redelivered later)."""
+    if not isinstance(error, Exception) and (
+        not isinstance(error, asyncio.CancelledError) or being_cancelled()
+    ):
+        return _ABANDONED
+    return _RETRIED if attempt < max_attempts else _DEAD_LETTERED
 
-    def failure(attempt: int, error: BaseException) -> int:
-        if not isinstance(error, Exception) and (
-            not isinstance(error, asyncio.CancelledError) or being_cancelled()
-        ):
-            return _ABANDONED  # a revoke or a close cancelled it: redelivered later
-        return _RETRIED if attempt < max_attempts else _DEAD_LETTERED
 
-    async def observe_attempt(call_next: CallNext, delivery: Delivery) -> None:
-        if meter is not None and delivery.attempt == 1:
+class _MeteredAttempts:
+    """Attempts counted and timed (metrics without tracing): the token is the start.
+    Each call spelled out in full (no helper calls, histograms added to inline): a
+    Python call costs about as much as an observation."""
+
+    __slots__ = ("_bounds", "_duration", "_end_to_end", "_max_attempts", "_outcomes")
+
+    def __init__(self, meter: SubscriptionMeter, max_attempts: int) -> None:
+        self._max_attempts = max_attempts
+        self._outcomes = meter.outcomes
+        self._duration = meter.duration
+        self._end_to_end = meter.end_to_end
+        self._bounds = meter.duration.bounds  # the buckets (metrics.BUCKETS)
+
+    def begin(self, work: Work) -> float:
+        if work.attempts == 1:
             # From when it was sent (the envelope's timestamp, else the record's) to now.
-            payload = delivery.payload
+            payload = work.payload
             if type(payload) is Envelope:
-                meter.end_to_end.observe(max(0.0, time.time() - payload.timestamp.timestamp()))
-            elif (stamp := delivery.message.timestamp) is not None:
-                meter.end_to_end.observe(max(0.0, time.time() - stamp))
-        scope = None if tracing is None else tracing.start_process(delivery, group)
-        started = time.perf_counter()
-        try:
-            await call_next(delivery)
-        except BaseException as exc:
-            outcome = failure(delivery.attempt, exc)
-            if meter is not None:
-                meter.outcomes[outcome] += 1
-            if scope is not None and scope[0] is not None:
-                tracing.attempt_failed(scope[0], delivery, exc, OUTCOMES[outcome])  # type: ignore[union-attr]
-            raise
-        else:
-            if meter is not None:
-                meter.outcomes[_OK] += 1
-            if scope is not None and scope[0] is not None:
-                tracing.attempt_ok(delivery)  # type: ignore[union-attr]
-        finally:
-            if meter is not None:
-                meter.duration.observe(time.perf_counter() - started)
-            if scope is not None:
-                tracing.end_process(scope)  # type: ignore[union-attr]
+                sent: float | None = payload.timestamp.timestamp()
+            else:
+                sent = work.message.timestamp
+            if sent is not None:
+                seconds = time.time() - sent
+                if seconds < 0.0:  # another host's clock ahead (cheaper than max())
+                    seconds = 0.0
+                histogram = self._end_to_end
+                histogram.counts[bisect_left(self._bounds, seconds)] += 1
+                histogram.sum += seconds
+        return time.perf_counter()
 
-    return observe_attempt
+    def end(self, work: Work, token: float, error: BaseException | None) -> None:
+        seconds = time.perf_counter() - token
+        histogram = self._duration
+        histogram.counts[bisect_left(self._bounds, seconds)] += 1
+        histogram.sum += seconds
+        if error is None:
+            self._outcomes[_OK] += 1
+        else:
+            self._outcomes[_outcome(work.attempts, self._max_attempts, error)] += 1
+
+
+class _TracedAttempts:
+    """Attempts traced (tracing without metrics): the token is the span's scope (None:
+    nothing to end — no SDK and no trace received)."""
+
+    __slots__ = ("_group", "_max_attempts", "_tracing")
+
+    def __init__(self, tracing: Tracing, group: str, max_attempts: int) -> None:
+        self._tracing = tracing
+        self._group = group
+        self._max_attempts = max_attempts
+
+    def begin(self, work: Work) -> _Scope:
+        return self._tracing.start_process(work, self._group)
+
+    def end(self, work: Work, token: _Scope, error: BaseException | None) -> None:
+        if token is not None:
+            _end_span(self._tracing, work, token, error, self._max_attempts)
+
+
+class _MeteredTracedAttempts(_MeteredAttempts):
+    """Attempts counted, timed and traced: the token is the start and the scope."""
+
+    __slots__ = ("_group", "_tracing")
+
+    def __init__(
+        self, meter: SubscriptionMeter, tracing: Tracing, group: str, max_attempts: int
+    ) -> None:
+        super().__init__(meter, max_attempts)
+        self._tracing = tracing
+        self._group = group
+
+    def begin(self, work: Work) -> float | tuple[float, _SpanScope]:  # type: ignore[override]
+        started = _MeteredAttempts.begin(self, work)
+        scope = self._tracing.start_process(work, self._group)
+        return started if scope is None else (started, scope)  # no tuple in the usual case
+
+    def end(
+        self, work: Work, token: float | tuple[float, _SpanScope], error: BaseException | None
+    ) -> None:
+        if type(token) is float:
+            _MeteredAttempts.end(self, work, token, error)
+            return
+        started, scope = token  # type: ignore[misc]
+        _MeteredAttempts.end(self, work, started, error)
+        _end_span(self._tracing, work, scope, error, self._max_attempts)
+
+
+def _end_span(
+    tracing: Tracing, work: Work, scope: _SpanScope, error: BaseException | None, max_attempts: int
+) -> None:
+    """An attempt's span (if one records) gets its outcome and ends; the received
+    trace, made current for the attempt, no longer is."""
+    span = scope[0]
+    if span is not None:
+        if error is None:
+            tracing.attempt_ok(work)
+        else:
+            outcome = OUTCOMES[_outcome(work.attempts, max_attempts, error)]
+            tracing.attempt_failed(span, work, error, outcome)
+    tracing.end_process(scope)

@@ -56,9 +56,13 @@ _LABELS = ("backend", "topic", "group")
 
 
 class Histogram:
-    """Counts per bucket (not cumulative: one addition per observation) and the sum."""
+    """Counts per bucket (not cumulative: one addition per observation) and the sum.
+    The hot paths (keybus.telemetry.hooks) add to ``counts`` and ``sum`` inline, with
+    the bucket ``bisect_left(bounds, seconds)``, as :meth:`observe` does."""
 
     __slots__ = ("counts", "sum")
+
+    bounds = BUCKETS
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BUCKETS) + 1)  # the last: above every bound (+Inf)

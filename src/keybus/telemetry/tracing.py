@@ -30,9 +30,10 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
-from keybus.delivery import CURRENT, Delivery
+from keybus.delivery import CURRENT
 from keybus.envelope import Envelope
 from keybus.message import Message
+from keybus.work import Work
 
 __all__ = ["Tracing"]
 
@@ -87,6 +88,7 @@ class Tracing:
         self._kafka = False
         self._sdk = False
         self._look_again = -math.inf
+        self._fields: frozenset[str] = frozenset()
 
     def bind(self, system: str) -> None:
         self.system = system
@@ -95,18 +97,33 @@ class Tracing:
     def recording(self) -> bool:
         """Whether an SDK records spans. The global provider may be set after connect():
         until it is, it is looked at again once a second (``get_tracer_provider`` reads
-        the environment, too slow to call per message); once set it stays."""
-        if self._sdk:
-            return True
-        now = time.monotonic()
-        if now < self._look_again:
-            return False
-        self._look_again = now + 1.0
+        the environment, too slow to call per message); once set it stays. The hot paths
+        spell this test out (a call less per message)."""
+        return self._sdk or (time.monotonic() >= self._look_again and self._look())
+
+    def _look(self) -> bool:
+        """Whether an SDK records now; also the field names the global propagator reads
+        (looked up with the provider: computing them per message costs more than the
+        rest of an untraced message's check)."""
+        self._look_again = time.monotonic() + 1.0
         provider = self._provider if self._provider is not None else trace.get_tracer_provider()
         self._sdk = not isinstance(provider, _NO_SDK)
+        self._fields = frozenset(propagate.get_global_textmap().fields)
         return self._sdk
 
     # -- publishing --------------------------------------------------------------------
+
+    def start_send(
+        self, topic: str, envelope: Envelope | None, headers: Mapping[str, bytes]
+    ) -> tuple[Span | None, Context] | None:
+        """:meth:`start_publish` for a publish of ``envelope`` or of a raw record with
+        ``headers`` (its message id is looked up only when a span records)."""
+        if not (self._sdk or (time.monotonic() >= self._look_again and self._look())):
+            context = otel_context.get_current()
+            return None if not context else _in_hand(context)  # usually empty: no trace
+        return self.start_publish(
+            topic, envelope.event_id if envelope is not None else _event_id(headers)
+        )
 
     def start_publish(
         self,
@@ -117,26 +134,30 @@ class Tracing:
     ) -> tuple[Span | None, Context] | None:
         """A publish's span (None without an SDK) and the context it sends along; None
         when there is neither a trace in hand nor an SDK to start one."""
-        if self.recording():
-            attributes: dict[str, Any] = {
-                "messaging.system": self.system,
-                "messaging.operation.type": "publish",
-                "messaging.operation.name": "publish",
-                "messaging.destination.name": topic,
-            }
-            if message_id is not None:
-                attributes["messaging.message.id"] = message_id
-            span = self._tracer.start_span(
-                f"{topic} publish",
-                context=parent,
-                kind=SpanKind.PRODUCER,
-                attributes=attributes,
-                links=links,
-            )
-            return span, trace.set_span_in_context(span, parent)
-        if not trace.get_current_span(parent).get_span_context().is_valid:
-            return None
-        return None, parent if parent is not None else otel_context.get_current()
+        if not self.recording():
+            return _in_hand(parent)
+        attributes: dict[str, Any] = {
+            "messaging.system": self.system,
+            "messaging.operation.type": "publish",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": topic,
+        }
+        if message_id is not None:
+            attributes["messaging.message.id"] = message_id
+        span = self._tracer.start_span(
+            f"{topic} publish",
+            context=parent,
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
+            links=links,
+        )
+        return span, trace.set_span_in_context(span, parent)
+
+    @staticmethod
+    def unsent(span: Span) -> None:
+        """A publish span whose record was never sent (its batch was refused)."""
+        span.set_status(Status(StatusCode.ERROR, "not sent"))
+        span.end()
 
     @staticmethod
     def inject(headers: MutableMapping[str, bytes], context: Context) -> None:
@@ -167,23 +188,21 @@ class Tracing:
             if work is not None and failed[0] is work.message:
                 links = failed[1]
             _FAILED.set(None)
-        message_id = headers.get("X-Event-ID")
         return self.start_publish(
-            topic,
-            message_id.decode("utf-8", "replace") if message_id is not None else None,
-            links,
-            propagate.extract(headers, getter=_GETTER),
+            topic, _event_id(headers), links, propagate.extract(headers, getter=_GETTER)
         )
 
     # -- handling ----------------------------------------------------------------------
 
-    def start_process(self, delivery: Delivery, group: str) -> tuple[Span | None, object] | None:
+    def start_process(self, work: Work, group: str) -> tuple[Span | None, object] | None:
         """An attempt's span (None without an SDK), made current with the received trace
         as its parent, and the token to :meth:`end_process` it with; None: nothing to do."""
-        message = delivery.message
+        message = work.message
         headers = message.headers
-        if not self.recording():
-            if not headers or not _carries_trace(headers):
+        if not (self._sdk or (time.monotonic() >= self._look_again and self._look())):
+            # Without an SDK only a received trace is made current: none in most records,
+            # told by the propagator's field names (a set operation in C).
+            if not headers or self._fields.isdisjoint(headers):
                 return None
             received = propagate.extract(headers, getter=_GETTER)
             if not trace.get_current_span(received).get_span_context().is_valid:
@@ -198,17 +217,15 @@ class Tracing:
             "messaging.destination.partition.id": str(message.partition),
             "messaging.consumer.group.name": group,
             "keybus.offset": message.offset,
-            "keybus.attempt": delivery.attempt,
+            "keybus.attempt": work.attempts,
         }
         if self._kafka:
             attributes["messaging.kafka.offset"] = message.offset
-        payload = delivery.payload
+        payload = work.payload
         if isinstance(payload, Envelope):
             attributes["messaging.message.id"] = payload.event_id
-        elif headers:
-            event_id = headers.get("X-Event-ID")
-            if event_id is not None:
-                attributes["messaging.message.id"] = event_id.decode("utf-8", "replace")
+        elif headers and (event_id := _event_id(headers)) is not None:
+            attributes["messaging.message.id"] = event_id
         span = self._tracer.start_span(
             f"{message.topic} process",
             context=parent,
@@ -224,21 +241,21 @@ class Tracing:
         span.set_attribute("error.type", type(error).__qualname__)
 
     @staticmethod
-    def attempt_failed(span: Span, delivery: Delivery, error: BaseException, outcome: str) -> None:
+    def attempt_failed(span: Span, work: Work, error: BaseException, outcome: str) -> None:
         span.set_attribute("keybus.outcome", outcome)
         if outcome == "abandoned":
             return  # cancelled by a revoke or a close: not the handler's error
         Tracing.failed(span, error)
         failed = _FAILED.get()
-        if failed is None or failed[0] is not delivery.message:
-            failed = (delivery.message, [])
+        if failed is None or failed[0] is not work.message:
+            failed = (work.message, [])
             _FAILED.set(failed)
-        failed[1].append(Link(span.get_span_context(), {"keybus.attempt": delivery.attempt}))
+        failed[1].append(Link(span.get_span_context(), {"keybus.attempt": work.attempts}))
 
     @staticmethod
-    def attempt_ok(delivery: Delivery) -> None:
+    def attempt_ok(work: Work) -> None:
         failed = _FAILED.get()
-        if failed is not None and failed[0] is delivery.message:
+        if failed is not None and failed[0] is work.message:
             _FAILED.set(None)  # retried and succeeded: nothing to link to
 
     @staticmethod
@@ -249,14 +266,17 @@ class Tracing:
             span.end()
 
 
-_fields: tuple[object, frozenset[str]] = (None, frozenset())
+def _in_hand(parent: Context | None) -> tuple[None, Context] | None:
+    """The trace in hand (``parent``, else the current context's) to send along without
+    a span of ours; None when there is none. An empty context (no span, no baggage: the
+    usual case of an untraced caller) is told in one look."""
+    context = parent if parent is not None else otel_context.get_current()
+    if not context or not trace.get_current_span(context).get_span_context().is_valid:
+        return None
+    return None, context
 
 
-def _carries_trace(headers: Mapping[str, bytes]) -> bool:
-    """Whether ``headers`` hold any header the global propagator reads (its field names
-    are remembered per propagator: computing them costs more than the look-up)."""
-    global _fields
-    textmap = propagate.get_global_textmap()
-    if _fields[0] is not textmap:
-        _fields = (textmap, frozenset(textmap.fields))
-    return not _fields[1].isdisjoint(headers)  # in C: no generator per message
+def _event_id(headers: Mapping[str, bytes]) -> str | None:
+    """A raw record's message id: its ``X-Event-ID`` header, if any."""
+    event_id = headers.get("X-Event-ID")
+    return event_id.decode("utf-8", "replace") if event_id is not None else None
