@@ -250,3 +250,89 @@ async def test_publish_many_is_counted_record_by_record(
     labels = {"backend": _system(backend), "topic": topic}
     assert sample(registry, "keybus_published_total", **labels, outcome="ok") == 6
     assert sample(registry, "keybus_publish_duration_seconds_count", **labels) == 6
+
+
+async def test_lag_gauges_show_the_count_while_a_handler_is_held_and_drain_after(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    """The lag gauges (read every lag_interval seconds): three envelopes of one key behind
+    a held handler are three records behind, with an age; released, both drain to 0."""
+    registry = CollectorRegistry()
+    group = unique("g")
+    bus = await open_bus(group=group, metrics=registry, lag_interval=0.1)
+    topic = backend.topic()
+    release = asyncio.Event()
+    got: list[int] = []
+
+    async def held(env: keybus.Envelope) -> None:
+        await release.wait()
+        got.append(env.event_version)
+
+    await bus.subscribe_envelope(topic, held)
+    for version in (1, 2, 3):
+        await bus.publish_envelope(topic, envelope("one-key", version))
+    labels = {"backend": _system(backend), "topic": topic, "group": group}
+    await eventually(
+        lambda: (
+            sample(registry, "keybus_lag_messages", **labels) == 3
+            and (sample(registry, "keybus_lag_age_seconds", **labels) or 0) > 0.2
+        ),
+        what="three records behind, the oldest aging",
+    )
+    release.set()
+    await eventually(
+        lambda: (
+            got == [1, 2, 3]
+            and sample(registry, "keybus_lag_messages", **labels) == 0
+            and sample(registry, "keybus_lag_age_seconds", **labels) == 0
+        ),
+        what="the lag drained once the handler was released",
+    )
+    sub = next(iter(bus.subscriptions))
+    await sub.unsubscribe()
+    assert sample(registry, "keybus_lag_messages", **labels) is None  # gone with it
+
+
+async def test_a_failing_lag_read_is_logged_once_per_streak_and_the_gauges_go_on(
+    no_leaks: LeakChecker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lag gauges' reader outlives failed reads (logged once until one succeeds
+    again, and once more for a new streak), and stops with the bus."""
+    registry = CollectorRegistry()
+    topic, group = unique("lagfail"), unique("g")
+    labels = {"backend": "memory", "topic": topic, "group": group}
+    async with keybus.connect(
+        "memory://lag-failing", group=group, metrics=registry, lag_interval=0.05
+    ) as bus:
+        transport = bus._transport
+        positions = transport.positions
+        broken = True
+        calls = 0
+
+        async def flaky(*args: object, **kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            if broken:
+                raise keybus.TopicError(topic, "describe", "broker says no")
+            return await positions(*args, **kwargs)  # type: ignore[arg-type]
+
+        transport.positions = flaky  # type: ignore[method-assign]
+        caplog.set_level("INFO", logger="keybus")
+        await bus.subscribe_envelope(topic, lambda env: None)
+        await eventually(lambda: calls >= 5, what="several failed reads")
+        failures = [r for r in caplog.records if "lag gauges not refreshed" in r.message]
+        assert len(failures) == 1
+        assert sample(registry, "keybus_lag_messages", **labels) is None  # never read
+        broken = False
+        await eventually(
+            lambda: sample(registry, "keybus_lag_messages", **labels) == 0,
+            what="the gauges once a read succeeds",
+        )
+        assert any("lag gauges refreshed again" in r.message for r in caplog.records)
+        broken = True
+        failed_at = calls
+        await eventually(lambda: calls >= failed_at + 3, what="a second streak of failures")
+        failures = [r for r in caplog.records if "lag gauges not refreshed" in r.message]
+        assert len(failures) == 2
+        assert sample(registry, "keybus_lag_messages", **labels) == 0  # the last figures stay
+    assert not any(t.get_name() == "keybus-lag-gauges" for t in asyncio.all_tasks())

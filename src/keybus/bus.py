@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -78,6 +79,8 @@ class EventBus:
         # Metrics and tracing (connect(metrics=..., tracing=...)); None: every path is
         # as it would be without them.
         self._telemetry = telemetry
+        # With metrics: what keeps the lag gauges fresh, from the first subscription on.
+        self._lag_gauges: Background | None = None
         if telemetry is not None:
             telemetry.bind(transport, lambda: list(self._engines))
 
@@ -327,6 +330,12 @@ class EventBus:
         except BaseException:
             await sub.unsubscribe(timeout=0)
             raise
+        if self._lag_gauges is None and self._telemetry is not None:
+            interval = self._telemetry.lag_interval
+            if interval is not None:
+                self._lag_gauges = self._start(
+                    "keybus-lag-gauges", partial(self._read_lag, interval)
+                )
         return sub
 
     @property
@@ -334,6 +343,29 @@ class EventBus:
         """Whether the version guard keeps its versions in the broker: only where a
         compacted topic bounds them (one record per aggregate), and reads back."""
         return self._transport.can_read_topics and self._transport.compacts_topics
+
+    async def _read_lag(self, interval: float, handle: Background) -> None:
+        """The lag gauges' source: every ``interval`` seconds, the lag of each group this
+        bus subscribes in (each read bounded by the interval). A failed read keeps the
+        last figures and is logged once until a read succeeds again."""
+        telemetry = self._telemetry
+        assert telemetry is not None
+        handle.started()
+        failing = False
+        while True:
+            groups = sorted({engine.group for engine in self._engines})
+            try:
+                readings = [await self.lag(group=group, timeout=interval) for group in groups]
+            except Exception as exc:  # a broker away, or a bug: the gauges must not stop
+                if not failing:
+                    log.warning("keybus: lag gauges not refreshed: %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("keybus: lag gauges refreshed again")
+                failing = False
+                telemetry.update_lag(readings)
+            await asyncio.sleep(interval)
 
     async def _read_topic(self, topic: str) -> list[Message]:
         return await self._transport.read_topic(topic, Deadline.after(_READ_BUDGET))

@@ -17,6 +17,9 @@ from keybus.topics import TopicConfig
 
 __all__ = ["Connector", "connect", "connect_from_config"]
 
+# How often the lag gauges are read from the broker (metrics=, seconds).
+LAG_INTERVAL = 15.0
+
 _BUS_OPTIONS = ("topic_config", "create_topics", "middleware", "subscribe_defaults")
 
 
@@ -41,11 +44,14 @@ class Connector:
         if connect_timeout <= 0:
             raise ValueError("connect_timeout must be > 0")
         metrics, tracing = options.pop("metrics", None), options.pop("tracing", None)
+        lag_interval = options.pop("lag_interval", LAG_INTERVAL)
+        if type(lag_interval) not in (int, float) or not lag_interval > 0:
+            raise ValueError(f"lag_interval must be a number of seconds > 0, got {lag_interval!r}")
         if metrics is not None or tracing is not None:
             # Imported only then: `import keybus` stays light.
             from keybus.telemetry.hooks import build
 
-            bus_options["telemetry"] = build(metrics, tracing)
+            bus_options["telemetry"] = build(metrics, tracing, float(lag_interval))
         url = self._url
         scheme = urlsplit(url).scheme.lower() if "://" in url else ""
         transport = make_transport(url, scheme, options)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from keybus.engine import SubscriptionEngine
+    from keybus.lag import Lag
     from keybus.telemetry.metrics import Metrics, PublishMeter, SubscriptionMeter
     from keybus.telemetry.tracing import Tracing
     from keybus.transports.base import Transport
@@ -46,17 +47,18 @@ OUTCOMES = ("ok", "retried", "dead_lettered", "abandoned")
 _OK, _RETRIED, _DEAD_LETTERED, _ABANDONED = range(len(OUTCOMES))
 
 
-def build(metrics: object = None, tracing: object = None) -> Telemetry | None:
+def build(metrics: object, tracing: object, lag_interval: float) -> Telemetry | None:
     """The telemetry ``connect(metrics=..., tracing=...)`` asked for, or None for none.
 
     ``metrics``: True (prometheus-client's default registry) or a ``CollectorRegistry``;
     ``tracing``: True (the global tracer provider) or a ``TracerProvider``. Checked before
-    the bus connects: a missing extra raises ImportError naming it."""
+    the bus connects: a missing extra raises ImportError naming it. ``lag_interval``:
+    seconds between two reads of the lag gauges (with metrics)."""
     meters = _option(metrics, "metrics", "prometheus-client", "prometheus", _metrics_kit)
     tracer = _option(tracing, "tracing", "opentelemetry-api", "otel", _tracing_kit)
     if meters is None and tracer is None:
         return None
-    return Telemetry(meters, tracer)
+    return Telemetry(meters, tracer, lag_interval)
 
 
 def _metrics_kit() -> tuple[type, Callable[[Any], Metrics]]:
@@ -111,12 +113,19 @@ def backend_name(transport: Transport) -> str:
 class Telemetry:
     """One bus's metrics and/or tracing."""
 
-    def __init__(self, metrics: Metrics | None, tracing: Tracing | None) -> None:
+    def __init__(
+        self, metrics: Metrics | None, tracing: Tracing | None, lag_interval: float
+    ) -> None:
         self._metrics = metrics
         self._tracing = tracing
         self.backend = "unknown"
         self._engines: Callable[[], Iterable[SubscriptionEngine]] = list
         self._publish_meters: dict[str, PublishMeter] = {}
+        # With metrics, the bus reads its lag every lag_interval seconds while it has
+        # subscriptions (a broker round trip: not at scrape time, which may be on another
+        # thread) and leaves it here: (topic, group) -> (records behind, oldest age).
+        self.lag_interval = lag_interval if metrics is not None else None
+        self._lag: dict[tuple[str, str], tuple[int, float]] = {}
 
     def bind(
         self, transport: Transport, engines: Callable[[], Iterable[SubscriptionEngine]]
@@ -133,11 +142,30 @@ class Telemetry:
     def engines(self) -> Iterable[SubscriptionEngine]:
         return self._engines()
 
+    def lag(self) -> Mapping[tuple[str, str], tuple[int, float]]:
+        """The lag last read: (topic, group) -> (records not committed, seconds since the
+        oldest unfinished record was stored — 0 with none)."""
+        return self._lag
+
+    def update_lag(self, lag: Iterable[Lag]) -> None:
+        """A new reading (one :class:`~keybus.Lag` per group), summed over partitions:
+        the labels are backend, topic and group only (API.md)."""
+        rows: dict[tuple[str, str], tuple[int, float]] = {}
+        for reading in lag:
+            for p in reading.partitions:
+                count, age = rows.get((p.topic, p.group), (0, 0.0))
+                rows[(p.topic, p.group)] = (
+                    count + p.lag,
+                    max(age, p.oldest_unfinished_age or 0.0),
+                )
+        self._lag = rows  # replaced whole: a scrape on another thread reads one or the other
+
     def close(self) -> None:
         """The bus closed: its subscriptions leave the gauges (its counts stay)."""
         if self._metrics is not None:
             self._metrics.remove_source(self)
         self._engines = list
+        self._lag = {}
 
     # -- publishing --------------------------------------------------------------------
 

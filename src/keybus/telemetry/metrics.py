@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -106,11 +106,14 @@ class SubscriptionMeter:
 
 
 class GaugeSource(Protocol):
-    """What a bus shows the collector: its labels and its live subscriptions."""
+    """What a bus shows the collector: its labels, its live subscriptions and its lag
+    as last read ((topic, group) -> (records behind, oldest unfinished age))."""
 
     backend: str
 
     def engines(self) -> Iterable[SubscriptionEngine]: ...
+
+    def lag(self) -> Mapping[tuple[str, str], tuple[int, float]]: ...
 
 
 class Metrics:
@@ -231,19 +234,51 @@ _GAUGES: tuple[tuple[str, str, Callable[[SubscriptionEngine], int]], ...] = (
 )
 
 
+_LAG_GAUGES = (
+    (
+        "keybus_lag_messages",
+        "Records the group has not committed (the broker's end minus the group's "
+        "committed position), summed over the topic's partitions; read every "
+        "lag_interval seconds.",
+    ),
+    (
+        "keybus_lag_age_seconds",
+        "Age of the oldest record this process has taken in and not finished (since the "
+        "broker stored it; 0: none), the oldest over the topic's partitions; read every "
+        "lag_interval seconds.",
+    ),
+)
+
+
 def _gauges(sources: list[GaugeSource]) -> Iterator[Metric]:
     """The gauges of the open buses' live subscriptions, summed per label set (two buses
-    of one group in one process are one series, as their counters are)."""
+    of one group in one process are one series, as their counters are); the lag of each
+    as last read (a group's count lag is the broker's: the same from each of its buses,
+    so it is taken once; the age is the oldest of any)."""
     totals: dict[tuple[str, ...], list[int]] = {}
+    lag: dict[tuple[str, ...], tuple[int, float]] = {}
     for source in sources:
+        live: set[tuple[str, str]] = set()
         for engine in list(source.engines()):
-            row = totals.setdefault((source.backend, engine.topic, engine.group), [0, 0, 0])
+            labels: tuple[str, ...] = (source.backend, engine.topic, engine.group)
+            live.add((engine.topic, engine.group))
+            row = totals.setdefault(labels, [0, 0, 0])
             for i, (_, _, read) in enumerate(_GAUGES):
                 row[i] += read(engine)
+        for (topic, group), (count, age) in source.lag().items():
+            if (topic, group) in live:  # not one unsubscribed since the last read
+                labels = (source.backend, topic, group)
+                seen = lag.get(labels, (0, 0.0))
+                lag[labels] = (max(seen[0], count), max(seen[1], age))
     for i, (name, doc, _) in enumerate(_GAUGES):
         family = GaugeMetricFamily(name, doc, labels=_LABELS)
         for labels, row in totals.items():
             family.add_metric(labels, row[i])
+        yield family
+    for i, (name, doc) in enumerate(_LAG_GAUGES):
+        family = GaugeMetricFamily(name, doc, labels=_LABELS)
+        for labels, values in lag.items():
+            family.add_metric(labels, values[i])
         yield family
 
 
