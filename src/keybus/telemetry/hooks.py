@@ -253,12 +253,10 @@ class Telemetry:
             if self._metrics is None
             else self._metrics.subscription_meter(self.backend, topic, group)
         )
-        if self._tracing is None:
-            assert meter is not None
-            return _MeteredAttempts(meter, max_attempts)
         if meter is None:
+            assert self._tracing is not None
             return _TracedAttempts(self._tracing, group, max_attempts)
-        return _MeteredTracedAttempts(meter, self._tracing, group, max_attempts)
+        return _MeteredAttempts(meter, self._tracing, group, max_attempts)
 
     def dead_letters(self, publish: Send, topic: str, group: str) -> Send:
         """``publish`` (the dead-letter path of the subscription of ``topic``), counted
@@ -305,20 +303,34 @@ def _outcome(attempt: int, max_attempts: int, error: BaseException) -> int:
 
 
 class _MeteredAttempts:
-    """Attempts counted and timed (metrics without tracing): the token is the start.
-    Each call spelled out in full (no helper calls, histograms added to inline): a
+    """Attempts counted and timed, and traced if ``tracing``. The token is the start
+    (time.perf_counter()), or the start and the span's scope when one was begun (an SDK
+    records, or a trace was received): no tuple per message in the usual case. Spelled
+    out in full (no helper calls, histograms added to inline): on the in-memory path a
     Python call costs about as much as an observation."""
 
-    __slots__ = ("_bounds", "_duration", "_end_to_end", "_max_attempts", "_outcomes")
+    __slots__ = (
+        "_bounds",
+        "_duration",
+        "_end_to_end",
+        "_group",
+        "_max_attempts",
+        "_outcomes",
+        "_tracing",
+    )
 
-    def __init__(self, meter: SubscriptionMeter, max_attempts: int) -> None:
+    def __init__(
+        self, meter: SubscriptionMeter, tracing: Tracing | None, group: str, max_attempts: int
+    ) -> None:
+        self._tracing = tracing
+        self._group = group
         self._max_attempts = max_attempts
         self._outcomes = meter.outcomes
         self._duration = meter.duration
         self._end_to_end = meter.end_to_end
         self._bounds = meter.duration.bounds  # the buckets (metrics.BUCKETS)
 
-    def begin(self, work: Work) -> float:
+    def begin(self, work: Work) -> float | tuple[float, _SpanScope]:
         if work.attempts == 1:
             # From when it was sent (the envelope's timestamp, else the record's) to now.
             payload = work.payload
@@ -333,10 +345,22 @@ class _MeteredAttempts:
                 histogram = self._end_to_end
                 histogram.counts[bisect_left(self._bounds, seconds)] += 1
                 histogram.sum += seconds
-        return time.perf_counter()
+        started = time.perf_counter()
+        tracing = self._tracing
+        if tracing is None:
+            return started
+        scope = tracing.start_process(work, self._group)
+        return started if scope is None else (started, scope)
 
-    def end(self, work: Work, token: float, error: BaseException | None) -> None:
-        seconds = time.perf_counter() - token
+    def end(
+        self, work: Work, token: float | tuple[float, _SpanScope], error: BaseException | None
+    ) -> None:
+        if type(token) is float:
+            seconds = time.perf_counter() - token
+            scope = None
+        else:
+            started, scope = token  # type: ignore[misc]
+            seconds = time.perf_counter() - started
         histogram = self._duration
         histogram.counts[bisect_left(self._bounds, seconds)] += 1
         histogram.sum += seconds
@@ -344,6 +368,8 @@ class _MeteredAttempts:
             self._outcomes[_OK] += 1
         else:
             self._outcomes[_outcome(work.attempts, self._max_attempts, error)] += 1
+        if scope is not None:
+            _end_span(self._tracing, work, scope, error, self._max_attempts)  # type: ignore[arg-type]
 
 
 class _TracedAttempts:
@@ -363,34 +389,6 @@ class _TracedAttempts:
     def end(self, work: Work, token: _Scope, error: BaseException | None) -> None:
         if token is not None:
             _end_span(self._tracing, work, token, error, self._max_attempts)
-
-
-class _MeteredTracedAttempts(_MeteredAttempts):
-    """Attempts counted, timed and traced: the token is the start and the scope."""
-
-    __slots__ = ("_group", "_tracing")
-
-    def __init__(
-        self, meter: SubscriptionMeter, tracing: Tracing, group: str, max_attempts: int
-    ) -> None:
-        super().__init__(meter, max_attempts)
-        self._tracing = tracing
-        self._group = group
-
-    def begin(self, work: Work) -> float | tuple[float, _SpanScope]:  # type: ignore[override]
-        started = _MeteredAttempts.begin(self, work)
-        scope = self._tracing.start_process(work, self._group)
-        return started if scope is None else (started, scope)  # no tuple in the usual case
-
-    def end(
-        self, work: Work, token: float | tuple[float, _SpanScope], error: BaseException | None
-    ) -> None:
-        if type(token) is float:
-            _MeteredAttempts.end(self, work, token, error)
-            return
-        started, scope = token  # type: ignore[misc]
-        _MeteredAttempts.end(self, work, started, error)
-        _end_span(self._tracing, work, scope, error, self._max_attempts)
 
 
 def _end_span(
