@@ -30,12 +30,14 @@ class Background:
         self.watch = watch
         self._ready = asyncio.Event()
         self._stopping: list[Callable[[], Coroutine[Any, Any, None]]] = []
-        self._task = asyncio.get_running_loop().create_task(body(self), name=name)
-        self._task.add_done_callback(log_failure)
+        task = asyncio.get_running_loop().create_task(body(self), name=name)
+        task.add_done_callback(log_failure)
+        # None once stopped: see stop().
+        self._task: asyncio.Task[None] | None = task
 
     @property
     def running(self) -> bool:
-        return not self._task.done()
+        return self._task is not None and not self._task.done()
 
     def started(self) -> None:
         """Called by the activity once it runs (subscribed, topic made)."""
@@ -47,16 +49,26 @@ class Background:
 
     async def ready(self) -> None:
         """Wait until the activity runs (or ended: it failed, logged)."""
+        task = self._task
+        if task is None:
+            return
         waiter = asyncio.ensure_future(self._ready.wait())
         try:
-            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_and_wait(waiter)
 
     async def stop(self) -> None:
         """End it (idempotent)."""
         try:
-            await cancel_and_wait(self._task)
+            task = self._task
+            if task is not None:
+                await cancel_and_wait(task)
+                # Let the ended task go: its exception's traceback holds the frames it was
+                # cancelled in, and their locals — a Kafka admin client in the middle of a
+                # lag read, say, which the bus's close must be the last to hold.
+                self._task = None
+                del task
             steps, self._stopping = self._stopping, []
             for step in steps:
                 await step()
