@@ -165,6 +165,26 @@ async def test_publish_many_encodes_each_envelope_once_with_its_trace(
     assert not spans
 
 
+async def test_publish_many_with_an_unencodable_envelope_sends_and_counts_nothing(
+    open_bus: BusFactory, backend: Backend, traces: Traces
+) -> None:
+    """An envelope that cannot be encoded (found only as the batch is encoded, after the
+    spans began): nothing is sent or counted, and the spans begun end as not sent."""
+    registry = CollectorRegistry()
+    bus = await open_bus(tracing=traces.provider, metrics=registry)
+    topic = backend.topic()
+    bad = keybus.Envelope(aggregate_id="b", event_type="E", event_version=1, payload=object())
+    with pytest.raises(keybus.EnvelopeError):
+        await bus.publish_many(topic, [envelope("a", 1), (b"raw", "k"), bad])
+    spans = traces.spans(f"{topic} publish")
+    assert len(spans) == 3
+    assert [s.status.description for s in spans] == ["not sent"] * 3
+    labels = {"backend": _system(backend), "topic": topic}
+    assert registry.get_sample_value("keybus_published_total", {**labels, "outcome": "ok"}) is None
+    assert await bus.publish_many(topic, [envelope("a", 1)]) == [None]
+    assert registry.get_sample_value("keybus_published_total", {**labels, "outcome": "ok"}) == 1
+
+
 async def test_a_dead_letter_span_links_to_every_failed_attempt(
     open_bus: BusFactory, backend: Backend, traces: Traces
 ) -> None:
