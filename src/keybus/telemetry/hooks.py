@@ -194,7 +194,12 @@ class Telemetry:
         in the in-memory benchmark."""
         tracing = self._tracing
         scope = None
-        if tracing is not None:
+        if tracing is not None and (
+            # Spelled out (not Tracing.start_send's own test): calls cost per message.
+            tracing.sdk
+            or (time.monotonic() >= tracing.look_again and tracing.look())
+            or tracing.context()  # an empty context: no trace in hand
+        ):
             scope = tracing.start_send(topic, envelope, headers)
             if scope is not None and envelope is not None:
                 envelope = tracing.stamp(envelope, scope[1])
@@ -349,6 +354,12 @@ class _MeteredAttempts:
         tracing = self._tracing
         if tracing is None:
             return started
+        if not (tracing.sdk or (time.monotonic() >= tracing.look_again and tracing.look())):
+            # No SDK: only a received trace is made current (Tracing.start_process's own
+            # test, spelled out: a call less per message).
+            headers = work.message.headers
+            if not headers or tracing.fields.isdisjoint(headers):
+                return started
         scope = tracing.start_process(work, self._group)
         return started if scope is None else (started, scope)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -86,9 +86,14 @@ class Tracing:
         self._tracer = trace.get_tracer("keybus", _VERSION, tracer_provider=provider)
         self.system = "keybus"
         self._kafka = False
-        self._sdk = False
-        self._look_again = -math.inf
-        self._fields: frozenset[str] = frozenset()
+        # Read by the hot paths of keybus.telemetry.hooks too, to tell in a few C calls
+        # that a message needs nothing of tracing: whether an SDK records (``sdk``, looked
+        # at again after ``look_again`` by :meth:`look`), the field names the global
+        # propagator reads, and the current OpenTelemetry context (:func:`_context_getter`).
+        self.sdk = False
+        self.look_again = -math.inf
+        self.fields: frozenset[str] = frozenset()
+        self.context: Callable[[], Context] = _context_getter()
 
     def bind(self, system: str) -> None:
         self.system = system
@@ -99,17 +104,17 @@ class Tracing:
         until it is, it is looked at again once a second (``get_tracer_provider`` reads
         the environment, too slow to call per message); once set it stays. The hot paths
         spell this test out (a call less per message)."""
-        return self._sdk or (time.monotonic() >= self._look_again and self._look())
+        return self.sdk or (time.monotonic() >= self.look_again and self.look())
 
-    def _look(self) -> bool:
+    def look(self) -> bool:
         """Whether an SDK records now; also the field names the global propagator reads
         (looked up with the provider: computing them per message costs more than the
         rest of an untraced message's check)."""
-        self._look_again = time.monotonic() + 1.0
+        self.look_again = time.monotonic() + 1.0
         provider = self._provider if self._provider is not None else trace.get_tracer_provider()
-        self._sdk = not isinstance(provider, _NO_SDK)
-        self._fields = frozenset(propagate.get_global_textmap().fields)
-        return self._sdk
+        self.sdk = not isinstance(provider, _NO_SDK)
+        self.fields = frozenset(propagate.get_global_textmap().fields)
+        return self.sdk
 
     # -- publishing --------------------------------------------------------------------
 
@@ -118,8 +123,8 @@ class Tracing:
     ) -> tuple[Span | None, Context] | None:
         """:meth:`start_publish` for a publish of ``envelope`` or of a raw record with
         ``headers`` (its message id is looked up only when a span records)."""
-        if not (self._sdk or (time.monotonic() >= self._look_again and self._look())):
-            context = otel_context.get_current()
+        if not (self.sdk or (time.monotonic() >= self.look_again and self.look())):
+            context = self.context()
             return None if not context else _in_hand(context)  # usually empty: no trace
         return self.start_publish(
             topic, envelope.event_id if envelope is not None else _event_id(headers)
@@ -199,10 +204,10 @@ class Tracing:
         as its parent, and the token to :meth:`end_process` it with; None: nothing to do."""
         message = work.message
         headers = message.headers
-        if not (self._sdk or (time.monotonic() >= self._look_again and self._look())):
+        if not (self.sdk or (time.monotonic() >= self.look_again and self.look())):
             # Without an SDK only a received trace is made current: none in most records,
             # told by the propagator's field names (a set operation in C).
-            if not headers or self._fields.isdisjoint(headers):
+            if not headers or self.fields.isdisjoint(headers):
                 return None
             received = propagate.extract(headers, getter=_GETTER)
             if not trace.get_current_span(received).get_span_context().is_valid:
@@ -264,6 +269,17 @@ class Tracing:
         otel_context.detach(token)  # type: ignore[arg-type]
         if span is not None:
             span.end()
+
+
+def _context_getter() -> Callable[[], Context]:
+    """The current context's getter: the API's context variable's own ``get`` (C, one
+    call) when the runtime context is the API's default one, else ``get_current`` (two
+    Python calls). The first reaches into the API's internals, hence the checks."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    if type(runtime).__name__ == "ContextVarsRuntimeContext" and isinstance(variable, ContextVar):
+        return variable.get
+    return otel_context.get_current
 
 
 def _in_hand(parent: Context | None) -> tuple[None, Context] | None:
