@@ -14,14 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import keybus
 from keybus.testing import LeakChecker
 from keybus.testing.conformance import Backend, BusFactory, unique
-from tests.helpers import envelope, eventually
+from tests.helpers import envelope, eventually, system_label
 
 _LABEL_NAMES = {"backend", "topic", "group", "outcome", "le"}
-
-
-def _system(backend: Backend) -> str:
-    """The backend label keybus reports (nats-subject is the NATS transport)."""
-    return "nats" if backend.name.startswith("nats") else backend.name
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -54,7 +49,7 @@ async def test_metric_values_equal_the_events_of_a_scripted_scenario(
         await bus.publish_envelope(topic, envelope(f"agg-{i}", 1))
     await bus.publish(topic, b"not an envelope", key="raw")
 
-    labels = {"backend": _system(backend), "topic": topic, "group": group}
+    labels = {"backend": system_label(backend), "topic": topic, "group": group}
     k, j = len(flaky), len(doomed)
     await eventually(
         lambda: (
@@ -63,7 +58,7 @@ async def test_metric_values_equal_the_events_of_a_scripted_scenario(
         ),
         what="every envelope handled or dead-lettered",
     )
-    published = {"backend": _system(backend), "topic": topic}
+    published = {"backend": system_label(backend), "topic": topic}
     assert sample(registry, "keybus_published_total", outcome="ok", **published) == n + 1
     assert sample(registry, "keybus_published_total", outcome="failed", **published) == 0
     assert sample(registry, "keybus_publish_duration_seconds_count", **published) == n + 1
@@ -124,8 +119,8 @@ async def test_gauges_show_a_held_handler_and_drop_a_closed_bus_subscriptions(
     await bus_b.subscribe_envelope(topic, quick)
     for i in range(3):
         await bus_b.publish_envelope(topic, envelope("one-key", i + 1))
-    a = {"backend": _system(backend), "topic": topic, "group": group_a}
-    b = {"backend": _system(backend), "topic": topic, "group": group_b}
+    a = {"backend": system_label(backend), "topic": topic, "group": group_a}
+    b = {"backend": system_label(backend), "topic": topic, "group": group_b}
     await eventually(lambda: len(got) == 3 and started, what="b handled all, a holds the first")
     # A scrape from another thread, as prometheus_client.start_http_server does.
     scraped: list[str] = []
@@ -178,7 +173,7 @@ async def test_two_buses_with_metrics_true_share_the_default_registry(
     for i in range(10):
         await (first if i % 2 else second).publish_envelope(topic, envelope(f"k{i}", 1))
     await eventually(lambda: len(set(got)) == 10, what="ten envelopes handled by the group")
-    labels = {"backend": _system(backend), "topic": topic}
+    labels = {"backend": system_label(backend), "topic": topic}
     assert REGISTRY.get_sample_value("keybus_published_total", {**labels, "outcome": "ok"}) == 10
     # One series per label set, whichever of the group's buses handled a message.
     handled = REGISTRY.get_sample_value(
@@ -214,7 +209,7 @@ async def test_an_attempt_cancelled_by_close_counts_as_abandoned(
     await bus.subscribe_envelope(topic, stuck)
     await bus.publish_envelope(topic, envelope("agg", 1))
     await asyncio.wait_for(started.wait(), 30)
-    labels = {"backend": _system(backend), "topic": topic, "group": group}
+    labels = {"backend": system_label(backend), "topic": topic, "group": group}
     assert sample(registry, "keybus_running_handlers", **labels) == 1
     await bus.close(timeout=0.1)
     outcomes = {
@@ -247,7 +242,7 @@ async def test_publish_many_is_counted_record_by_record(
     topic = backend.topic()
     items = [envelope(f"agg-{i}", 1) for i in range(5)] + [(b"raw", "k")]
     assert await bus.publish_many(topic, items) == [None] * 6
-    labels = {"backend": _system(backend), "topic": topic}
+    labels = {"backend": system_label(backend), "topic": topic}
     assert sample(registry, "keybus_published_total", **labels, outcome="ok") == 6
     assert sample(registry, "keybus_publish_duration_seconds_count", **labels) == 6
 
@@ -271,7 +266,7 @@ async def test_lag_gauges_show_the_count_while_a_handler_is_held_and_drain_after
     await bus.subscribe_envelope(topic, held)
     for version in (1, 2, 3):
         await bus.publish_envelope(topic, envelope("one-key", version))
-    labels = {"backend": _system(backend), "topic": topic, "group": group}
+    labels = {"backend": system_label(backend), "topic": topic, "group": group}
     await eventually(
         lambda: (
             sample(registry, "keybus_lag_messages", **labels) == 3
@@ -336,3 +331,30 @@ async def test_a_failing_lag_read_is_logged_once_per_streak_and_the_gauges_go_on
         assert len(failures) == 2
         assert sample(registry, "keybus_lag_messages", **labels) == 0  # the last figures stay
     assert not any(t.get_name() == "keybus-lag-gauges" for t in asyncio.all_tasks())
+
+
+async def test_parked_keys_store_writes_are_not_counted_as_dead_letters(
+    open_bus: BusFactory, backend: Backend
+) -> None:
+    """on_dead_letter="park" writes the parked-keys store beside each dead letter: only
+    the dead letters count in keybus_dead_letters_total."""
+    registry = CollectorRegistry()
+    group = unique("g")
+    bus = await open_bus(group=group, metrics=registry)
+    topic = backend.topic()
+    handled: list[int] = []
+
+    async def handler(env: keybus.Envelope) -> None:
+        if env.aggregate_id == "K" and env.event_version == 1:
+            raise RuntimeError("cannot apply K 1")
+        handled.append(env.event_version)
+
+    sub = await bus.subscribe_envelope(topic, handler, max_attempts=1, on_dead_letter="park")
+    for version in (1, 2, 3):
+        await bus.publish_envelope(topic, envelope("K", version))
+    await bus.publish_envelope(topic, envelope("other", 1))
+    labels = {"backend": system_label(backend), "topic": topic, "group": group}
+    # v1 failed, v2 and v3 parked behind it: 3 dead letters, and 3 store writes beside.
+    await eventually(lambda: sub.stats().parked == 3 and handled == [1], what="K parked")
+    await eventually(lambda: sub.stats().uncommitted == 0, what="all done")
+    assert sample(registry, "keybus_dead_letters_total", **labels) == 3

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 import keybus
 import keybus.envelope
 from keybus.testing.conformance import Backend, BusFactory, unique
-from tests.helpers import Collected, envelope, eventually
+from tests.helpers import Collected, envelope, eventually, system_label
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,10 +45,6 @@ def traces() -> Iterator[Traces]:
     found = Traces()
     yield found
     found.provider.shutdown()
-
-
-def _system(backend: Backend) -> str:
-    return "nats" if backend.name.startswith("nats") else backend.name
 
 
 def _hex(number: int, digits: int) -> str:
@@ -85,14 +81,14 @@ async def test_a_trace_begun_before_publish_goes_on_in_the_handler(
     assert publish.attributes is not None
     assert process.attributes is not None
     assert dict(publish.attributes) == {
-        "messaging.system": _system(backend),
+        "messaging.system": system_label(backend),
         "messaging.operation.type": "publish",
         "messaging.operation.name": "publish",
         "messaging.destination.name": topic,
         "messaging.message.id": sent.event_id,
     }
     attributes = dict(process.attributes)
-    assert attributes["messaging.system"] == _system(backend)
+    assert attributes["messaging.system"] == system_label(backend)
     assert attributes["messaging.operation.type"] == "process"
     assert attributes["messaging.destination.name"] == topic
     assert attributes["messaging.consumer.group.name"] == group
@@ -181,7 +177,7 @@ async def test_publish_many_with_an_unencodable_envelope_sends_and_counts_nothin
     spans = traces.spans(f"{topic} publish")
     assert len(spans) == 3
     assert [s.status.description for s in spans] == ["not sent"] * 3
-    labels = {"backend": _system(backend), "topic": topic}
+    labels = {"backend": system_label(backend), "topic": topic}
     assert registry.get_sample_value("keybus_published_total", {**labels, "outcome": "ok"}) is None
     assert await bus.publish_many(topic, [envelope("a", 1)]) == [None]
     assert registry.get_sample_value("keybus_published_total", {**labels, "outcome": "ok"}) == 1

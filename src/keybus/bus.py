@@ -298,6 +298,7 @@ class EventBus:
             settings,
             envelopes=envelopes,
             publish=publish,
+            publish_internal=self._send_internal,
             on_closed=self._forget,
             read_topic=self._read_topic if self._transport.can_read_topics else None,
             store_versions=self._stores_versions,

@@ -73,6 +73,7 @@ class SubscriptionEngine:
         read_topic: ReadTopic | None = None,
         store_versions: bool = False,
         observer: AttemptObserver[Any] | None = None,
+        publish_internal: Publish | None = None,
     ) -> None:
         self.topic = topic
         self.group = group
@@ -89,6 +90,9 @@ class SubscriptionEngine:
         self._observer = observer
         self._envelopes = envelopes
         self._publish = publish
+        # The stores' writes (parked keys, requests, versions) are no dead letters: with
+        # telemetry, ``publish`` counts and traces each call as one.
+        self._publish_internal = publish_internal or publish
         self._on_closed = on_closed
         self._consumer: Consumer | None = None
         # Parking and the version guard run in a process step of their own, so the
@@ -599,7 +603,7 @@ class SubscriptionEngine:
     async def publish_internal(
         self, topic: str, value: bytes, key: str | None, headers: Mapping[str, bytes]
     ) -> None:
-        await self._publish(topic, value, key, headers)
+        await self._publish_internal(topic, value, key, headers)
 
     async def dead_letter(
         self, work: Work, error: BaseException, extra: Mapping[str, bytes]
