@@ -210,7 +210,7 @@ class EventBus:
                     )
                 else:
                     value, key, headers, token = telemetry.outgoing(
-                        topic, record[0], record[1], dict(record[2])
+                        topic, record[0], record[1], record[2]
                     )
                 records.append((value, key, headers))
                 tokens.append(token)
@@ -750,8 +750,9 @@ class EventBus:
 
 def _record(
     item: Envelope | bytes | tuple[Any, ...],
-) -> tuple[bytes, str | None, Mapping[str, bytes]]:
-    """One ``publish_many`` item as ``(value, key, headers)``, checked."""
+) -> tuple[bytes, str | None, dict[str, bytes]]:
+    """One ``publish_many`` item as ``(value, key, headers)``, checked; ``headers`` a
+    fresh dict (telemetry may add to it)."""
     if isinstance(item, Envelope):
         return item.to_bytes(), item.aggregate_id, envelope_headers(item)
     if isinstance(item, bytes | bytearray | memoryview):

@@ -156,11 +156,12 @@ class Parking:
         if handover is not None:
             handover.append(message)
         state.writing.append(message)
+        behind = state.behind(engine.topic)
         try:
             await engine.dead_letter(
                 work,
-                KeyParked(f"key {key!r} is parked behind {state.behind(engine.topic).decode()}"),
-                {PARKED_BEHIND: state.behind(engine.topic)},
+                KeyParked(f"key {key!r} is parked behind {behind.decode()}"),
+                {PARKED_BEHIND: behind},
             )
         finally:
             state.writing.remove(message)

@@ -153,7 +153,7 @@ def load(records: Iterable[Message], group: str) -> dict[str, Parked]:
                 int(state["offset"]),
                 state.get("event_id"),
                 str(state.get("reason", "")),
-                float(state.get("since", time.time())),
+                float(state["since"]) if "since" in state else time.time(),
                 int(state.get("count", 1)),
             )
         except (KeyError, TypeError, ValueError):

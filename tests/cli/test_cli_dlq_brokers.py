@@ -131,7 +131,12 @@ async def test_dlq_replay_has_the_service_replay_in_order_and_says_when_it_fails
                 )  # fmt: skip
                 assert code == 0, (out, err)
                 assert "replayed 4 parked message(s) of K" in out
-                assert svc.versions("K") == [1, 2, 3, 4, 5, 6]
+                # (The service's lines reach the test through a reader task of its own.)
+                await eventually(
+                    lambda: svc.versions("K") == [1, 2, 3, 4, 5, 6],
+                    timeout=COMMAND_TIMEOUT,
+                    what="v3..v6 replayed in order",
+                )
                 await bus.publish_envelope(topic, envelope("K", 7))
                 await eventually(
                     lambda: svc.versions("K")[-1:] == [7], timeout=COMMAND_TIMEOUT, what="v7"
